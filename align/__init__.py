@@ -1,0 +1,24 @@
+"""align: a staged post-training toolkit (SFT -> RM/DPO -> PPO/GRPO) with PEFT adapters.
+
+Python API: each stage takes the same options as its command (snake_case) and returns the run directory.
+
+    import align
+    run = align.sft(model="runs/tiny", data="arith", output="runs/sft", adapter="lora", max_steps=100)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def sft(**options: Any) -> Path:
+    """Supervised fine-tuning; options as `align sft --help` (e.g. model, data, output, adapter, lr)."""
+    from align.stages.sft import SFTConfig, main
+
+    return main(SFTConfig.from_kwargs(**options))
+
+
+__all__ = ["__version__", "sft"]

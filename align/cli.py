@@ -1,0 +1,83 @@
+"""`align` command line: a table of subcommands, each a config dataclass and a `main(cfg)`.
+
+Exit codes: 0 ok; 2 user error (one message on stderr, no traceback); 1 unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from align.config import build_parser, parse_args
+from align.errors import AlignError
+
+# name -> (help, "module:ConfigClass", "module:function"); "data inspect" is a nested command
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "sft": ("Supervised fine-tuning with a PEFT adapter (or full FT).", "align.stages.sft:SFTConfig", "align.stages.sft:main"),
+    "generate": ("Sample from a run (base + adapter) or a model with its chat template.", "align.generate:GenerateConfig", "align.generate:main"),
+    "merge": ("Merge a run's adapter into its base and write a plain HF model directory.", "align.merge:MergeConfig", "align.merge:main"),
+    "data inspect": ("Show a dataset's format, a rendered example and token-length statistics.", "align.data.inspect:InspectConfig", "align.data.inspect:main"),
+    "tiny-model": ("Build a tiny random Qwen2-style model + tokenizer locally (tests, demo).", "align.tiny:TinyModelConfig", "align.tiny:main"),
+}
+
+
+def _load(ref: str):
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build() -> tuple[argparse.ArgumentParser, dict[str, tuple[argparse.ArgumentParser, type]]]:
+    from align import __version__
+
+    top = argparse.ArgumentParser(prog="align", description="Post-training pipeline: sft -> rm/dpo -> ppo/grpo.")
+    top.add_argument("--version", action="version", version=f"align {__version__}")
+    subs = top.add_subparsers(dest="_command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    parsers = {}
+    for name, (help_text, cfg_ref, _) in COMMANDS.items():
+        cls = _load(cfg_ref)
+        action = subs
+        words = name.split()
+        for word in words[:-1]:  # nested group, e.g. "data"
+            if word not in groups:
+                group = subs.add_parser(word, help=f"{word} subcommands")
+                groups[word] = group.add_subparsers(dest=f"_{word}_command", metavar="COMMAND", required=True)
+            action = groups[word]
+        from transformers import HfArgumentParser
+
+        action._parser_class = HfArgumentParser
+        parser = action.add_parser(words[-1], dataclass_types=cls, help=help_text, description=help_text,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        parser.set_defaults(_name=name)
+        parsers[name] = (build_parser(cls, parser), cls)
+    return top, parsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    top, parsers = build()
+    namespace = top.parse_args(argv)
+    if not namespace._command:
+        top.print_help()
+        return 0
+    name = namespace._name
+    parser, cls = parsers[name]
+    try:
+        cfg = parse_args(cls, top, argv, sub=parser)
+        result = _load(COMMANDS[name][2])(cfg)
+    except AlignError as e:
+        print(f"align {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"align {name}: interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from align.data.samples import main
+
+main()

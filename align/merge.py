@@ -1,0 +1,64 @@
+"""`align merge RUN --output DIR`: the run's adapter merged into its base, written as a plain HF model
+directory (loads with transformers alone). A QLoRA run is merged into the full-precision base (the 4-bit
+base's dequantised values are not used), so the merged model matches the adapter applied to the original
+weights. Prompt-learning adapters (prompt, prefix, ptuning) cannot be merged; full fine-tuning runs are copied.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from align.config import Config, opt
+from align.errors import AlignError, Problems
+
+
+@dataclass
+class MergeConfig(Config):
+    positional = "run"
+    run: str | None = opt(None, "Run directory to merge.")
+    output: str | None = opt(None, "Directory for the merged model.", aliases=["-o"])
+    overwrite: bool = opt(False, "Replace an existing output directory.")
+
+    def check(self, problems: Problems) -> None:
+        if not self.run:
+            problems.add("Give the run to merge: align merge RUN --output DIR.")
+        if not self.output:
+            problems.add("--output is required: the directory for the merged model.")
+        elif Path(self.output).exists() and any(Path(self.output).iterdir()) and not self.overwrite:
+            problems.add(f"--output {self.output} exists and is not empty; pass --overwrite or choose another path.")
+
+
+def merge(run: str | Path, output: str | Path) -> Path:
+    from align.adapters import ADAPTERS
+    from align.models import load_run_policy, run_weights_dir
+    from align.runs import read_manifest
+
+    run, output = Path(run), Path(output)
+    manifest = read_manifest(run)
+    kind = ADAPTERS.get(manifest.get("adapter", ""))
+    if kind is not None and kind.prompt_learning:
+        raise AlignError(f"{run}: a '{kind.name}' adapter adds virtual tokens and cannot be merged into the base. "
+                         "Use the run directly (align generate RUN) or train a weight adapter such as lora.")
+    tmp = output.with_name(f".{output.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if kind is not None and kind.full:
+        if manifest.get("status") != "completed":
+            raise AlignError(f"{run}: run status is {manifest.get('status')!r}, not 'completed'.")
+        shutil.copytree(run_weights_dir(run, manifest), tmp)
+    else:
+        model, tokenizer, _ = load_run_policy(run, dequantize=True)
+        merged = model.merge_and_unload()
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.rename(output)
+    return output
+
+
+def main(cfg: MergeConfig) -> Path:
+    cfg.validate()
+    return merge(cfg.run, cfg.output)

@@ -1,0 +1,160 @@
+"""Loading models, tokenizers and runs' policies; attaching and saving adapters.
+
+- `--model` is a local `from_pretrained` directory or a hub id (hub only when online).
+- dtype "auto": float32 on CPU; bfloat16 on a GPU that supports it (float16 otherwise).
+- `trust_remote_code` is off unless asked for.
+- A tokenizer without a chat template gets FALLBACK_CHAT_TEMPLATE (plain-text role headers, no new tokens);
+  a tokenizer without a pad token pads with its EOS token. Both travel with the run's saved tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '### ' + message['role'] | capitalize + ':\n' + message['content'] }}"
+    "{%- if message['role'] == 'assistant' %}{{- eos_token }}{%- endif %}"
+    "{{- '\n\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '### Assistant:\n' }}{%- endif %}"
+)
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_dtype(dtype: str = "auto"):
+    import torch
+
+    if dtype == "auto":
+        if has_cuda():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def check_model_path(model: str | None, flag: str = "--model") -> str | None:
+    """A problem message if `model` names a local path that is not a model directory, else None."""
+    if not model:
+        return f"{flag} is required: a local model directory or a hub id."
+    path = Path(model)
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+    if looks_local and not path.is_dir():
+        return f"{flag} {model}: no such directory. Pass a model directory (with config.json) or a hub id."
+    if path.is_dir() and not (path / "config.json").is_file():
+        hint = " It looks like a run directory: use --from." if (path / "run.json").is_file() else ""
+        return f"{flag} {model}: not a model directory (no config.json).{hint}"
+    return None
+
+
+def _load(loader, name: str, what: str, **kwargs: Any):
+    try:
+        return loader(name, **kwargs)
+    except OSError as e:
+        raise AlignError(
+            f"Cannot load {what} '{name}': it is not a local directory and could not be fetched from the model hub "
+            f"({str(e).splitlines()[0]}). Pass a local directory (e.g. one made by `align tiny-model`), or go online."
+        ) from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, name, "tokenizer", trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        logger.warning("Tokenizer of %s has no chat template; using align's plain-text fallback template.", name)
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def quantization_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if has_cuda() else torch.float32,
+    )
+
+
+def load_base_model(
+    name: str, *, quantize_4bit: bool = False, dtype: str = "auto", trust_remote_code: bool = False,
+    task: str = "causal-lm", num_labels: int = 1, attn_implementation: str | None = None,
+):
+    """The base model for `task` ("causal-lm" or "seq-cls" with a `num_labels` head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantize_4bit:
+        kwargs["quantization_config"] = quantization_config()
+        kwargs["device_map"] = {"": 0} if has_cuda() else "cpu"
+    if task == "seq-cls":
+        return _load(AutoModelForSequenceClassification.from_pretrained, name, "model", num_labels=num_labels, **kwargs)
+    return _load(AutoModelForCausalLM.from_pretrained, name, "model", **kwargs)
+
+
+def attach_adapter(model, config, *, gradient_checkpointing: bool = False):
+    """Wrap `model` with a fresh trainable PEFT adapter (`config`); None means full fine-tuning."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if config is None:
+        model.requires_grad_(True)
+        return model
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return get_peft_model(model, config)
+
+
+def save_policy(model, tokenizer, directory: Path) -> None:
+    """Save an adapter (PEFT format) or a full model, with the tokenizer alongside."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def run_weights_dir(run_path: Path, manifest: dict[str, Any]) -> Path:
+    sub = "model" if manifest.get("adapter") == "full" else "adapter"
+    weights = run_path / sub
+    if not weights.is_dir():
+        raise AlignError(f"{run_path}: missing {sub}/ — the run did not finish writing its weights (status "
+                         f"{manifest.get('status')!r}). Re-run or resume that stage.")
+    return weights
+
+
+def load_run_policy(run_path: str | Path, *, dequantize: bool = False, trainable: bool = False):
+    """(model, tokenizer, manifest) of a completed run: base + its adapter, or its full model.
+
+    With `dequantize=True` a QLoRA run's base is loaded in full precision (for merging).
+    """
+    from peft import PeftModel
+
+    from align.runs import read_manifest
+
+    run_path = Path(run_path)
+    manifest = read_manifest(run_path)
+    if manifest.get("status") != "completed":
+        raise AlignError(f"{run_path}: run status is {manifest.get('status')!r}, not 'completed'. "
+                         "Finish it with --resume first.")
+    weights = run_weights_dir(run_path, manifest)
+    tokenizer = load_tokenizer(str(weights))
+    task = manifest.get("task", "causal-lm")
+    if manifest.get("adapter") == "full":
+        return load_base_model(str(weights), task=task), tokenizer, manifest
+    base = load_base_model(
+        manifest["base_model"], task=task, quantize_4bit=bool(manifest.get("quantized_4bit")) and not dequantize,
+        trust_remote_code=manifest.get("config", {}).get("trust_remote_code", False),
+    )
+    return PeftModel.from_pretrained(base, str(weights), is_trainable=trainable), tokenizer, manifest

@@ -1,0 +1,145 @@
+"""The trainer lifecycle shared by every stage: validate -> open the run -> load -> train -> save.
+
+A stage supplies its config, its data preparation and its TRL trainer; everything else (run directory rules,
+resume, seeds, TRL arguments common to all trainers, metrics.jsonl, TensorBoard, atomic artifacts, the
+manifest) happens here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError, Problems
+from align.runs import Run
+
+logger = logging.getLogger(__name__)
+
+
+def open_run(cfg, problems: Problems) -> Run | None:
+    """Check the output directory rules; problems are collected, not raised."""
+    if not cfg.output:
+        return None
+    try:
+        return Run.open(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite)
+    except AlignError as e:
+        problems.add(str(e))
+        return None
+
+
+def collect(problems: Problems, fn, *args, **kwargs):
+    """Run `fn`, turning an AlignError into a collected problem (returns None then)."""
+    try:
+        return fn(*args, **kwargs)
+    except AlignError as e:
+        problems.add(str(e))
+        return None
+
+
+RESUME_KEYS = ("model", "adapter", "data")
+
+
+def start_run(run: Run, cfg) -> Path | None:
+    """Clear (overwrite) or check (resume) the run directory; return the checkpoint to resume from."""
+    if cfg.overwrite:
+        run.clear()
+    if not cfg.resume:
+        return None
+    previous = run.manifest().get("config", {})
+    changed = [k for k in RESUME_KEYS if k in previous and previous.get(k) != getattr(cfg, k, None)]
+    if changed:
+        raise AlignError(
+            f"--resume: {run.path} was started with different " + ", ".join(
+                f"--{k} ({previous[k]!r}, now {getattr(cfg, k)!r})" for k in changed)
+            + ". Resume with the same options, or use --overwrite to start over."
+        )
+    checkpoint = run.last_checkpoint()
+    step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+    run.truncate_metrics(after_step=step)
+    logger.info("Resuming %s from %s", run.path, checkpoint or "the start (no checkpoint yet)")
+    return checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def trainer_arguments(cfg, run: Run, has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments fields common to every TRL config, from align's TrainOptions."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported() and cfg.dtype in ("auto", "bfloat16")
+    return dict(
+        output_dir=str(run.checkpoints_dir),
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps or cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=not cuda,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_pin_memory=cuda,
+    )
+
+
+def callbacks(run: Run, tensorboard: bool) -> list:
+    """metrics.jsonl writer, plus TensorBoard event files in RUN/logs when tensorboard is installed."""
+    from transformers import TrainerCallback
+
+    class MetricsFile(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                run.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})
+
+    out = [MetricsFile()]
+    if tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations import TensorBoardCallback
+        except ImportError:
+            logger.warning("tensorboard is not installed; no TensorBoard logs (pip install tensorboard).")
+        else:
+            out.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs_dir))))
+    return out
+
+
+def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool) -> dict[str, Any]:
+    """Train (resuming if asked), evaluate, and write the policy atomically. Returns the final metrics."""
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    model = trainer.model
+    if trainer.accelerator.is_main_process:
+        with run.artifact("model" if full else "adapter") as tmp:
+            trainer.accelerator.unwrap_model(model).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return metrics
+
+
+def base_model_ref(model: str) -> str:
+    """Absolute path for a local model directory, the id otherwise."""
+    path = Path(model)
+    return str(path.resolve()) if path.is_dir() else model

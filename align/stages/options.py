@@ -1,0 +1,87 @@
+"""Options shared by the stages (model, data, training); each stage config is a dataclass composed of these
+plus its own. The help text of every option lives here, once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from align.config import opt
+from align.errors import Problems
+from align.models import check_model_path
+
+
+@dataclass
+class ModelOptions:
+    model: str | None = opt(None, "Base model: a local from_pretrained directory or a hub id.")
+    trust_remote_code: bool = opt(False, "Allow model code from the model directory / hub repo to run.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Weights dtype: auto = float32 on CPU, bfloat16 on a GPU that supports it.")
+    attn_implementation: str | None = opt(None, "Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice.")
+
+    def check(self, problems: Problems) -> None:
+        problem = check_model_path(self.model)
+        if problem:
+            problems.add(problem)
+
+
+@dataclass
+class DataOptions:
+    data: str | None = opt(None, "Training data: a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, a "
+                                 "bundled sample name (arith) or a hub dataset id.")
+    eval_data: str | None = opt(None, "Held-out data for evaluation (same formats as --data).")
+    eval_split: float = opt(0.0, "Fraction of --data held out for evaluation when --eval-data is not given (0 = none).")
+    split: str = opt("train", "Split to read from a DatasetDict directory or a hub dataset.")
+    columns: list[str] = opt(factory=list, help="Column renames NAME=COLUMN, e.g. --columns prompt=query completion=response.")
+    system_prompt: str | None = opt(None, "System message added to conversations that have none.")
+    max_length: int = opt(1024, "Maximum tokens per example; longer examples are truncated.")
+
+    def check(self, problems: Problems) -> None:
+        if not self.data:
+            problems.add("--data is required: a data file, a directory, a bundled sample name or a hub id.")
+        if not 0 <= self.eval_split < 1:
+            problems.add(f"--eval-split must be in [0, 1), got {self.eval_split}.")
+        if self.max_length <= 0:
+            problems.add(f"--max-length must be positive, got {self.max_length}.")
+
+
+@dataclass
+class TrainOptions:
+    output: str | None = opt(None, "Run directory to write (run.json, adapter/ or model/, metrics.jsonl, checkpoints/).", aliases=["-o"])
+    max_steps: int = opt(-1, "Total optimizer steps; -1 = train for --epochs.")
+    epochs: float = opt(1.0, "Passes over the training data (ignored when --max-steps > 0).")
+    lr: float = opt(2e-4, "Peak learning rate.")
+    lr_scheduler: str = opt("cosine", "Learning-rate schedule (linear, cosine, constant, constant_with_warmup, ...).")
+    warmup: float = opt(0.0, "Warmup: a fraction of total steps if < 1, else a number of steps.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).")
+    batch_size: int = opt(8, "Examples per device per step.")
+    grad_accum: int = opt(1, "Gradient accumulation steps.")
+    eval_batch_size: int | None = opt(None, "Examples per device per evaluation step (default: --batch-size).")
+    logging_steps: int = opt(10, "Log metrics every N steps.")
+    eval_steps: int | None = opt(None, "Evaluate every N steps (default: --logging-steps when there is eval data).")
+    save_steps: int = opt(200, "Write a resumable checkpoint every N steps.")
+    save_total_limit: int | None = opt(2, "Keep at most N checkpoints (oldest deleted).")
+    seed: int = opt(42, "Random seed (data order, initialisation).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    resume: bool = opt(False, "Continue the run in --output from its last checkpoint.")
+    overwrite: bool = opt(False, "Replace an existing run in --output.")
+    tensorboard: bool = opt(True, "Write TensorBoard logs to RUN/logs.")
+
+    def check(self, problems: Problems) -> None:
+        if not self.output:
+            problems.add("--output is required: the run directory to write.")
+        elif Path(self.output).exists() and not Path(self.output).is_dir():
+            problems.add(f"--output {self.output} is a file; choose a directory path.")
+        for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
+            if getattr(self, name) <= 0:
+                problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.add(f"--max-steps must be positive or -1, got {self.max_steps}.")
+        if self.max_steps == -1 and self.epochs <= 0:
+            problems.add(f"--epochs must be positive, got {self.epochs}.")
+        if self.lr <= 0:
+            problems.add(f"--lr must be positive, got {self.lr}.")
+        if self.resume and self.overwrite:
+            problems.add("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it.")

@@ -1,0 +1,106 @@
+"""`align sft`: supervised fine-tuning with any adapter kind, on TRL's SFTTrainer.
+
+Supports: every data format of align.data.formats (normalised to conversations or plain text); every adapter
+kind of align.adapters (LoRA by default, QLoRA on a 4-bit base, prompt learning, full fine-tuning); loss on
+assistant tokens only (default) or on every token; padding-free packing; an eval set (--eval-data or
+--eval-split); resume from the last checkpoint.
+
+Assumes: a causal-LM base whose tokenizer is a fast tokenizer (offsets are used to build the loss mask); a
+tokenizer without a chat template gets align's fallback template (align.models).
+
+Raises AlignError (exit 2) for every config or data problem, all reported together before any model loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from align.adapters import ADAPTERS, AdapterOptions, peft_config
+from align.config import Config, opt
+from align.errors import Problems
+from align.stages.common import (
+    base_model_ref, callbacks, collect, open_run, seed_everything, start_run, train_and_save, trainer_arguments,
+)
+from align.stages.options import DataOptions, ModelOptions, TrainOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config):
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "qa", "prompt_completion", "text"] = opt(
+        "auto", "Dataset format; auto detects it from the columns.")
+    completion_only_loss: bool = opt(
+        True, "Train only on assistant/completion tokens; --no-completion-only-loss trains on every token.")
+    packing: bool = opt(True, "Pack examples into rows of --max-length tokens (each example attends only to itself; "
+                              "--batch-size then counts rows). --no-packing pads each batch instead.")
+
+
+@dataclass
+class SFTData:
+    train: list[dict]
+    eval: list[dict] | None
+    format: str
+    datasets: dict[str, Any]
+
+
+def load_sft_data(cfg: SFTConfig) -> SFTData:
+    from align.data import holdout, load_examples
+
+    kw = dict(split=cfg.split, fmt=cfg.format, columns=cfg.columns, system_prompt=cfg.system_prompt)
+    train, fmt, records = load_examples(cfg.data, **kw)
+    datasets = {"train": records.describe()}
+    evaluation = None
+    if cfg.eval_data:
+        evaluation, _, eval_records = load_examples(cfg.eval_data, **kw)
+        datasets["eval"] = eval_records.describe()
+    elif cfg.eval_split > 0:
+        train, evaluation = holdout(train, cfg.eval_split, cfg.seed)
+        datasets["eval"] = {"split_of": "train", "fraction": cfg.eval_split}
+    return SFTData(train, evaluation, fmt, datasets)
+
+
+def main(cfg: SFTConfig) -> Path:
+    """Run SFT as configured; returns the run directory."""
+    problems: Problems = cfg.problems()
+    run = open_run(cfg, problems)
+    data = collect(problems, load_sft_data, cfg) if cfg.data else None
+    problems.raise_if_any("Cannot start `align sft`:")
+
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from align.data.chat import encode_dataset
+    from align.data.packing import PackedRowCollator, pack_rows
+    from align.models import attach_adapter, load_base_model, load_tokenizer
+
+    resume_from = start_run(run, cfg)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    train_ds = encode_dataset(data.train, tokenizer, cfg.completion_only_loss, desc="Tokenizing train")
+    eval_ds = encode_dataset(data.eval, tokenizer, cfg.completion_only_loss, desc="Tokenizing eval") if data.eval else None
+
+    kind = ADAPTERS[cfg.adapter]
+    model = load_base_model(cfg.model, quantize_4bit=kind.quantize_4bit, dtype=cfg.dtype,
+                            trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    model = attach_adapter(model, peft_config(cfg, "CAUSAL_LM", cfg.model),
+                           gradient_checkpointing=cfg.gradient_checkpointing)
+    collator = None
+    if cfg.packing and kind.prompt_learning:
+        logger.info("Packing is off for the '%s' adapter: its virtual tokens must precede every example.", cfg.adapter)
+    elif cfg.packing:
+        train_ds = pack_rows(train_ds, cfg.max_length)
+        eval_ds = pack_rows(eval_ds, cfg.max_length) if eval_ds is not None else None
+        collator = PackedRowCollator(tokenizer.pad_token_id)
+    args = TRLSFTConfig(**trainer_arguments(cfg, run, eval_ds is not None), max_length=cfg.max_length)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+                         processing_class=tokenizer, callbacks=callbacks(run, cfg.tensorboard))
+    with run.lifecycle(stage="sft", task="causal-lm", base_model=base_model_ref(cfg.model), parent=None, lineage=[],
+                       adapter=cfg.adapter, quantized_4bit=kind.quantize_4bit, data_format=data.format,
+                       config=cfg.to_dict(), datasets=data.datasets, seed=cfg.seed):
+        metrics = train_and_save(trainer, run, resume_from=resume_from, tokenizer=tokenizer, full=kind.full)
+        run.update_manifest(metrics=metrics)
+    return run.path
