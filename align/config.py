@@ -9,6 +9,7 @@ every problem (YAML keys and types, config values) and raises one `AlignError` l
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -111,7 +112,7 @@ def coerce_value(tp: Any, value: Any) -> Any:
             raise ValueError
         return float(value)
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, (str, int, float, os.PathLike)) and not isinstance(value, bool):
             return str(value)
         raise ValueError
     return value

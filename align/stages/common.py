@@ -91,6 +91,7 @@ def trainer_arguments(cfg, run: Run, has_eval: bool) -> dict[str, Any]:
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
+        eval_on_start=has_eval,
         eval_steps=cfg.eval_steps or cfg.logging_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -125,8 +126,27 @@ def callbacks(run: Run, tensorboard: bool) -> list:
     return out
 
 
+def match_adapter_dtype(model) -> None:
+    """Keep a 4-bit base's trainable adapter weights in the base's compute dtype.
+
+    TRL casts QLoRA adapters to bf16 (the QLoRA paper's GPU recipe). With float32 compute (CPU) that only adds
+    rounding (and slow bf16 matmuls), and the adapter reloaded from disk would not match the trained one, so
+    there the adapter goes back to float32. Call after building the TRL trainer, before training.
+    """
+    import torch
+
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return
+    compute = getattr(getattr(model.config, "quantization_config", None), "bnb_4bit_compute_dtype", None)
+    if compute in (torch.float32, "float32"):
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+
+
 def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool) -> dict[str, Any]:
     """Train (resuming if asked), evaluate, and write the policy atomically. Returns the final metrics."""
+    match_adapter_dtype(trainer.model)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:

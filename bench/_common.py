@@ -1,0 +1,210 @@
+"""Helpers shared by the benchmarks in bench/ (not a benchmark itself).
+
+- `offline()`: environment for running with no network and quiet logs.
+- `StepProbe`: records, for every optimizer step of a Trainer, the wall-clock time of `on_step_begin` and
+  `on_step_end`, and the non-pad / trained tokens of the batch. `install_probe()` hooks it into *every*
+  Trainer built afterwards (through transformers' CallbackHandler and Trainer.training_step), so the align
+  side and the plain-TRL side are instrumented by the same code, without touching align.
+  It also samples the machine's total busy CPU time (/proc/stat) and this process's CPU time at every step, so a
+  run can tell how much CPU *other* processes took while it ran (`foreign_cpu`): on a shared 2-core machine a
+  second busy process makes torch's two OpenMP threads wait on each other and single steps take seconds, which
+  would swamp the differences measured here. The benchmarks repeat such runs.
+- `write_results()`, `table()`: JSON results in bench/results/ and a small text table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+
+def offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("align").setLevel(logging.ERROR)
+
+
+@dataclass
+class StepProbe:
+    """Per-step timestamps and token counts of one training run."""
+
+    pad_token_id: int
+    begin: list[float] = field(default_factory=list)
+    end: list[float] = field(default_factory=list)
+    real_tokens: list[int] = field(default_factory=list)      # non-pad input tokens (attended)
+    trained_tokens: list[int] = field(default_factory=list)   # tokens with a label (!= -100)
+    examples: list[int] = field(default_factory=list)         # examples (sequences) in the batch
+    rows: list[int] = field(default_factory=list)             # rows of the batch tensor
+    slots: list[int] = field(default_factory=list)            # rows x width (computed positions, pad included)
+    cpu: list[tuple[float, float]] = field(default_factory=list)  # at on_step_end: (machine busy s, own cpu s)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        probe = self
+
+        class _Probe(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                probe.begin.append(time.perf_counter())
+
+            def on_step_end(self, args, state, control, **kwargs):
+                probe.end.append(time.perf_counter())
+                probe.cpu.append(cpu_seconds())
+
+        return _Probe()
+
+    def count(self, inputs) -> None:
+        ids = inputs["input_ids"]
+        self.real_tokens.append(int((ids != self.pad_token_id).sum()))
+        self.trained_tokens.append(int((inputs["labels"] != -100).sum()))
+        self.rows.append(int(ids.shape[0]))
+        self.slots.append(int(ids.numel()))
+        if "position_ids" in inputs and "attention_mask" not in inputs:
+            # packed rows: an example starts wherever position_ids == 0 and the token is not padding
+            starts = (inputs["position_ids"] == 0) & (ids != self.pad_token_id)
+            self.examples.append(int(starts.sum()))
+        else:
+            self.examples.append(int(ids.shape[0]))
+
+    # -- summaries (skip the first `warmup` steps; the interval ends at the last step's on_step_end, so the final
+    #    checkpoint / adapter save after training is not included) --
+    def steady(self, warmup: int) -> dict:
+        n = len(self.end)
+        if warmup < 1 or n <= warmup + 1:
+            raise RuntimeError(f"{n} steps recorded; need warmup >= 1 and more than warmup + 1 steps")
+        span = self.end[-1] - self.end[warmup - 1]
+        steps = n - warmup
+        compute = [e - b for b, e in zip(self.begin[warmup:], self.end[warmup:], strict=True)]
+        wall = [self.end[i] - self.end[i - 1] for i in range(warmup, n)]
+        (busy0, own0), (busy1, own1) = self.cpu[warmup - 1], self.cpu[-1]
+        foreign = max(0.0, (busy1 - busy0) - (own1 - own0))
+        real = sum(self.real_tokens[warmup:n])
+        trained = sum(self.trained_tokens[warmup:n])
+        return {
+            "steps": steps,
+            "seconds": span,
+            "steps_per_s": steps / span,
+            "median_step_wall_ms": 1000 * statistics.median(wall),
+            "median_step_compute_ms": 1000 * statistics.median(compute),
+            "real_tokens": real,
+            "trained_tokens": trained,
+            "real_tokens_per_s": real / span,
+            "trained_tokens_per_s": trained / span,
+            "examples_per_step": statistics.mean(self.examples[warmup:n]),
+            "padding_fraction": 1 - real / sum(self.slots[warmup:n]),
+            "foreign_cpu": foreign / span,  # cores' worth of CPU used by other processes meanwhile (0 = quiet)
+        }
+
+
+def wait_quiet(max_foreign: float = 0.1, window: float = 1.0, need: int = 2, timeout: float = 90.0) -> float:
+    """Wait (up to `timeout` s) until other processes use at most `max_foreign` cores for `need` windows in a row.
+    Returns the seconds waited."""
+    start = time.perf_counter()
+    quiet = 0
+    while quiet < need and time.perf_counter() - start < timeout:
+        (b0, o0) = cpu_seconds()
+        time.sleep(window)
+        (b1, o1) = cpu_seconds()
+        quiet = quiet + 1 if (b1 - b0) - (o1 - o0) <= max_foreign * window else 0
+    return time.perf_counter() - start
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    except (OSError, ValueError, IndexError):
+        busy = float("nan")
+    t = os.times()
+    return busy, t.user + t.system
+
+
+_CURRENT: list[StepProbe | None] = [None]
+
+
+def install_probe() -> None:
+    """Make every Trainer created from now on report to the probe set by `use_probe` (idempotent)."""
+    from transformers import Trainer
+    from transformers.trainer_callback import CallbackHandler
+
+    if getattr(CallbackHandler, "_bench_probe", False):
+        return
+    original_init = CallbackHandler.__init__
+    original_step = Trainer.training_step
+
+    def init(self, callbacks, *args, **kwargs):
+        probe = _CURRENT[0]
+        callbacks = list(callbacks) + ([probe.callback()] if probe is not None else [])
+        original_init(self, callbacks, *args, **kwargs)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if _CURRENT[0] is not None and self.model.training:
+            _CURRENT[0].count(inputs)
+        return original_step(self, model, inputs, *args, **kwargs)
+
+    CallbackHandler.__init__ = init
+    Trainer.training_step = training_step
+    CallbackHandler._bench_probe = True
+
+
+def use_probe(probe: StepProbe | None) -> None:
+    _CURRENT[0] = probe
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    import align
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "align": align.__version__,
+    }
+
+
+def write_results(name: str, data: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    data = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **data}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def fmt(x) -> str:
+    if not isinstance(x, float):
+        return str(x)
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3f}"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+"""Test helpers: recompute a model's loss on examples exactly as SFT defines it (assistant tokens only)."""
+
+from __future__ import annotations
+
+import torch
+
+from align.data.chat import encode_example
+
+
+def completion_loss(model, tokenizer, examples: list[dict]) -> float:
+    """Mean NLL over assistant tokens of `examples`, in one padded batch."""
+    encoded = [encode_example(ex, tokenizer) for ex in examples]
+    width = max(len(e["input_ids"]) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    labels = torch.full((len(encoded), width), -100)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(e["input_ids"], e["assistant_masks"])])
+        mask[i, :n] = 1
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()

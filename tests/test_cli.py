@@ -1,0 +1,106 @@
+"""The command line: --help everywhere, YAML + flag precedence, and user errors (exit 2, one message, no
+traceback, every problem at once, nothing written)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from align.cli import COMMANDS, _load
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_documents_every_option(cli, command):
+    code, out, _ = cli(*command.split(), "--help")
+    assert code == 0
+    cls = _load(COMMANDS[command][1])
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in out, f"{flag} missing from `align {command} --help`"
+        assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help text"
+
+
+def test_top_level_help_lists_commands(cli):
+    code, out, _ = cli("--help")
+    assert code == 0 and all(name.split()[0] in out for name in COMMANDS)
+
+
+def test_console_script_runs():
+    proc = subprocess.run([sys.executable, "-m", "align", "sft", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--max-steps" in proc.stdout
+
+
+def test_all_problems_reported_at_once_before_loading(cli, tmp_path, data_dir):
+    code, _, err = cli("sft", "--model", tmp_path / "nope", "--data", data_dir / "nonstring.jsonl",
+                       "--output", tmp_path / "run", "--adapter", "lroa", "--lr", "-1")
+    assert code == 2
+    assert "Traceback" not in err
+    assert "--model" in err and "no such directory" in err
+    assert "Unknown adapter kind 'lroa'. Did you mean 'lora'? Available:" in err
+    assert "--lr must be positive" in err
+    assert "nonstring.jsonl:2: field 'messages[1].content' must be a string" in err
+    assert not (tmp_path / "run").exists(), "nothing may be written for a refused run"
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("malformed.jsonl", "malformed.jsonl:3: malformed JSON"),
+        ("unknown_format.jsonl", "Columns found: foo, bar"),
+        ("empty.jsonl", "the dataset is empty"),
+        ("missing.jsonl", "Dataset not found"),
+    ],
+)
+def test_data_errors_exit_2(cli, tiny_model, tmp_path, data_dir, name, message):
+    code, _, err = cli("sft", "--model", tiny_model, "--data", data_dir / name, "--output", tmp_path / "run")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_config_and_flags_override(cli, tmp_path, tiny_model):
+    from align.config import build_parser, parse_args
+    from align.stages.sft import SFTConfig
+
+    cfg_file = tmp_path / "sft.yaml"
+    cfg_file.write_text(f"model: {tiny_model}\ndata: arith\nlr: 1e-4\nmax-steps: 7\ncolumns: {{prompt: q}}\n")
+    cfg = parse_args(SFTConfig, build_parser(SFTConfig), ["--config", str(cfg_file), "--max-steps", "3", "-o", "x"])
+    assert (cfg.model, cfg.data, cfg.lr, cfg.max_steps, cfg.output) == (tiny_model, "arith", 1e-4, 3, "x")
+    assert cfg.columns == ["prompt=q"]
+
+
+def test_yaml_errors_name_file_line_and_key(cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.1\nmax_stpes: 3\nbatch_size: many\n")
+    code, _, err = cli("sft", "--config", bad)
+    assert code == 2
+    assert "unknown option 'max_stpes'. Did you mean 'max_steps'?" in err
+    assert "option 'batch_size' must be an integer, got 'many'" in err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lr: 0.1\nmodel: [unclosed\n")
+    code, _, err = cli("sft", "--config", broken)
+    assert code == 2 and "broken.yaml:" in err and "invalid YAML" in err
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(cli, tmp_path, tiny_model):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = cli("sft", "--model", tiny_model, "--data", "arith", "--output", out)
+    assert code == 2 and "already exists" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_python_api_rejects_unknown_option(tiny_model):
+    import align
+    from align.errors import AlignError
+
+    with pytest.raises(AlignError, match="unknown option 'learning_rate'"):
+        align.sft(model=tiny_model, data="arith", output="x", learning_rate=1e-3)
+
+
+def test_missing_model_on_hub_offline(cli, tmp_path):
+    code, _, err = cli("sft", "--model", "someorg/nomodel", "--data", "arith", "--output", tmp_path / "r", "--max-steps", "1")
+    assert code == 2 and "Cannot load" in err and "someorg/nomodel" in err

@@ -1,0 +1,103 @@
+"""Format detection and normalisation for every accepted format and source type; data errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from align.data import load_examples
+from align.errors import AlignError
+
+
+@pytest.mark.parametrize(
+    "name, fmt, first",
+    [
+        ("messages.jsonl", "messages", [("system", "You are terse."), ("user", "What is 2 + 2?"), ("assistant", "4")]),
+        ("sharegpt.json", "sharegpt", [("user", "What is 3 + 4?"), ("assistant", "7")]),
+        ("alpaca.json", "alpaca", [("user", "Add the numbers.\n\n5 and 6"), ("assistant", "11")]),
+        ("security_qa.json", "qa", [("user", "What is a firewall?"),
+                                    ("assistant", "A system that filters network traffic by rules.")]),
+        ("prompt_completion.jsonl", "prompt_completion", [("user", "What is 1 + 1?"), ("assistant", "2")]),
+        ("prompt_completion_messages.jsonl", "prompt_completion", [("user", "What is 1 + 1?"), ("assistant", "2")]),
+        ("object_of_lists.json", "qa", [("user", "What is 1 + 2?"), ("assistant", "3")]),
+    ],
+)
+def test_conversational_formats_are_detected_and_normalised(data_dir, name, fmt, first):
+    examples, detected, _ = load_examples(str(data_dir / name))
+    assert detected == fmt
+    assert [(m["role"], m["content"]) for m in examples[0]["messages"]] == first
+
+
+def test_alpaca_without_input_and_sharegpt_system(data_dir):
+    alpaca, _, _ = load_examples(str(data_dir / "alpaca.json"))
+    assert alpaca[1]["messages"][0] == {"role": "user", "content": "Name a colour."}
+    sharegpt, _, _ = load_examples(str(data_dir / "sharegpt.json"))
+    assert sharegpt[1]["messages"][0] == {"role": "system", "content": "Be kind."}
+
+
+def test_plain_text_stays_text(data_dir):
+    examples, fmt, _ = load_examples(str(data_dir / "text.jsonl"))
+    assert fmt == "text" and examples[0] == {"text": "The quick brown fox jumps over the lazy dog."}
+
+
+def test_column_mapping_and_system_prompt_on_csv(data_dir):
+    examples, fmt, records = load_examples(str(data_dir / "renamed.csv"), columns=["prompt=query", "completion=response"],
+                                           system_prompt="Answer with a number.")
+    assert fmt == "prompt_completion" and records.locations[0].endswith("renamed.csv:2")
+    assert [m["role"] for m in examples[0]["messages"]] == ["system", "user", "assistant"]
+    assert examples[0]["messages"][2]["content"] == "7"
+
+
+def test_parquet_and_save_to_disk(tmp_path, data_dir):
+    import datasets
+
+    rows = [json.loads(line) for line in (data_dir / "prompt_completion.jsonl").read_text().splitlines()]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dict"))
+    for spec in ("d.parquet", "saved", "dict"):
+        examples, fmt, records = load_examples(str(tmp_path / spec))
+        assert fmt == "prompt_completion" and len(examples) == 2 and records.sha256
+    with pytest.raises(AlignError, match="no split 'validation'. Available splits: train, test"):
+        load_examples(str(tmp_path / "dict"), split="validation")
+
+
+def test_bundled_sample_is_valid():
+    examples, fmt, _ = load_examples("arith")
+    assert fmt == "messages" and len(examples) == 2000
+    assert examples[0]["messages"][1]["role"] == "assistant"
+
+
+def test_forced_format_and_unknown_format_name(data_dir):
+    with pytest.raises(AlignError, match="missing field"):
+        load_examples(str(data_dir / "messages.jsonl"), fmt="qa")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("malformed.jsonl", r"malformed.jsonl:3: malformed JSON"),
+        ("unknown_format.jsonl", r"cannot detect the dataset format. Columns found: foo, bar. Accepted formats: messages"),
+        ("empty.jsonl", r"empty.jsonl: the dataset is empty"),
+        ("missing.jsonl", r"Dataset not found: .*missing.jsonl"),
+    ],
+)
+def test_data_errors_name_the_file_and_fix(data_dir, name, message):
+    with pytest.raises(AlignError, match=message):
+        load_examples(str(data_dir / name))
+
+
+def test_every_bad_record_is_reported_at_once(data_dir):
+    with pytest.raises(AlignError) as e:
+        load_examples(str(data_dir / "nonstring.jsonl"))
+    text = str(e.value)
+    assert "2 invalid record(s)" in text
+    assert "nonstring.jsonl:2: field 'messages[1].content' must be a string, got int" in text
+    assert "nonstring.jsonl:3: messages[0].role is 'robot'; expected one of assistant, system, user" in text
+
+
+def test_hub_id_offline_is_a_clear_error():
+    with pytest.raises(AlignError, match="not a local file or directory, and the hub is offline"):
+        load_examples("someorg/somedataset")
