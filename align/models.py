@@ -103,8 +103,25 @@ def load_base_model(
         kwargs["quantization_config"] = quantization_config()
         kwargs["device_map"] = {"": 0} if has_cuda() else "cpu"
     if task == "seq-cls":
-        return _load(AutoModelForSequenceClassification.from_pretrained, name, "model", num_labels=num_labels, **kwargs)
-    return _load(AutoModelForCausalLM.from_pretrained, name, "model", **kwargs)
+        model = _load(AutoModelForSequenceClassification.from_pretrained, name, "model", num_labels=num_labels, **kwargs)
+    else:
+        model = _load(AutoModelForCausalLM.from_pretrained, name, "model", **kwargs)
+    if quantize_4bit:
+        keep_4bit_kernel_fixed(model)
+    return model
+
+
+def keep_4bit_kernel_fixed(model) -> None:
+    """Stop bitsandbytes from switching 4-bit layers to its CPU inference layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight the first time it runs in eval mode
+    without grad, and from then on uses another kernel: eval numbers then differ from training-mode numbers
+    (~1e-3 relative), and a later training step fails ("a view of a leaf Variable that requires grad is being
+    used in an in-place operation"). Training interleaves evaluation, so align keeps one kernel throughout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_adapter(model, config, *, gradient_checkpointing: bool = False):
