@@ -32,7 +32,8 @@ from align.errors import Problems, unknown_name
 
 @dataclass
 class AdapterOptions:
-    adapter: str = opt("lora", "Adapter kind: lora, qlora, dora, rslora, loha, lokr, vera, ia3, prompt, prefix, ptuning, full.")
+    adapter: str | None = opt(None, "Adapter kind: lora, qlora, dora, rslora, loha, lokr, vera, ia3, prompt, prefix, "
+                                    "ptuning, full. Default: lora, or the parent's kind with --from.")
     lora_r: int = opt(16, "Rank of LoRA-family adapters (lora, qlora, dora, rslora, loha, lokr, vera).")
     lora_alpha: int = opt(32, "Scaling alpha of LoRA-family adapters.")
     lora_dropout: float = opt(0.05, "Dropout on the adapter input (LoRA family).")
@@ -47,7 +48,7 @@ class AdapterOptions:
     prefix_projection: bool = opt(False, "prefix adapter: reparameterise the prefix through an MLP.")
 
     def check(self, problems: Problems) -> None:
-        if self.adapter not in ADAPTERS:
+        if self.adapter is not None and self.adapter not in ADAPTERS:
             problems.add("--adapter: " + unknown_name("adapter kind", self.adapter, ADAPTERS))
         for name in ("lora_r", "lora_alpha", "num_virtual_tokens", "encoder_hidden_size"):
             if getattr(self, name) <= 0:

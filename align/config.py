@@ -118,6 +118,9 @@ def coerce_value(tp: Any, value: Any) -> Any:
     return value
 
 
+ALIASES = {"from": "from_run"}  # YAML / Python spellings of fields whose name is a Python keyword
+
+
 def coerce_mapping(cls, mapping: dict[str, Any], source: str) -> dict[str, Any]:
     """Check keys and value types of `mapping` against `cls`; raise one AlignError listing every problem."""
     fields = config_fields(cls)
@@ -126,6 +129,7 @@ def coerce_mapping(cls, mapping: dict[str, Any], source: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for raw_key, value in mapping.items():
         key = str(raw_key).replace("-", "_")
+        key = ALIASES.get(key, key) if key not in fields else key
         if key not in fields:
             problems.add(
                 f"{source}: unknown option '{raw_key}'.{did_you_mean(key, fields)} "

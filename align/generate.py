@@ -34,7 +34,8 @@ class GenerateConfig(Config):
 
 def load_target(target: str):
     """(model, tokenizer) for a run directory or a model directory / hub id."""
-    from align.models import load_base_model, load_run_policy, load_tokenizer
+    from align.handoff import load_run_policy
+    from align.models import load_base_model, load_tokenizer
 
     if (Path(target) / "run.json").is_file():
         model, tokenizer, _ = load_run_policy(target)

@@ -32,22 +32,18 @@ class MergeConfig(Config):
 
 def merge(run: str | Path, output: str | Path) -> Path:
     from align.adapters import ADAPTERS
-    from align.models import load_run_policy, run_weights_dir
-    from align.runs import read_manifest
+    from align.handoff import load_run_policy, resolve_parent
 
     run, output = Path(run), Path(output)
-    manifest = read_manifest(run)
-    kind = ADAPTERS.get(manifest.get("adapter", ""))
-    if kind is not None and kind.prompt_learning:
-        raise AlignError(f"{run}: a '{kind.name}' adapter adds virtual tokens and cannot be merged into the base. "
-                         "Use the run directly (align generate RUN) or train a weight adapter such as lora.")
+    parent = resolve_parent(run, child_stage="merge")
+    if not parent.full and ADAPTERS[parent.adapter].prompt_learning:
+        raise AlignError(f"{run}: a '{parent.adapter}' adapter adds virtual tokens and cannot be merged into the "
+                         "base. Use the run directly (align generate RUN) or train a weight adapter such as lora.")
     tmp = output.with_name(f".{output.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    if kind is not None and kind.full:
-        if manifest.get("status") != "completed":
-            raise AlignError(f"{run}: run status is {manifest.get('status')!r}, not 'completed'.")
-        shutil.copytree(run_weights_dir(run, manifest), tmp)
+    if parent.full:
+        shutil.copytree(parent.weights_dir, tmp)
     else:
         model, tokenizer, _ = load_run_policy(run, dequantize=True)
         merged = model.merge_and_unload()

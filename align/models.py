@@ -137,41 +137,10 @@ def attach_adapter(model, config, *, gradient_checkpointing: bool = False):
 
 
 def save_policy(model, tokenizer, directory: Path) -> None:
-    """Save an adapter (PEFT format) or a full model, with the tokenizer alongside."""
-    model.save_pretrained(directory)
+    """Save the trained adapter (PEFT format; only "default", not TRL's frozen "ref" copy) or the full model,
+    with the tokenizer alongside."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(directory, selected_adapters=["default"])
+    else:
+        model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-
-
-def run_weights_dir(run_path: Path, manifest: dict[str, Any]) -> Path:
-    sub = "model" if manifest.get("adapter") == "full" else "adapter"
-    weights = run_path / sub
-    if not weights.is_dir():
-        raise AlignError(f"{run_path}: missing {sub}/ — the run did not finish writing its weights (status "
-                         f"{manifest.get('status')!r}). Re-run or resume that stage.")
-    return weights
-
-
-def load_run_policy(run_path: str | Path, *, dequantize: bool = False, trainable: bool = False):
-    """(model, tokenizer, manifest) of a completed run: base + its adapter, or its full model.
-
-    With `dequantize=True` a QLoRA run's base is loaded in full precision (for merging).
-    """
-    from peft import PeftModel
-
-    from align.runs import read_manifest
-
-    run_path = Path(run_path)
-    manifest = read_manifest(run_path)
-    if manifest.get("status") != "completed":
-        raise AlignError(f"{run_path}: run status is {manifest.get('status')!r}, not 'completed'. "
-                         "Finish it with --resume first.")
-    weights = run_weights_dir(run_path, manifest)
-    tokenizer = load_tokenizer(str(weights))
-    task = manifest.get("task", "causal-lm")
-    if manifest.get("adapter") == "full":
-        return load_base_model(str(weights), task=task), tokenizer, manifest
-    base = load_base_model(
-        manifest["base_model"], task=task, quantize_4bit=bool(manifest.get("quantized_4bit")) and not dequantize,
-        trust_remote_code=manifest.get("config", {}).get("trust_remote_code", False),
-    )
-    return PeftModel.from_pretrained(base, str(weights), is_trainable=trainable), tokenizer, manifest

@@ -17,7 +17,7 @@ def completion_loss(model, tokenizer, examples: list[dict]) -> float:
     for i, e in enumerate(encoded):
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(e["input_ids"], e["assistant_masks"])])
+        labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(e["input_ids"], e["assistant_masks"], strict=False)])
         mask[i, :n] = 1
     model.eval()
     with torch.no_grad():

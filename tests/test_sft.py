@@ -16,7 +16,8 @@ import torch
 from helpers import completion_loss
 
 from align.data import load_examples
-from align.models import load_base_model, load_run_policy, load_tokenizer
+from align.handoff import load_run_policy
+from align.models import load_base_model, load_tokenizer
 
 ADAPTER_CASES = {
     "lora": [], "qlora": [], "dora": [], "rslora": [], "ia3": [], "loha": [], "lokr": [], "vera": [],

@@ -37,7 +37,7 @@ def collect(problems: Problems, fn, *args, **kwargs):
         return None
 
 
-RESUME_KEYS = ("model", "adapter", "data")
+RESUME_KEYS = ("model", "from_run", "adapter", "data")
 
 
 def start_run(run: Run, cfg) -> Path | None:
@@ -151,15 +151,17 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    model = trainer.model
     if trainer.accelerator.is_main_process:
+        from align.models import save_policy
+
         with run.artifact("model" if full else "adapter") as tmp:
-            trainer.accelerator.unwrap_model(model).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, tmp)
     return metrics
 
 
-def base_model_ref(model: str) -> str:
-    """Absolute path for a local model directory, the id otherwise."""
-    path = Path(model)
-    return str(path.resolve()) if path.is_dir() else model
+
+
+def stage_manifest(stage: str, task: str, cfg, policy, datasets: dict[str, Any]) -> dict[str, Any]:
+    """The run.json fields every stage records at start (the lifecycle adds status, times, versions)."""
+    return dict(stage=stage, task=task, adapter=policy.adapter, quantized_4bit=policy.quantized_4bit,
+                **policy.manifest, config=cfg.to_dict(), datasets=datasets, seed=cfg.seed)

@@ -14,16 +14,20 @@ from align.models import check_model_path
 
 @dataclass
 class ModelOptions:
-    model: str | None = opt(None, "Base model: a local from_pretrained directory or a hub id.")
+    model: str | None = opt(None, "Base model: a local from_pretrained directory or a hub id (not needed with --from).")
+    from_run: str | None = opt(None, "Start from this finished run's policy (base + its adapter).", aliases=["--from"])
+    handoff: Literal["continue", "merge"] = opt(
+        "continue", "With --from: continue training the parent's adapter, or merge it into the base and train a "
+                    "fresh adapter on top.")
     trust_remote_code: bool = opt(False, "Allow model code from the model directory / hub repo to run.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Weights dtype: auto = float32 on CPU, bfloat16 on a GPU that supports it.")
     attn_implementation: str | None = opt(None, "Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice.")
 
     def check(self, problems: Problems) -> None:
-        problem = check_model_path(self.model)
+        problem = check_model_path(self.model) if self.model or not self.from_run else None
         if problem:
-            problems.add(problem)
+            problems.add(problem + (" Or start from a run with --from RUN." if not self.model else ""))
 
 
 @dataclass

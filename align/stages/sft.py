@@ -18,11 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.adapters import ADAPTERS, AdapterOptions, peft_config
+from align.adapters import ADAPTERS, AdapterOptions
 from align.config import Config, opt
 from align.errors import Problems
 from align.stages.common import (
-    base_model_ref, callbacks, collect, open_run, seed_everything, start_run, train_and_save, trainer_arguments,
+    callbacks,
+    collect,
+    open_run,
+    seed_everything,
+    stage_manifest,
+    start_run,
+    train_and_save,
+    trainer_arguments,
 )
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
@@ -75,32 +82,27 @@ def main(cfg: SFTConfig) -> Path:
 
     from align.data.chat import encode_dataset
     from align.data.packing import PackedRowCollator, pack_rows
-    from align.models import attach_adapter, load_base_model, load_tokenizer
+    from align.handoff import build_policy
 
     resume_from = start_run(run, cfg)
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    policy = build_policy(cfg, stage="sft")
+    tokenizer = policy.tokenizer
     train_ds = encode_dataset(data.train, tokenizer, cfg.completion_only_loss, desc="Tokenizing train")
     eval_ds = encode_dataset(data.eval, tokenizer, cfg.completion_only_loss, desc="Tokenizing eval") if data.eval else None
 
-    kind = ADAPTERS[cfg.adapter]
-    model = load_base_model(cfg.model, quantize_4bit=kind.quantize_4bit, dtype=cfg.dtype,
-                            trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
-    model = attach_adapter(model, peft_config(cfg, "CAUSAL_LM", cfg.model),
-                           gradient_checkpointing=cfg.gradient_checkpointing)
+    kind = ADAPTERS[policy.adapter]
     collator = None
     if cfg.packing and kind.prompt_learning:
-        logger.info("Packing is off for the '%s' adapter: its virtual tokens must precede every example.", cfg.adapter)
+        logger.info("Packing is off for the '%s' adapter: its virtual tokens must precede every example.", kind.name)
     elif cfg.packing:
         train_ds = pack_rows(train_ds, cfg.max_length)
         eval_ds = pack_rows(eval_ds, cfg.max_length) if eval_ds is not None else None
         collator = PackedRowCollator(tokenizer.pad_token_id)
     args = TRLSFTConfig(**trainer_arguments(cfg, run, eval_ds is not None), max_length=cfg.max_length)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                         processing_class=tokenizer, callbacks=callbacks(run, cfg.tensorboard))
-    with run.lifecycle(stage="sft", task="causal-lm", base_model=base_model_ref(cfg.model), parent=None, lineage=[],
-                       adapter=cfg.adapter, quantized_4bit=kind.quantize_4bit, data_format=data.format,
-                       config=cfg.to_dict(), datasets=data.datasets, seed=cfg.seed):
+    trainer = SFTTrainer(model=policy.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         data_collator=collator, processing_class=tokenizer, callbacks=callbacks(run, cfg.tensorboard))
+    with run.lifecycle(**stage_manifest("sft", "causal-lm", cfg, policy, data.datasets), data_format=data.format):
         metrics = train_and_save(trainer, run, resume_from=resume_from, tokenizer=tokenizer, full=kind.full)
         run.update_manifest(metrics=metrics)
     return run.path

@@ -1,0 +1,214 @@
+"""Hand-off between stages: turn a finished run (`--from RUN`) into the starting point of the next stage.
+
+A run's policy is `base (+ merged_adapters, merged in order) + adapter`, or its full model. A child stage
+starts exactly from its parent's policy, in one of two ways (`--handoff`):
+
+- `continue` (default): keep training the parent's adapter (same kind, same base, 4-bit if the parent was
+  QLoRA). Exact: the child starts equal to the parent, bit for bit.
+- `merge`: merge the parent's adapter into the base and train a fresh adapter on top (any kind). Exact for
+  full-precision bases; a QLoRA parent's merged base is re-quantised to 4-bit, which rounds the merged weights.
+  Prompt-learning adapters (prompt, prefix, ptuning) cannot be merged.
+
+A full-fine-tuning parent's model directory simply becomes the child's base. A reward model is trained on a
+merged parent (its head is new), so `align rm --from` always merges.
+
+The frozen reference model of dpo/grpo/ppo is the parent policy: TRL's trainers copy the starting adapter into
+a frozen "ref" adapter of the same PeftModel (no second model copy); for full fine-tuning TRL keeps a copy.
+
+Refused with AlignError (exit 2): a directory that is not a run, a run that is not `completed`, a reward-model
+run as the policy parent of dpo/grpo/ppo, a `--model` that is not the parent's base, a base whose config.json
+changed since the parent was trained, missing weights.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.adapters import ADAPTERS
+from align.errors import AlignError
+from align.runs import read_manifest, sha256_path
+
+POLICY_STAGES = ("sft", "dpo", "grpo", "ppo")
+
+
+@dataclass
+class Parent:
+    path: Path
+    manifest: dict[str, Any]
+
+    stage = property(lambda self: self.manifest.get("stage"))
+    adapter = property(lambda self: self.manifest.get("adapter"))
+    quantized_4bit = property(lambda self: bool(self.manifest.get("quantized_4bit")))
+    merged_adapters = property(lambda self: list(self.manifest.get("merged_adapters", [])))
+
+    @property
+    def full(self) -> bool:
+        return self.adapter == "full"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.path / ("model" if self.full else "adapter")
+
+    @property
+    def base_model(self) -> str:
+        return str(self.weights_dir) if self.full else self.manifest["base_model"]
+
+    def lineage(self) -> list[dict[str, Any]]:
+        """The chain from the base to this run (inclusive), for the child's manifest."""
+        own = {"run": str(self.path.resolve()), "stage": self.stage, "adapter": self.adapter}
+        return [*self.manifest.get("lineage", []), own]
+
+
+def base_fingerprint(base_model: str) -> str | None:
+    config = Path(base_model) / "config.json"
+    return sha256_path(config) if config.is_file() else None
+
+
+def resolve_parent(path: str | Path, child_stage: str, model: str | None = None) -> Parent:
+    """Check that `path` is a finished run that `child_stage` may start from."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AlignError(f"--from {path}: no such directory. Pass the --output directory of a finished stage.")
+    manifest = read_manifest(path)
+    parent = Parent(path, manifest)
+    if manifest.get("status") != "completed":
+        raise AlignError(f"--from {path}: the run's status is {manifest.get('status')!r}, not 'completed'. "
+                         "Finish it first (rerun its command with --resume).")
+    if child_stage in ("dpo", "grpo", "ppo") and parent.stage not in POLICY_STAGES:
+        raise AlignError(f"--from {path}: a {parent.stage!r} run cannot be the policy parent of {child_stage}; "
+                         f"start from a policy run ({', '.join(POLICY_STAGES)})"
+                         + (" and pass the reward model with --reward-model." if parent.stage == "rm" else "."))
+    if not parent.weights_dir.is_dir():
+        raise AlignError(f"--from {path}: missing {parent.weights_dir.name}/ — the run's weights are not there.")
+    if model and not parent.full and Path(model).resolve() != Path(parent.base_model).resolve() \
+            and model != parent.base_model:
+        raise AlignError(f"Base/adapter mismatch: {path} was trained on base {parent.base_model}, but --model is "
+                         f"{model}. Drop --model (the base comes from the parent run) or pick the matching run.")
+    recorded = manifest.get("base_config_sha256")
+    if recorded and not parent.full:
+        current = base_fingerprint(parent.base_model)
+        if current is None:
+            raise AlignError(f"--from {path}: its base model {parent.base_model} is gone. Restore it at that path.")
+        if current != recorded:
+            raise AlignError(f"Base/adapter mismatch: the base model at {parent.base_model} changed since {path} "
+                             "was trained (config.json differs). Restore the original base or retrain the parent.")
+    return parent
+
+
+# -- building models -------------------------------------------------------------------------------------
+def materialize_base(base_model: str, merged_adapters: list[str], *, quantize_4bit: bool, task: str = "causal-lm",
+                     dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """The base model with `merged_adapters` merged in order (re-quantised to 4-bit if asked)."""
+    from peft import PeftModel
+
+    from align.models import load_base_model
+
+    kwargs = dict(task=task, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    if not merged_adapters:
+        return load_base_model(base_model, quantize_4bit=quantize_4bit, **kwargs)
+    model = load_base_model(base_model, quantize_4bit=False, **kwargs)
+    for adapter in merged_adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if not quantize_4bit:
+        return model
+    with tempfile.TemporaryDirectory(prefix="align-merged-base-") as tmp:
+        model.save_pretrained(tmp)
+        return load_base_model(tmp, quantize_4bit=True, **kwargs)
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise AlignError(f"Base/adapter mismatch: the adapter in {adapter_dir} does not fit its base model "
+                         f"({str(e).splitlines()[0][:200]}).") from None
+
+
+def load_run_policy(run_path: str | Path, *, dequantize: bool = False, trainable: bool = False):
+    """(model, tokenizer, manifest) of a completed run: its base (+ merged adapters) + adapter, or full model.
+
+    With `dequantize=True` a QLoRA run's base is loaded in full precision (for merging).
+    """
+    from align.models import load_tokenizer
+
+    parent = resolve_parent(run_path, child_stage="load")
+    tokenizer = load_tokenizer(str(parent.weights_dir))
+    task = parent.manifest.get("task", "causal-lm")
+    trust = parent.manifest.get("config", {}).get("trust_remote_code", False)
+    if parent.full:
+        from align.models import load_base_model
+
+        return load_base_model(str(parent.weights_dir), task=task, trust_remote_code=trust), tokenizer, parent.manifest
+    base = materialize_base(parent.base_model, parent.merged_adapters, task=task, trust_remote_code=trust,
+                            quantize_4bit=parent.quantized_4bit and not dequantize)
+    return load_adapter(base, parent.weights_dir, trainable), tokenizer, parent.manifest
+
+
+@dataclass
+class Policy:
+    """A stage's trainable starting model plus what its manifest must record."""
+
+    model: Any
+    tokenizer: Any
+    adapter: str
+    quantized_4bit: bool
+    manifest: dict[str, Any]
+
+
+def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "CAUSAL_LM") -> Policy:
+    """The trainable model a stage starts from: a base + fresh adapter, or the parent policy (`cfg.from_run`)."""
+    from align.adapters import peft_config
+    from align.models import attach_adapter, load_tokenizer
+
+    opts = dict(dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    if not cfg.from_run:
+        kind = ADAPTERS[cfg.adapter or "lora"]
+        model = materialize_base(cfg.model, [], quantize_4bit=kind.quantize_4bit, task=task, **opts)
+        model = attach_adapter(model, peft_config(_with_kind(cfg, kind.name), peft_task, cfg.model),
+                               gradient_checkpointing=cfg.gradient_checkpointing)
+        return Policy(model, load_tokenizer(cfg.model, cfg.trust_remote_code), kind.name, kind.quantize_4bit,
+                      dict(base_model=_ref(cfg.model), merged_adapters=[], parent=None, lineage=[], handoff=None,
+                           base_config_sha256=base_fingerprint(cfg.model)))
+
+    parent = resolve_parent(cfg.from_run, stage, cfg.model)
+    tokenizer = load_tokenizer(str(parent.weights_dir), cfg.trust_remote_code)
+    handoff = "merge" if (task != parent.manifest.get("task", "causal-lm") or parent.full) else cfg.handoff
+    common = dict(parent=str(parent.path.resolve()), lineage=parent.lineage(), handoff=handoff,
+                  base_config_sha256=parent.manifest.get("base_config_sha256"))
+    if handoff == "continue":
+        if cfg.adapter not in (None, parent.adapter):
+            raise AlignError(f"--adapter {cfg.adapter}: with --handoff continue the child keeps training the parent's "
+                             f"'{parent.adapter}' adapter. Use --handoff merge to train a new '{cfg.adapter}' adapter.")
+        base = materialize_base(parent.base_model, parent.merged_adapters, quantize_4bit=parent.quantized_4bit,
+                                task=task, **opts)
+        model = load_adapter(base, parent.weights_dir, trainable=True)
+        return Policy(model, tokenizer, parent.adapter, parent.quantized_4bit,
+                      dict(base_model=parent.base_model, merged_adapters=parent.merged_adapters, **common))
+
+    # merge: the parent's adapter (if any) joins the merged chain; a fresh adapter goes on top
+    kind = ADAPTERS[cfg.adapter or ("qlora" if parent.quantized_4bit else "lora")]
+    merged = parent.merged_adapters if parent.full else [*parent.merged_adapters, str(parent.weights_dir.resolve())]
+    if not parent.full and ADAPTERS[parent.adapter].prompt_learning:
+        raise AlignError(f"--from {parent.path}: its '{parent.adapter}' adapter cannot be merged into the base. "
+                         "Use --handoff continue.")
+    base = materialize_base(parent.base_model, merged, quantize_4bit=kind.quantize_4bit, task=task, **opts)
+    model = attach_adapter(base, peft_config(_with_kind(cfg, kind.name), peft_task, parent.base_model),
+                           gradient_checkpointing=cfg.gradient_checkpointing)
+    return Policy(model, tokenizer, kind.name, kind.quantize_4bit,
+                  dict(base_model=_ref(parent.base_model), merged_adapters=merged, **common))
+
+
+def _with_kind(cfg, kind: str):
+    import dataclasses
+
+    return dataclasses.replace(cfg, adapter=kind) if cfg.adapter != kind else cfg
+
+
+def _ref(model: str) -> str:
+    path = Path(model)
+    return str(path.resolve()) if path.is_dir() else model
