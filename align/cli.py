@@ -16,6 +16,9 @@ from align.errors import AlignError
 # name -> (help, "module:ConfigClass", "module:function"); "data inspect" is a nested command
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("Supervised fine-tuning with a PEFT adapter (or full FT).", "align.stages.sft:SFTConfig", "align.stages.sft:main"),
+    "rm": ("Train a reward model (Bradley-Terry) on preference pairs.", "align.stages.rm:RMConfig", "align.stages.rm:main"),
+    "rm-score": ("Score data with a reward-model run (also: align rm score).", "align.stages.rm:ScoreConfig", "align.stages.rm:score_main"),
+    "dpo": ("Direct Preference Optimization from a base or a finished run (--from).", "align.stages.dpo:DPOConfig", "align.stages.dpo:main"),
     "generate": ("Sample from a run (base + adapter) or a model with its chat template.", "align.generate:GenerateConfig", "align.generate:main"),
     "merge": ("Merge a run's adapter into its base and write a plain HF model directory.", "align.merge:MergeConfig", "align.merge:main"),
     "data inspect": ("Show a dataset's format, a rendered example and token-length statistics.", "align.data.inspect:InspectConfig", "align.data.inspect:main"),
@@ -57,6 +60,8 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, tuple[argparse.ArgumentP
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["rm", "score"]:  # `align rm score` is spelled as a sub-command of the rm stage
+        argv = ["rm-score", *argv[2:]]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     top, parsers = build()
     namespace = top.parse_args(argv)

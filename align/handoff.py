@@ -102,7 +102,7 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None)
 def materialize_base(base_model: str, merged_adapters: list[str], *, quantize_4bit: bool, task: str = "causal-lm",
                      dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None):
     """The base model with `merged_adapters` merged in order (re-quantised to 4-bit if asked)."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     from align.models import load_base_model
 
@@ -111,7 +111,9 @@ def materialize_base(base_model: str, merged_adapters: list[str], *, quantize_4b
         return load_base_model(base_model, quantize_4bit=quantize_4bit, **kwargs)
     model = load_base_model(base_model, quantize_4bit=False, **kwargs)
     for adapter in merged_adapters:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        config = PeftConfig.from_pretrained(adapter)
+        config.task_type = None  # merging needs no task head; lets a causal-LM adapter merge into a seq-cls model
+        model = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()
     if not quantize_4bit:
         return model
     with tempfile.TemporaryDirectory(prefix="align-merged-base-") as tmp:

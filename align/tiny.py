@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from align.config import Config, opt
 from align.errors import Problems
@@ -75,6 +76,7 @@ def build_tokenizer(vocab_size: int = 1024):
 def build_tiny_model(
     output: str | Path,
     *,
+    arch: str = "qwen2",
     hidden_size: int = 128,
     num_layers: int = 2,
     num_heads: int = 2,
@@ -85,12 +87,25 @@ def build_tiny_model(
     initializer_range: float = 0.1,
     seed: int = 0,
 ) -> Path:
-    """Write a random-weight Qwen2 model + tokenizer to `output` and return its path."""
+    """Write a random-weight model + tokenizer to `output` and return its path.
+
+    arch "qwen2": a causal LM (policies, reward models); "bert": an encoder (reward models, `align rm`).
+    """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import BertConfig, BertModel, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     output = Path(output)
     tokenizer = build_tokenizer(vocab_size)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if arch == "bert":
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                            num_attention_heads=num_heads, intermediate_size=intermediate_size or 2 * hidden_size,
+                            max_position_embeddings=max_position_embeddings, pad_token_id=tokenizer.pad_token_id,
+                            initializer_range=initializer_range)
+        BertModel(config).save_pretrained(output)
+        tokenizer.save_pretrained(output)
+        return output
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -105,12 +120,10 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
-    torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
     )
-    output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     return output
@@ -119,6 +132,7 @@ def build_tiny_model(
 @dataclass
 class TinyModelConfig(Config):
     output: str | None = opt(None, "Directory to write the model and tokenizer to.", aliases=["-o"])
+    arch: Literal["qwen2", "bert"] = opt("qwen2", "qwen2: causal LM; bert: encoder (for reward models).")
     hidden_size: int = opt(128, "Hidden size.")
     num_layers: int = opt(2, "Transformer layers.")
     num_heads: int = opt(2, "Attention heads (head dim = hidden size / heads).")
@@ -138,6 +152,6 @@ class TinyModelConfig(Config):
 
 def main(cfg: TinyModelConfig) -> Path:
     cfg.validate()
-    return build_tiny_model(cfg.output, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+    return build_tiny_model(cfg.output, arch=cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                             num_heads=cfg.num_heads, vocab_size=cfg.vocab_size, seed=cfg.seed,
                             initializer_range=cfg.initializer_range)

@@ -13,6 +13,7 @@ def load_examples(spec: str, *, split: str = "train", fmt: str = "auto", columns
     """(normalised examples, detected format, Records) for a dataset spec."""
     records = load_records(spec, split)
     examples, fmt = normalize(records, fmt, columns, system_prompt)
+    records.extra["format"] = fmt
     return examples, fmt, records
 
 

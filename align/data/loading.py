@@ -45,7 +45,7 @@ class Records:
         return list(seen)
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "path": self.path, "sha256": self.sha256, "rows": len(self.rows)}
+        return {"source": self.source, "path": self.path, "sha256": self.sha256, "rows": len(self.rows), **self.extra}
 
 
 def looks_like_path(spec: str) -> bool:

@@ -37,6 +37,14 @@ def collect(problems: Problems, fn, *args, **kwargs):
         return None
 
 
+def check_parent(cfg, stage: str) -> None:
+    """Validate --from (if given) so parent problems are reported with the config and data problems."""
+    if cfg.from_run:
+        from align.handoff import resolve_parent
+
+        resolve_parent(cfg.from_run, stage, cfg.model)
+
+
 RESUME_KEYS = ("model", "from_run", "adapter", "data")
 
 
@@ -165,3 +173,22 @@ def stage_manifest(stage: str, task: str, cfg, policy, datasets: dict[str, Any])
     """The run.json fields every stage records at start (the lifecycle adds status, times, versions)."""
     return dict(stage=stage, task=task, adapter=policy.adapter, quantized_4bit=policy.quantized_4bit,
                 **policy.manifest, config=cfg.to_dict(), datasets=datasets, seed=cfg.seed)
+
+
+def load_train_eval(cfg, load) -> tuple[list, list | None, dict[str, Any]]:
+    """(train, eval or None, datasets manifest) from --data / --eval-data / --eval-split.
+
+    `load(spec)` returns (examples, Records) for one dataset spec.
+    """
+    from align.data import holdout
+
+    train, records = load(cfg.data)
+    datasets = {"train": records.describe()}
+    evaluation = None
+    if cfg.eval_data:
+        evaluation, eval_records = load(cfg.eval_data)
+        datasets["eval"] = eval_records.describe()
+    elif cfg.eval_split > 0:
+        train, evaluation = holdout(train, cfg.eval_split, cfg.seed)
+        datasets["eval"] = {"split_of": "train", "fraction": cfg.eval_split}
+    return train, evaluation, datasets

@@ -16,14 +16,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from align.adapters import ADAPTERS, AdapterOptions
 from align.config import Config, opt
 from align.errors import Problems
 from align.stages.common import (
     callbacks,
+    check_parent,
     collect,
+    load_train_eval,
     open_run,
     seed_everything,
     stage_manifest,
@@ -46,28 +48,15 @@ class SFTConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config)
                               "--batch-size then counts rows). --no-packing pads each batch instead.")
 
 
-@dataclass
-class SFTData:
-    train: list[dict]
-    eval: list[dict] | None
-    format: str
-    datasets: dict[str, Any]
+def load_sft_data(cfg: SFTConfig):
+    from align.data import load_examples
 
+    def load(spec: str):
+        examples, _, records = load_examples(spec, split=cfg.split, fmt=cfg.format, columns=cfg.columns,
+                                             system_prompt=cfg.system_prompt)
+        return examples, records
 
-def load_sft_data(cfg: SFTConfig) -> SFTData:
-    from align.data import holdout, load_examples
-
-    kw = dict(split=cfg.split, fmt=cfg.format, columns=cfg.columns, system_prompt=cfg.system_prompt)
-    train, fmt, records = load_examples(cfg.data, **kw)
-    datasets = {"train": records.describe()}
-    evaluation = None
-    if cfg.eval_data:
-        evaluation, _, eval_records = load_examples(cfg.eval_data, **kw)
-        datasets["eval"] = eval_records.describe()
-    elif cfg.eval_split > 0:
-        train, evaluation = holdout(train, cfg.eval_split, cfg.seed)
-        datasets["eval"] = {"split_of": "train", "fraction": cfg.eval_split}
-    return SFTData(train, evaluation, fmt, datasets)
+    return load_train_eval(cfg, load)
 
 
 def main(cfg: SFTConfig) -> Path:
@@ -75,7 +64,9 @@ def main(cfg: SFTConfig) -> Path:
     problems: Problems = cfg.problems()
     run = open_run(cfg, problems)
     data = collect(problems, load_sft_data, cfg) if cfg.data else None
+    collect(problems, check_parent, cfg, "sft")
     problems.raise_if_any("Cannot start `align sft`:")
+    train, evaluation, datasets = data
 
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -88,8 +79,8 @@ def main(cfg: SFTConfig) -> Path:
     seed_everything(cfg.seed)
     policy = build_policy(cfg, stage="sft")
     tokenizer = policy.tokenizer
-    train_ds = encode_dataset(data.train, tokenizer, cfg.completion_only_loss, desc="Tokenizing train")
-    eval_ds = encode_dataset(data.eval, tokenizer, cfg.completion_only_loss, desc="Tokenizing eval") if data.eval else None
+    train_ds = encode_dataset(train, tokenizer, cfg.completion_only_loss, desc="Tokenizing train")
+    eval_ds = encode_dataset(evaluation, tokenizer, cfg.completion_only_loss, desc="Tokenizing eval") if evaluation else None
 
     kind = ADAPTERS[policy.adapter]
     collator = None
@@ -102,7 +93,7 @@ def main(cfg: SFTConfig) -> Path:
     args = TRLSFTConfig(**trainer_arguments(cfg, run, eval_ds is not None), max_length=cfg.max_length)
     trainer = SFTTrainer(model=policy.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          data_collator=collator, processing_class=tokenizer, callbacks=callbacks(run, cfg.tensorboard))
-    with run.lifecycle(**stage_manifest("sft", "causal-lm", cfg, policy, data.datasets), data_format=data.format):
+    with run.lifecycle(**stage_manifest("sft", "causal-lm", cfg, policy, datasets)):
         metrics = train_and_save(trainer, run, resume_from=resume_from, tokenizer=tokenizer, full=kind.full)
         run.update_manifest(metrics=metrics)
     return run.path

@@ -4,6 +4,10 @@ They are generated deterministically by this module; regenerate with `python -m 
 
 - `arith`       SFT, `messages` format: "What is 12 + 7?" -> "19" (2000 examples, operands 0-49, + and -)
 - `arith-eval`  the held-out split of the same task (200 examples, disjoint from `arith`)
+- `arith-prefs` preferences on the same task: chosen = the right answer, bare; rejected = a wrong answer,
+  hedged ("Maybe 41?"): learnable by a tiny model from the form alone (1000 pairs)
+- `arith-prefs-eval`  held-out preference pairs (200)
+- `arith-prompts`  prompts with an `answer` column, for online RL (GRPO/PPO) (500; `-eval`: 100)
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ SAMPLES_DIR = Path(__file__).parent
 BUNDLED: dict[str, str] = {
     "arith": "arith_sft.jsonl",
     "arith-eval": "arith_sft_eval.jsonl",
+    "arith-prefs": "arith_prefs.jsonl",
+    "arith-prefs-eval": "arith_prefs_eval.jsonl",
+    "arith-prompts": "arith_prompts.jsonl",
+    "arith-prompts-eval": "arith_prompts_eval.jsonl",
 }
 
 
@@ -53,14 +61,34 @@ def arithmetic_sft_records(n_train: int = 2000, n_eval: int = 200, seed: int = 0
     return records[:n_train], records[n_train:]
 
 
+def arithmetic_preference_records(n_train: int = 1000, n_eval: int = 200, seed: int = 1) -> tuple[list[dict], list[dict]]:
+    """prompt / chosen (the right answer) / rejected (a hedged wrong answer: off by 1-9 or the sign flipped)."""
+    rng = random.Random(seed)
+    hedges = ["Maybe {}?", "I think it is {}.", "Probably {}, not sure.", "It could be {}."]
+    records = []
+    for a, op, b, ans in arithmetic_problems(n_train + n_eval, seed=seed):
+        wrong = -ans if ans != 0 and rng.random() < 0.3 else ans + rng.choice([-1, 1]) * rng.randint(1, 9)
+        rejected = rng.choice(hedges).format(wrong)
+        records.append({"prompt": f"What is {a} {op} {b}?", "chosen": str(ans), "rejected": rejected})
+    return records[:n_train], records[n_train:]
+
+
+def arithmetic_prompt_records(n_train: int = 500, n_eval: int = 100, seed: int = 2) -> tuple[list[dict], list[dict]]:
+    records = [{"prompt": f"What is {a} {op} {b}?", "answer": str(ans)}
+               for a, op, b, ans in arithmetic_problems(n_train + n_eval, seed=seed)]
+    return records[:n_train], records[n_train:]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def main() -> None:
-    train, held_out = arithmetic_sft_records()
-    write_jsonl(SAMPLES_DIR / BUNDLED["arith"], train)
-    write_jsonl(SAMPLES_DIR / BUNDLED["arith-eval"], held_out)
+    for name, make in (("arith", arithmetic_sft_records), ("arith-prefs", arithmetic_preference_records),
+                       ("arith-prompts", arithmetic_prompt_records)):
+        train, held_out = make()
+        write_jsonl(SAMPLES_DIR / BUNDLED[name], train)
+        write_jsonl(SAMPLES_DIR / BUNDLED[f"{name}-eval"], held_out)
 
 
 if __name__ == "__main__":

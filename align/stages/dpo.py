@@ -1,0 +1,109 @@
+"""`align dpo`: Direct Preference Optimization on TRL's DPOTrainer.
+
+Starts from a base (`--model`, fresh adapter) or from a finished policy run (`--from RUN`, see align.handoff:
+continue the parent's adapter by default, or merge it and train a fresh one). The reference model is the
+starting policy, frozen: TRL copies the trainable adapter into a frozen "ref" adapter of the same model (no
+second model in memory), or keeps a copy of the model for full fine-tuning. Hence the first step's loss is
+ln 2 and the reward margins are 0, whatever the parent's adapter did.
+
+Loss (sigmoid, the default): -log σ(β·[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]),
+with label smoothing ε: (1−ε)·that + ε·(the same with w and l swapped). `--loss` takes every loss TRL 1.16
+offers (ipo, hinge, robust, ...); several are combined with `--loss-weights`.
+`--precompute-ref-log-probs` computes the reference log-probs once before training (no reference forward per
+step).
+
+Data: preference pairs (align.data.preference). Raises AlignError (exit 2) for config/data/parent problems,
+all reported before any model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from align.adapters import ADAPTERS, AdapterOptions
+from align.config import Config, opt
+from align.errors import Problems, unknown_name
+from align.stages.common import (
+    callbacks,
+    check_parent,
+    collect,
+    load_train_eval,
+    open_run,
+    seed_everything,
+    stage_manifest,
+    start_run,
+    train_and_save,
+    trainer_arguments,
+)
+from align.stages.options import DataOptions, ModelOptions, TrainOptions
+
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@dataclass
+class DPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config):
+    lr: float = opt(5e-5, "Peak learning rate.")
+    beta: float = opt(0.1, "β: strength of the implicit KL constraint to the reference (higher = stay closer).")
+    loss: list[str] = opt(factory=lambda: ["sigmoid"], help="DPO loss variant(s): " + ", ".join(DPO_LOSSES) + ".")
+    loss_weights: list[float] | None = opt(None, "Weights when several --loss variants are combined.")
+    label_smoothing: float = opt(0.0, "Label smoothing ε (conservative/robust DPO): assumed rate of flipped labels.")
+    precompute_ref_log_probs: bool = opt(False, "Compute the reference log-probs once before training.")
+
+    def check(self, problems: Problems) -> None:
+        for name in self.loss:
+            if name not in DPO_LOSSES:
+                problems.add("--loss: " + unknown_name("DPO loss", name, DPO_LOSSES))
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss):
+            problems.add(f"--loss-weights has {len(self.loss_weights)} values for {len(self.loss)} --loss variants.")
+        if self.beta <= 0:
+            problems.add(f"--beta must be positive, got {self.beta}.")
+        if not 0 <= self.label_smoothing < 0.5:
+            problems.add(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+
+
+def load_preference_data(cfg):
+    from align.data.preference import load_preferences
+
+    def load(spec: str):
+        return load_preferences(spec, split=cfg.split, columns=cfg.columns, system_prompt=cfg.system_prompt)
+
+    return load_train_eval(cfg, load)
+
+
+def main(cfg: DPOConfig) -> Path:
+    """Run DPO as configured; returns the run directory."""
+    problems = cfg.problems()
+    run = open_run(cfg, problems)
+    data = collect(problems, load_preference_data, cfg) if cfg.data else None
+    collect(problems, check_parent, cfg, "dpo")
+    problems.raise_if_any("Cannot start `align dpo`:")
+    train, evaluation, datasets = data
+
+    import datasets as hf_datasets
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    from align.handoff import build_policy
+
+    resume_from = start_run(run, cfg)
+    seed_everything(cfg.seed)
+    policy = build_policy(cfg, stage="dpo")
+    args = TRLDPOConfig(
+        **trainer_arguments(cfg, run, evaluation is not None), max_length=cfg.max_length, beta=cfg.beta,
+        loss_type=list(cfg.loss), loss_weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+    )
+    trainer = DPOTrainer(
+        model=policy.model, ref_model=None, args=args, processing_class=policy.tokenizer,
+        train_dataset=hf_datasets.Dataset.from_list(train),
+        eval_dataset=hf_datasets.Dataset.from_list(evaluation) if evaluation else None,
+        callbacks=callbacks(run, cfg.tensorboard),
+    )
+    with run.lifecycle(**stage_manifest("dpo", "causal-lm", cfg, policy, datasets), reference="parent policy (frozen)"):
+        metrics = train_and_save(trainer, run, resume_from=resume_from, tokenizer=policy.tokenizer,
+                                 full=ADAPTERS[policy.adapter].full)
+        run.update_manifest(metrics=metrics)
+    return run.path
+

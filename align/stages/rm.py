@@ -1,0 +1,123 @@
+"""`align rm`: a Bradley–Terry reward model on TRL's RewardTrainer, and `align rm score`.
+
+Model: a sequence-classification head with one output on a causal-LM base (the score reads the last token)
+or an encoder base (BERT-like, the pooled first token). PEFT adapters train with the new head saved alongside
+(PEFT's SEQ_CLS task keeps `score`/`classifier` trainable and in the adapter); `--adapter full` trains all.
+`--from RUN` starts from a finished run (commonly the SFT run the policy also starts from): its adapter is
+merged into the base and a fresh adapter + head are trained on top (align.handoff).
+
+Loss: -log σ(r(x, y_w) − r(x, y_l) − margin), margin from the data's optional `margin` column (else 0), plus
+`--center-rewards-coefficient`·E[(r_w + r_l)²] when set. Logged: accuracy (share of pairs with r_w > r_l),
+margin, on train and eval.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from align.adapters import ADAPTERS, AdapterOptions
+from align.config import Config, opt
+from align.errors import AlignError, Problems
+from align.stages.common import (
+    callbacks,
+    check_parent,
+    collect,
+    open_run,
+    seed_everything,
+    stage_manifest,
+    start_run,
+    train_and_save,
+    trainer_arguments,
+)
+from align.stages.dpo import load_preference_data
+from align.stages.options import DataOptions, ModelOptions, TrainOptions
+
+
+@dataclass
+class RMConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config):
+    lr: float = opt(1e-4, "Peak learning rate.")
+    center_rewards_coefficient: float | None = opt(None, "Weight of the reward-centering term E[(r_w + r_l)^2].")
+
+
+def main(cfg: RMConfig) -> Path:
+    """Train a reward model as configured; returns the run directory."""
+    problems = cfg.problems()
+    run = open_run(cfg, problems)
+    data = collect(problems, load_preference_data, cfg) if cfg.data else None
+    collect(problems, check_parent, cfg, "rm")
+    problems.raise_if_any("Cannot start `align rm`:")
+    train, evaluation, datasets = data
+
+    import datasets as hf_datasets
+    from trl import RewardConfig, RewardTrainer
+
+    from align.handoff import build_policy
+
+    resume_from = start_run(run, cfg)
+    seed_everything(cfg.seed)
+    policy = build_policy(cfg, stage="rm", task="seq-cls", peft_task="SEQ_CLS")
+    policy.model.config.pad_token_id = policy.tokenizer.pad_token_id
+    args = RewardConfig(**trainer_arguments(cfg, run, evaluation is not None), max_length=cfg.max_length,
+                        center_rewards_coefficient=cfg.center_rewards_coefficient)
+    trainer = RewardTrainer(
+        model=policy.model, args=args, processing_class=policy.tokenizer,
+        train_dataset=hf_datasets.Dataset.from_list(train),
+        eval_dataset=hf_datasets.Dataset.from_list(evaluation) if evaluation else None,
+        callbacks=callbacks(run, cfg.tensorboard),
+    )
+    with run.lifecycle(**stage_manifest("rm", "seq-cls", cfg, policy, datasets)):
+        metrics = train_and_save(trainer, run, resume_from=resume_from, tokenizer=policy.tokenizer,
+                                 full=ADAPTERS[policy.adapter].full)
+        run.update_manifest(metrics=metrics)
+    return run.path
+
+
+@dataclass
+class ScoreConfig(Config):
+    positional = "run"
+    run: str | None = opt(None, "The reward-model run (align rm --output).")
+    data: str | None = opt(None, "Pairs to score: preference data (chosen/rejected) or prompt/completion data.")
+    split: str = opt("train", "Split of a DatasetDict directory or hub dataset.")
+    columns: list[str] = opt(factory=list, help="Column renames NAME=COLUMN.")
+    output: str | None = opt(None, "Write one JSON object per example here (default: print them).", aliases=["-o"])
+    batch_size: int = opt(16, "Examples per forward pass.")
+
+    def check(self, problems: Problems) -> None:
+        if not self.run:
+            problems.add("Give the reward-model run: align rm score RUN --data D.")
+        if not self.data:
+            problems.add("--data is required.")
+
+
+def score_main(cfg: ScoreConfig) -> str:
+    """Score a dataset with a reward model; preference data also reports accuracy."""
+    cfg.validate()
+    from align.data import load_examples
+    from align.data.loading import load_records
+    from align.data.preference import normalize_preferences
+    from align.rewards.reward_model import RewardModelScorer
+
+    records = load_records(cfg.data, cfg.split)
+    scorer = RewardModelScorer(cfg.run, batch_size=cfg.batch_size)
+    if {"chosen", "rejected"} <= set(records.columns()):
+        pairs = normalize_preferences(records, cfg.columns)
+        chosen = scorer.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+        rejected = scorer.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+        rows = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
+        summary = f"accuracy {sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(rows):.3f} on {len(rows)} pairs"
+    else:
+        examples, fmt, _ = load_examples(cfg.data, split=cfg.split, columns=cfg.columns)
+        if fmt == "text":
+            raise AlignError(f"{cfg.data}: plain text has no prompt/completion to score. Give prompt/completion "
+                             "or preference data.")
+        prompts = [[m for m in ex["messages"][:-1]] for ex in examples]
+        scores = scorer.score(prompts, [ex["messages"][-1:] for ex in examples])
+        rows = [{"score": s} for s in scores]
+        summary = f"mean score {sum(scores) / len(scores):.4f} over {len(scores)} examples"
+    lines = "\n".join(json.dumps(r) for r in rows)
+    if cfg.output:
+        Path(cfg.output).write_text(lines + "\n")
+        return summary
+    return lines + "\n" + summary
