@@ -112,7 +112,7 @@ class StepProbe:
         }
 
 
-def wait_quiet(max_foreign: float = 0.1, window: float = 1.0, need: int = 2, timeout: float = 90.0) -> float:
+def wait_quiet(max_foreign: float = 0.1, window: float = 1.0, need: int = 3, timeout: float = 120.0) -> float:
     """Wait (up to `timeout` s) until other processes use at most `max_foreign` cores for `need` windows in a row.
     Returns the seconds waited."""
     start = time.perf_counter()

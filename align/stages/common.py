@@ -8,6 +8,8 @@ manifest) happens here, once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,27 +136,30 @@ def callbacks(run: Run, tensorboard: bool) -> list:
     return out
 
 
-def match_adapter_dtype(model) -> None:
-    """Keep a 4-bit base's trainable adapter weights in the base's compute dtype.
+@contextmanager
+def exact_adapter_precision(model) -> Iterator[None]:
+    """Undo TRL's bf16 cast of a 4-bit model's trainable adapter when the base computes in float32.
 
-    TRL casts QLoRA adapters to bf16 (the QLoRA paper's GPU recipe). With float32 compute (CPU) that only adds
-    rounding (and slow bf16 matmuls), and the adapter reloaded from disk would not match the trained one, so
-    there the adapter goes back to float32. Call after building the TRL trainer, before training.
+    TRL's trainers cast QLoRA adapters to bf16 in __init__ (the QLoRA paper's GPU recipe). With float32
+    compute (CPU) that only rounds the adapter — a child would no longer start exactly at its parent, and DPO's
+    policy would differ from its frozen "ref" copy at step 0 — so around trainer construction the trainable
+    weights are saved and put back, in float32. GPU (bf16 compute) keeps TRL's behaviour.
     """
     import torch
 
-    if not getattr(model, "is_loaded_in_4bit", False):
-        return
     compute = getattr(getattr(model.config, "quantization_config", None), "bnb_4bit_compute_dtype", None)
-    if compute in (torch.float32, "float32"):
-        for param in model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
+    if not getattr(model, "is_loaded_in_4bit", False) or compute not in (torch.float32, "float32"):
+        yield
+        return
+    saved = {name: p.data.clone() for name, p in model.named_parameters() if p.requires_grad}
+    yield
+    for name, param in model.named_parameters():
+        if name in saved:
+            param.data = saved[name]
 
 
 def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool) -> dict[str, Any]:
     """Train (resuming if asked), evaluate, and write the policy atomically. Returns the final metrics."""
-    match_adapter_dtype(trainer.model)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:

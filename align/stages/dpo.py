@@ -28,6 +28,7 @@ from align.stages.common import (
     callbacks,
     check_parent,
     collect,
+    exact_adapter_precision,
     load_train_eval,
     open_run,
     seed_everything,
@@ -95,12 +96,13 @@ def main(cfg: DPOConfig) -> Path:
         loss_type=list(cfg.loss), loss_weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
     )
-    trainer = DPOTrainer(
-        model=policy.model, ref_model=None, args=args, processing_class=policy.tokenizer,
-        train_dataset=hf_datasets.Dataset.from_list(train),
-        eval_dataset=hf_datasets.Dataset.from_list(evaluation) if evaluation else None,
-        callbacks=callbacks(run, cfg.tensorboard),
-    )
+    with exact_adapter_precision(policy.model):
+        trainer = DPOTrainer(
+            model=policy.model, ref_model=None, args=args, processing_class=policy.tokenizer,
+            train_dataset=hf_datasets.Dataset.from_list(train),
+            eval_dataset=hf_datasets.Dataset.from_list(evaluation) if evaluation else None,
+            callbacks=callbacks(run, cfg.tensorboard),
+        )
     with run.lifecycle(**stage_manifest("dpo", "causal-lm", cfg, policy, datasets), reference="parent policy (frozen)"):
         metrics = train_and_save(trainer, run, resume_from=resume_from, tokenizer=policy.tokenizer,
                                  full=ADAPTERS[policy.adapter].full)

@@ -24,6 +24,7 @@ from align.stages.common import (
     callbacks,
     check_parent,
     collect,
+    exact_adapter_precision,
     open_run,
     seed_everything,
     stage_manifest,
@@ -61,12 +62,13 @@ def main(cfg: RMConfig) -> Path:
     policy.model.config.pad_token_id = policy.tokenizer.pad_token_id
     args = RewardConfig(**trainer_arguments(cfg, run, evaluation is not None), max_length=cfg.max_length,
                         center_rewards_coefficient=cfg.center_rewards_coefficient)
-    trainer = RewardTrainer(
-        model=policy.model, args=args, processing_class=policy.tokenizer,
-        train_dataset=hf_datasets.Dataset.from_list(train),
-        eval_dataset=hf_datasets.Dataset.from_list(evaluation) if evaluation else None,
-        callbacks=callbacks(run, cfg.tensorboard),
-    )
+    with exact_adapter_precision(policy.model):
+        trainer = RewardTrainer(
+            model=policy.model, args=args, processing_class=policy.tokenizer,
+            train_dataset=hf_datasets.Dataset.from_list(train),
+            eval_dataset=hf_datasets.Dataset.from_list(evaluation) if evaluation else None,
+            callbacks=callbacks(run, cfg.tensorboard),
+        )
     with run.lifecycle(**stage_manifest("rm", "seq-cls", cfg, policy, datasets)):
         metrics = train_and_save(trainer, run, resume_from=resume_from, tokenizer=policy.tokenizer,
                                  full=ADAPTERS[policy.adapter].full)

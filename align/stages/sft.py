@@ -25,6 +25,7 @@ from align.stages.common import (
     callbacks,
     check_parent,
     collect,
+    exact_adapter_precision,
     load_train_eval,
     open_run,
     seed_everything,
@@ -91,8 +92,10 @@ def main(cfg: SFTConfig) -> Path:
         eval_ds = pack_rows(eval_ds, cfg.max_length) if eval_ds is not None else None
         collator = PackedRowCollator(tokenizer.pad_token_id)
     args = TRLSFTConfig(**trainer_arguments(cfg, run, eval_ds is not None), max_length=cfg.max_length)
-    trainer = SFTTrainer(model=policy.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         data_collator=collator, processing_class=tokenizer, callbacks=callbacks(run, cfg.tensorboard))
+    with exact_adapter_precision(policy.model):
+        trainer = SFTTrainer(model=policy.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             data_collator=collator, processing_class=tokenizer,
+                             callbacks=callbacks(run, cfg.tensorboard))
     with run.lifecycle(**stage_manifest("sft", "causal-lm", cfg, policy, datasets)):
         metrics = train_and_save(trainer, run, resume_from=resume_from, tokenizer=tokenizer, full=kind.full)
         run.update_manifest(metrics=metrics)
