@@ -4,6 +4,7 @@ Python API: each stage takes the same options as its command (snake_case) and re
 
     import align
     run = align.sft(model="runs/tiny", data="arith", output="runs/sft", adapter="lora", max_steps=100)
+    align.dpo(from_run=run, data="arith-prefs", output="runs/dpo", beta=0.1)
 """
 
 from __future__ import annotations
@@ -21,4 +22,18 @@ def sft(**options: Any) -> Path:
     return main(SFTConfig.from_kwargs(**options))
 
 
-__all__ = ["__version__", "sft"]
+def rm(**options: Any) -> Path:
+    """Reward-model training; options as `align rm --help`."""
+    from align.stages.rm import RMConfig, main
+
+    return main(RMConfig.from_kwargs(**options))
+
+
+def dpo(**options: Any) -> Path:
+    """DPO from a base (model=...) or a run (from_run=... or **{"from": ...}); options as `align dpo --help`."""
+    from align.stages.dpo import DPOConfig, main
+
+    return main(DPOConfig.from_kwargs(**options))
+
+
+__all__ = ["__version__", "dpo", "rm", "sft"]
