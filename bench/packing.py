@@ -114,6 +114,8 @@ def run_side(name: str, model_dir: Path, data: Path, work: Path, args, pad_id: i
            "epoch_real_tokens": sum(probe.real_tokens), "epoch_trained_tokens": sum(probe.trained_tokens),
            "epoch_examples": sum(probe.examples),
            "epoch_seconds": probe.end[-1] - probe.begin[0],
+           # what the run's metrics.jsonl says (TRL's num_tokens), to compare with the counted real tokens
+           "logged_num_tokens": max((m["num_tokens"] for m in metrics if "num_tokens" in m), default=None),
            "adapter": str(Path(run_dir) / "adapter")}
     out["epoch_real_tokens_per_s"] = out["epoch_real_tokens"] / out["epoch_seconds"]
     out.update(probe.steady(args.warmup))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,54 @@ from align.errors import AlignError, Problems
 from align.runs import Run
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Started:
+    """A validated stage whose run directory is claimed and whose starting policy is loaded."""
+
+    run: Run
+    resume_from: Path | None
+    policy: Any
+    train: list
+    evaluation: list | None
+    datasets: dict[str, Any]
+
+
+def start_stage(cfg, stage: str, load_data, **policy_kwargs) -> Started:
+    """Validate config, data and parent (every problem at once, before any model loads), then claim the run
+    directory (clear with --overwrite, find the checkpoint with --resume), seed, and build the policy."""
+    from align.handoff import build_policy
+
+    problems: Problems = cfg.problems()
+    run = open_run(cfg, problems)
+    data = collect(problems, load_data, cfg) if cfg.data else None
+    collect(problems, check_parent, cfg, stage)
+    problems.raise_if_any(f"Cannot start `align {stage}`:")
+    resume_from = start_run(run, cfg)
+    seed_everything(cfg.seed)
+    policy = build_policy(cfg, stage=stage, **policy_kwargs)
+    return Started(run, resume_from, policy, *data)
+
+
+def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, **manifest: Any) -> Path:
+    """Build the TRL trainer (`make_trainer(callbacks)`), train, save, and complete the run manifest."""
+    from align.adapters import ADAPTERS
+
+    run, policy = started.run, started.policy
+    with exact_adapter_precision(policy.model):
+        trainer = make_trainer(callbacks(run, cfg.tensorboard))
+    with run.lifecycle(**stage_manifest(stage, task, cfg, policy, started.datasets), **manifest):
+        metrics = train_and_save(trainer, run, resume_from=started.resume_from, tokenizer=policy.tokenizer,
+                                 full=ADAPTERS[policy.adapter].full)
+        run.update_manifest(metrics=metrics)
+    return run.path
+
+
+def as_dataset(rows: list | None):
+    import datasets
+
+    return datasets.Dataset.from_list(rows) if rows is not None else None
 
 
 def open_run(cfg, problems: Problems) -> Run | None:

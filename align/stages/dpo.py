@@ -21,22 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.adapters import ADAPTERS, AdapterOptions
+from align.adapters import AdapterOptions
 from align.config import Config, opt
 from align.errors import Problems, unknown_name
-from align.stages.common import (
-    callbacks,
-    check_parent,
-    collect,
-    exact_adapter_precision,
-    load_train_eval,
-    open_run,
-    seed_everything,
-    stage_manifest,
-    start_run,
-    train_and_save,
-    trainer_arguments,
-)
+from align.stages.common import as_dataset, finish_stage, load_train_eval, start_stage, trainer_arguments
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -75,37 +63,19 @@ def load_preference_data(cfg):
 
 def main(cfg: DPOConfig) -> Path:
     """Run DPO as configured; returns the run directory."""
-    problems = cfg.problems()
-    run = open_run(cfg, problems)
-    data = collect(problems, load_preference_data, cfg) if cfg.data else None
-    collect(problems, check_parent, cfg, "dpo")
-    problems.raise_if_any("Cannot start `align dpo`:")
-    train, evaluation, datasets = data
-
-    import datasets as hf_datasets
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from align.handoff import build_policy
-
-    resume_from = start_run(run, cfg)
-    seed_everything(cfg.seed)
-    policy = build_policy(cfg, stage="dpo")
+    started = start_stage(cfg, "dpo", load_preference_data)
     args = TRLDPOConfig(
-        **trainer_arguments(cfg, run, evaluation is not None), max_length=cfg.max_length, beta=cfg.beta,
-        loss_type=list(cfg.loss), loss_weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
+        **trainer_arguments(cfg, started.run, started.evaluation is not None), max_length=cfg.max_length,
+        beta=cfg.beta, loss_type=list(cfg.loss), loss_weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
     )
-    with exact_adapter_precision(policy.model):
-        trainer = DPOTrainer(
-            model=policy.model, ref_model=None, args=args, processing_class=policy.tokenizer,
-            train_dataset=hf_datasets.Dataset.from_list(train),
-            eval_dataset=hf_datasets.Dataset.from_list(evaluation) if evaluation else None,
-            callbacks=callbacks(run, cfg.tensorboard),
-        )
-    with run.lifecycle(**stage_manifest("dpo", "causal-lm", cfg, policy, datasets), reference="parent policy (frozen)"):
-        metrics = train_and_save(trainer, run, resume_from=resume_from, tokenizer=policy.tokenizer,
-                                 full=ADAPTERS[policy.adapter].full)
-        run.update_manifest(metrics=metrics)
-    return run.path
-
+    return finish_stage(
+        started, cfg, stage="dpo", task="causal-lm", reference="parent policy (frozen)",
+        make_trainer=lambda callbacks: DPOTrainer(
+            model=started.policy.model, ref_model=None, args=args, processing_class=started.policy.tokenizer,
+            train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation), callbacks=callbacks,
+        ),
+    )

@@ -17,21 +17,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.adapters import ADAPTERS, AdapterOptions
+from align.adapters import AdapterOptions
 from align.config import Config, opt
 from align.errors import AlignError, Problems
-from align.stages.common import (
-    callbacks,
-    check_parent,
-    collect,
-    exact_adapter_precision,
-    open_run,
-    seed_everything,
-    stage_manifest,
-    start_run,
-    train_and_save,
-    trainer_arguments,
-)
+from align.stages.common import as_dataset, finish_stage, start_stage, trainer_arguments
 from align.stages.dpo import load_preference_data
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
@@ -44,36 +33,20 @@ class RMConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config):
 
 def main(cfg: RMConfig) -> Path:
     """Train a reward model as configured; returns the run directory."""
-    problems = cfg.problems()
-    run = open_run(cfg, problems)
-    data = collect(problems, load_preference_data, cfg) if cfg.data else None
-    collect(problems, check_parent, cfg, "rm")
-    problems.raise_if_any("Cannot start `align rm`:")
-    train, evaluation, datasets = data
-
-    import datasets as hf_datasets
     from trl import RewardConfig, RewardTrainer
 
-    from align.handoff import build_policy
-
-    resume_from = start_run(run, cfg)
-    seed_everything(cfg.seed)
-    policy = build_policy(cfg, stage="rm", task="seq-cls", peft_task="SEQ_CLS")
+    started = start_stage(cfg, "rm", load_preference_data, task="seq-cls", peft_task="SEQ_CLS")
+    policy = started.policy
     policy.model.config.pad_token_id = policy.tokenizer.pad_token_id
-    args = RewardConfig(**trainer_arguments(cfg, run, evaluation is not None), max_length=cfg.max_length,
-                        center_rewards_coefficient=cfg.center_rewards_coefficient)
-    with exact_adapter_precision(policy.model):
-        trainer = RewardTrainer(
-            model=policy.model, args=args, processing_class=policy.tokenizer,
-            train_dataset=hf_datasets.Dataset.from_list(train),
-            eval_dataset=hf_datasets.Dataset.from_list(evaluation) if evaluation else None,
-            callbacks=callbacks(run, cfg.tensorboard),
-        )
-    with run.lifecycle(**stage_manifest("rm", "seq-cls", cfg, policy, datasets)):
-        metrics = train_and_save(trainer, run, resume_from=resume_from, tokenizer=policy.tokenizer,
-                                 full=ADAPTERS[policy.adapter].full)
-        run.update_manifest(metrics=metrics)
-    return run.path
+    args = RewardConfig(**trainer_arguments(cfg, started.run, started.evaluation is not None),
+                        max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient)
+    return finish_stage(
+        started, cfg, stage="rm", task="seq-cls",
+        make_trainer=lambda callbacks: RewardTrainer(
+            model=policy.model, args=args, processing_class=policy.tokenizer, train_dataset=as_dataset(started.train),
+            eval_dataset=as_dataset(started.evaluation), callbacks=callbacks,
+        ),
+    )
 
 
 @dataclass

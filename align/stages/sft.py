@@ -20,20 +20,7 @@ from typing import Literal
 
 from align.adapters import ADAPTERS, AdapterOptions
 from align.config import Config, opt
-from align.errors import Problems
-from align.stages.common import (
-    callbacks,
-    check_parent,
-    collect,
-    exact_adapter_precision,
-    load_train_eval,
-    open_run,
-    seed_everything,
-    stage_manifest,
-    start_run,
-    train_and_save,
-    trainer_arguments,
-)
+from align.stages.common import finish_stage, load_train_eval, start_stage, trainer_arguments
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
 logger = logging.getLogger(__name__)
@@ -62,41 +49,30 @@ def load_sft_data(cfg: SFTConfig):
 
 def main(cfg: SFTConfig) -> Path:
     """Run SFT as configured; returns the run directory."""
-    problems: Problems = cfg.problems()
-    run = open_run(cfg, problems)
-    data = collect(problems, load_sft_data, cfg) if cfg.data else None
-    collect(problems, check_parent, cfg, "sft")
-    problems.raise_if_any("Cannot start `align sft`:")
-    train, evaluation, datasets = data
-
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
     from align.data.chat import encode_dataset
     from align.data.packing import PackedRowCollator, pack_rows
-    from align.handoff import build_policy
 
-    resume_from = start_run(run, cfg)
-    seed_everything(cfg.seed)
-    policy = build_policy(cfg, stage="sft")
-    tokenizer = policy.tokenizer
-    train_ds = encode_dataset(train, tokenizer, cfg.completion_only_loss, desc="Tokenizing train")
-    eval_ds = encode_dataset(evaluation, tokenizer, cfg.completion_only_loss, desc="Tokenizing eval") if evaluation else None
-
-    kind = ADAPTERS[policy.adapter]
+    started = start_stage(cfg, "sft", load_sft_data)
+    tokenizer = started.policy.tokenizer
+    train_ds = encode_dataset(started.train, tokenizer, cfg.completion_only_loss, desc="Tokenizing train")
+    eval_ds = (encode_dataset(started.evaluation, tokenizer, cfg.completion_only_loss, desc="Tokenizing eval")
+               if started.evaluation else None)
     collator = None
-    if cfg.packing and kind.prompt_learning:
-        logger.info("Packing is off for the '%s' adapter: its virtual tokens must precede every example.", kind.name)
+    if cfg.packing and ADAPTERS[started.policy.adapter].prompt_learning:
+        logger.info("Packing is off for the '%s' adapter: its virtual tokens must precede every example.",
+                    started.policy.adapter)
     elif cfg.packing:
         train_ds = pack_rows(train_ds, cfg.max_length)
         eval_ds = pack_rows(eval_ds, cfg.max_length) if eval_ds is not None else None
         collator = PackedRowCollator(tokenizer.pad_token_id)
-    args = TRLSFTConfig(**trainer_arguments(cfg, run, eval_ds is not None), max_length=cfg.max_length)
-    with exact_adapter_precision(policy.model):
-        trainer = SFTTrainer(model=policy.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             data_collator=collator, processing_class=tokenizer,
-                             callbacks=callbacks(run, cfg.tensorboard))
-    with run.lifecycle(**stage_manifest("sft", "causal-lm", cfg, policy, datasets)):
-        metrics = train_and_save(trainer, run, resume_from=resume_from, tokenizer=tokenizer, full=kind.full)
-        run.update_manifest(metrics=metrics)
-    return run.path
+    args = TRLSFTConfig(**trainer_arguments(cfg, started.run, eval_ds is not None), max_length=cfg.max_length)
+    return finish_stage(
+        started, cfg, stage="sft", task="causal-lm",
+        make_trainer=lambda callbacks: SFTTrainer(
+            model=started.policy.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+            data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+        ),
+    )
