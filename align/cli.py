@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("Sample from a run (base + adapter) or a model with its chat template.", "align.generate:GenerateConfig", "align.generate:main"),
     "merge": ("Merge a run's adapter into its base and write a plain HF model directory.", "align.merge:MergeConfig", "align.merge:main"),
     "data inspect": ("Show a dataset's format, a rendered example and token-length statistics.", "align.data.inspect:InspectConfig", "align.data.inspect:main"),
+    "rewards check": ("Dry-run reward functions on samples: scores, timing, return-type checks.", "align.reward_check:RewardsCheckConfig", "align.reward_check:main"),
     "tiny-model": ("Build a tiny random Qwen2-style model + tokenizer locally (tests, demo).", "align.tiny:TinyModelConfig", "align.tiny:main"),
 }
 

@@ -176,14 +176,15 @@ def build_parser(cls, parser=None, **parser_kwargs):
         action.option_strings.sort(key=lambda o: "_" in o)
     if cls.positional:
         name = cls.positional
-        parser.add_argument("_positional", nargs="?", default=None, metavar=name.upper(),
+        is_list = typing.get_origin(typing.get_type_hints(cls)[name]) is list
+        parser.add_argument("_positional", nargs="*" if is_list else "?", default=None, metavar=name.upper(),
                             help=f"same as --{name.replace('_', '-')}")
     return parser
 
 
 def namespace_to_config(cls, namespace) -> Any:
     values = vars(namespace).copy()
-    if values.get("_positional") is not None:
+    if values.get("_positional"):
         values[cls.positional] = values["_positional"]
     names = config_fields(cls)
     return cls(**{k: v for k, v in values.items() if k in names})

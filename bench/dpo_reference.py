@@ -105,94 +105,17 @@ def _losses(log_history) -> list[float]:
     return [round(float(m["loss"]), 6) for m in log_history if "loss" in m]
 
 
-def _dpo_config(spec: dict, output: Path, precompute: bool = False):
-    from align.stages.dpo import DPOConfig
-
-    return DPOConfig.from_kwargs(
-        model=spec["model"], data="arith-prefs", output=str(output), max_steps=spec["steps"],
-        batch_size=spec["batch_size"], seed=spec["seed"], precompute_ref_log_probs=precompute, tensorboard=False,
-        logging_steps=1, save_steps=10_000,
-    )
-
-
-def worker_memory_align(spec: dict) -> dict:
-    """(a) align's path: ref_model=None on a PeftModel -> frozen "ref" adapter copy."""
-    import align.handoff
-    from align.stages.dpo import main
-
-    timer, marks = Timer(), {}
-    original = align.handoff.build_policy
-
-    def build_policy(*a, **k):
-        marks["before_model"] = rss()
-        policy = original(*a, **k)
-        marks["after_model"] = rss()
-        return policy
-
-    align.handoff.build_policy = build_policy
-    import align.stages.dpo as dpo
-
-    original_callbacks = dpo.callbacks
-    dpo.callbacks = lambda run, tb: [*original_callbacks(run, tb), timer.callback()]
-    run_dir = main(_dpo_config(spec, Path(spec["work"]) / "run-a"))
-    marks["end"] = rss()
-    metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
-    return {"rss": marks, "losses": _losses(metrics), "steps": len(timer.end), "step_s": _step_times(timer)}
-
-
-def worker_memory_separate(spec: dict) -> dict:
-    """(b) the same policy and TRL config, plus a second copy of the base passed as ref_model= to DPOTrainer."""
-    from types import SimpleNamespace
-
-    import datasets as hf_datasets
-    import torch
-    from transformers import AutoModelForCausalLM
-    from trl import DPOConfig as TRLDPOConfig
-    from trl import DPOTrainer
-
-    from align.data.preference import load_preferences
-    from align.handoff import build_policy
-    from align.stages.common import seed_everything, trainer_arguments
-
-    timer, marks = Timer(), {}
-    cfg = _dpo_config(spec, Path(spec["work"]) / "run-b")
-    pairs, _ = load_preferences("arith-prefs")
-    seed_everything(cfg.seed)
-    marks["before_model"] = rss()
-    policy = build_policy(cfg, stage="dpo")
-    marks["after_model"] = rss()
-    ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-    ref.requires_grad_(False)
-    ref.eval()
-    marks["after_ref_model"] = rss()
-    fake_run = SimpleNamespace(checkpoints_dir=Path(spec["work"]) / "run-b" / "checkpoints")
-    args = TRLDPOConfig(
-        **trainer_arguments(cfg, fake_run, False), max_length=cfg.max_length, beta=cfg.beta,
-        loss_type=list(cfg.loss), loss_weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
-        precompute_ref_log_probs=False,
-    )
-    trainer = DPOTrainer(model=policy.model, ref_model=ref, args=args, processing_class=policy.tokenizer,
-                         train_dataset=hf_datasets.Dataset.from_list(pairs), callbacks=[timer.callback()])
-    assert "ref" not in policy.model.peft_config, "TRL added a ref adapter although ref_model was given"
-    trainer.train()
-    marks["end"] = rss()
-    return {"rss": marks, "losses": _losses(trainer.state.log_history), "steps": len(timer.end),
-            "step_s": _step_times(timer)}
-
-
 def _step_times(timer: Timer) -> list[float]:
     return [e - b for b, e in zip(timer.begin, timer.end, strict=True)]
 
 
-def worker_timing(spec: dict) -> dict:
-    """`align dpo` with precompute_ref_log_probs on/off; times steps, the weight hash and the precompute pass."""
+def instrument_dpo_trainer(timer: Timer, marks: dict) -> dict:
+    """Hook TRL's DPOTrainer (not align's internals): RSS when it is constructed (models loaded), its args, the
+    time of its construction, the weight hash and the precompute pass, and a step-timing callback."""
     import trl.trainer.dpo_trainer as dpo_trainer
     from trl import DPOTrainer
 
-    import align.stages.dpo as dpo
-
-    timer = Timer()
-    spans: dict[str, list[float]] = {"hash": [], "precompute": []}
+    seen: dict = {"hash": [], "precompute": []}
 
     def timed(fn, key):
         def wrapper(*a, **k):
@@ -200,7 +123,7 @@ def worker_timing(spec: dict) -> dict:
             try:
                 return fn(*a, **k)
             finally:
-                spans[key].append(time.perf_counter() - t0)
+                seen[key].append(time.perf_counter() - t0)
 
         return wrapper
 
@@ -209,16 +132,99 @@ def worker_timing(spec: dict) -> dict:
     original_init = DPOTrainer.__init__
 
     def init(self, *a, **k):
+        marks.setdefault("models_loaded", rss())
         timer.events.setdefault("trainer_init", time.perf_counter())
         original_init(self, *a, **k)
         timer.events["trainer_ready"] = time.perf_counter()
+        self.add_callback(timer.callback())
+        seen["trainer"] = self
+        seen["ref_adapter"] = "ref" in getattr(self.model, "peft_config", {})
+        seen["separate_ref_model"] = self.ref_model is not None
 
     DPOTrainer.__init__ = init
-    original_callbacks = dpo.callbacks
-    dpo.callbacks = lambda run, tb: [*original_callbacks(run, tb), timer.callback()]
+    return seen
+
+
+def _args_dict(trainer) -> dict:
+    ignore = ("output_dir", "logging_dir")
+    return {k: repr(v) for k, v in trainer.args.to_dict().items() if k not in ignore}
+
+
+def worker_memory_align(spec: dict) -> dict:
+    """(a) align's path: `align dpo` (ref_model=None on a PeftModel -> frozen "ref" adapter copy)."""
+    from align.stages.dpo import DPOConfig, main
+
+    timer, marks = Timer(), {"before_model": rss()}
+    seen = instrument_dpo_trainer(timer, marks)
+    main(DPOConfig.from_kwargs(
+        model=spec["model"], data="arith-prefs", output=str(Path(spec["work"]) / "run-a"), max_steps=spec["steps"],
+        batch_size=spec["batch_size"], seed=spec["seed"], tensorboard=False, logging_steps=1, save_steps=10_000,
+    ))
+    marks["end"] = rss()
+    trainer = seen["trainer"]
+    return {"rss": marks, "losses": _losses(trainer.state.log_history), "steps": len(timer.end),
+            "step_s": _step_times(timer), "ref_adapter": seen["ref_adapter"],
+            "separate_ref_model": seen["separate_ref_model"], "args": _args_dict(trainer)}
+
+
+def worker_memory_separate(spec: dict) -> dict:
+    """(b) plain TRL + PEFT: the same LoRA policy and DPO settings as align's (a), plus a second copy of the base
+    loaded with AutoModelForCausalLM and passed as ref_model= to DPOTrainer."""
+    import datasets as hf_datasets
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from align.data.preference import load_preferences
+
+    timer, marks = Timer(), {"before_model": rss()}
+    seen = instrument_dpo_trainer(timer, marks)
+    pairs, _ = load_preferences("arith-prefs")
+    set_seed(spec["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    policy = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    # align's LoRA defaults: r 16, alpha 32, dropout 0.05, all-linear
+    policy = get_peft_model(policy, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                               task_type="CAUSAL_LM"))
+    marks["after_policy"] = rss()
+    ref = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    ref.requires_grad_(False)
+    ref.eval()
+    out = Path(spec["work"]) / "run-b"
+    # the TrainingArguments align's trainer_arguments() gives on CPU, and align dpo's defaults (lr 5e-5, beta 0.1)
+    args = DPOConfig(
+        output_dir=str(out / "checkpoints"), max_steps=spec["steps"], num_train_epochs=1.0, learning_rate=5e-5,
+        lr_scheduler_type="cosine", warmup_steps=0.0, weight_decay=0.0, max_grad_norm=1.0,
+        per_device_train_batch_size=spec["batch_size"], per_device_eval_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1, logging_steps=1, logging_first_step=True, save_strategy="steps",
+        save_steps=10_000, save_total_limit=2, eval_strategy="no", eval_on_start=False, eval_steps=1,
+        seed=spec["seed"], data_seed=spec["seed"], bf16=False, fp16=False, use_cpu=True,
+        gradient_checkpointing=False, report_to="none", disable_tqdm=False, dataloader_pin_memory=False,
+        max_length=1024, beta=0.1, loss_type=["sigmoid"], loss_weights=None, label_smoothing=0.0,
+        precompute_ref_log_probs=False,
+    )
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tokenizer,
+                         train_dataset=hf_datasets.Dataset.from_list(pairs))
+    trainer.train()
+    marks["end"] = rss()
+    return {"rss": marks, "losses": _losses(trainer.state.log_history), "steps": len(timer.end),
+            "step_s": _step_times(timer), "ref_adapter": seen["ref_adapter"],
+            "separate_ref_model": seen["separate_ref_model"], "args": _args_dict(trainer)}
+
+
+def worker_timing(spec: dict) -> dict:
+    """`align dpo` with precompute_ref_log_probs on/off; times steps, the weight hash and the precompute pass."""
+    from align.stages.dpo import DPOConfig, main
+
+    timer, marks = Timer(), {}
+    seen = instrument_dpo_trainer(timer, marks)
     precompute = spec["precompute"]
-    run_dir = dpo.main(_dpo_config(spec, Path(spec["work"]) / f"run-{int(precompute)}-{spec['round']}", precompute))
-    metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    main(DPOConfig.from_kwargs(
+        model=spec["model"], data="arith-prefs", output=str(Path(spec["work"]) / f"run-{int(precompute)}-{spec['round']}"),
+        max_steps=spec["steps"], batch_size=spec["batch_size"], seed=spec["seed"], tensorboard=False,
+        logging_steps=1, save_steps=10_000, precompute_ref_log_probs=precompute,
+    ))
     steps = _step_times(timer)
     warm = spec["warmup"]
     (busy0, own0), (busy1, own1) = timer.cpu[0], timer.cpu[-1]
@@ -228,13 +234,13 @@ def worker_timing(spec: dict) -> dict:
         "steps": len(steps),
         "median_step_s": statistics.median(steps[warm:]),
         "step_s": steps,
-        "hash_s": sum(spans["hash"]),
-        "precompute_pass_s": sum(spans["precompute"]),
+        "hash_s": sum(seen["hash"]),
+        "precompute_pass_s": sum(seen["precompute"]),
         "trainer_init_s": timer.events["trainer_ready"] - timer.events["trainer_init"],
         "total_s": timer.end[-1] - timer.events["trainer_init"],
-        "steps_total_s": timer.end[-1] - timer.events["train_begin"],
+        "steps_total_s": span,
         "foreign_cpu": max(0.0, (busy1 - busy0) - (own1 - own0)) / span,
-        "losses": _losses(metrics),
+        "losses": _losses(seen["trainer"].state.log_history),
         "peak_rss_mib": rss()["peak_mib"],
     }
 
@@ -307,7 +313,10 @@ def memory_part(args, work: Path, log) -> dict:
     same = runs["a_align_adapter_ref"]["losses"] == runs["b_separate_ref_model"]["losses"]
     close = all(abs(x - y) < 1e-4 for x, y in zip(runs["a_align_adapter_ref"]["losses"],
                                                   runs["b_separate_ref_model"]["losses"], strict=True))
-    return {"model": {**size, "vocab_size": 1024, **info}, "steps": args.mem_steps, "batch_size": args.batch_size,
+    args_a, args_b = runs["a_align_adapter_ref"].pop("args"), runs["b_separate_ref_model"].pop("args")
+    args_diff = {k: [args_a.get(k), args_b.get(k)] for k in sorted(set(args_a) | set(args_b))
+                 if args_a.get(k) != args_b.get(k)}
+    return {"model": {**size, "vocab_size": 1024, **info}, "steps": args.mem_steps, "trl_args_differ": args_diff, "batch_size": args.batch_size,
             "runs": runs, "ratio_a_over_b": peak_a / peak_b, "goal": GOAL, "goal_met": peak_a / peak_b <= GOAL,
             "losses_identical": same, "losses_within_1e-4": close, "other_benchmarks_seen": others}
 
@@ -381,9 +390,11 @@ def main() -> None:
           f"{memory['model']['params'] / 1e6:.0f} M-param model ({memory['model']['fp32_mib']:.0f} MiB fp32), "
           f"{memory['steps']} steps, batch {memory['batch_size']}:")
     print(table(["variant", "before model MiB", "after model(s) MiB", "peak MiB"], [
-        ["(a) align: ref adapter copy", a["before_model"]["rss_mib"], a["after_model"]["rss_mib"], a["end"]["peak_mib"]],
-        ["(b) separate ref model", b["before_model"]["rss_mib"], b["after_ref_model"]["rss_mib"], b["end"]["peak_mib"]],
+        ["(a) align: ref adapter copy", a["before_model"]["rss_mib"], a["models_loaded"]["rss_mib"], a["end"]["peak_mib"]],
+        ["(b) separate ref model", b["before_model"]["rss_mib"], b["models_loaded"]["rss_mib"], b["end"]["peak_mib"]],
     ]))
+    if memory["trl_args_differ"]:
+        print("TRL arguments differ between (a) and (b):", memory["trl_args_differ"])
     print(f"(a)/(b) = {memory['ratio_a_over_b']:.3f} (goal <= {GOAL}: {'met' if memory['goal_met'] else 'NOT met'}); "
           f"same losses: {memory['losses_identical']} (within 1e-4: {memory['losses_within_1e-4']})")
     m = timing["median"]

@@ -1,0 +1,93 @@
+"""Built-in rewards. Each is a factory: its keyword arguments are the reward's settings, and it returns a
+function with the reward protocol `fn(prompts, completions, **columns) -> list[float | None]`.
+
+    accuracy(column="answer", mode="numeric", tolerance=1e-6)
+        1.0 if the completion's final answer equals the `column` value, else 0.0 (None when the sample has no
+        reference answer). The final answer is the text inside <answer>...</answer> if present, else the whole
+        completion; mode "numeric" compares the last number in it (so "The answer is 19." matches "19"),
+        mode "exact" the stripped text.
+    format(pattern=r"^<think>.*?</think>\\s*<answer>.*?</answer>$")
+        1.0 if the completion matches the regular expression (DOTALL, whole completion), else 0.0.
+    length(max_length=256, cache=64)
+        DAPO's soft overlong punishment on the completion's length L in tokens (words if no token ids):
+        0 if L <= max_length - cache; (max_length - cache - L) / cache in the cache zone; -1 beyond max_length.
+
+Specs pick them by name, with settings and a weight: `accuracy`, `format(pattern="^\\d+$")@0.5`, `length(max_length=32)`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+RewardFn = Callable[..., list[float | None]]
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or the content of a list of messages."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content", "") for m in completion)
+
+
+def final_answer(text: str) -> str:
+    tagged = ANSWER_TAG.findall(text)
+    return tagged[-1].strip() if tagged else text.strip()
+
+
+def accuracy(column: str = "answer", mode: str = "numeric", tolerance: float = 1e-6) -> RewardFn:
+    if mode not in ("numeric", "exact"):
+        raise ValueError(f"accuracy: mode must be 'numeric' or 'exact', got {mode!r}")
+
+    def matches(completion: Any, reference: Any) -> float | None:
+        if reference is None:
+            return None
+        answer = final_answer(completion_text(completion))
+        if mode == "exact":
+            return float(answer == str(reference).strip())
+        got, want = NUMBER.findall(answer), NUMBER.findall(str(reference))
+        if not want:
+            return float(answer == str(reference).strip())
+        return float(bool(got) and abs(float(got[-1]) - float(want[-1])) <= tolerance)
+
+    def accuracy_reward(prompts: list, completions: list, **columns: Any) -> list[float | None]:
+        if column not in columns:
+            raise KeyError(f"accuracy needs a '{column}' column in the data (columns: {', '.join(sorted(columns))}); "
+                           "set accuracy(column=...) to use another")
+        return [matches(c, ref) for c, ref in zip(completions, columns[column], strict=True)]
+
+    return accuracy_reward
+
+
+def format(pattern: str = r"^<think>.*?</think>\s*<answer>.*?</answer>$") -> RewardFn:  # noqa: A001
+    regex = re.compile(pattern, re.DOTALL)
+
+    def format_reward(prompts: list, completions: list, **columns: Any) -> list[float | None]:
+        return [float(bool(regex.match(completion_text(c).strip()))) for c in completions]
+
+    return format_reward
+
+
+def length(max_length: int = 256, cache: int = 64) -> RewardFn:
+    if not 0 < cache <= max_length:
+        raise ValueError(f"length: need 0 < cache <= max_length, got cache={cache}, max_length={max_length}")
+
+    def penalty(n: int) -> float:
+        if n <= max_length - cache:
+            return 0.0
+        if n <= max_length:
+            return (max_length - cache - n) / cache
+        return -1.0
+
+    def length_reward(prompts: list, completions: list, completion_ids: list | None = None, **columns: Any):
+        sizes = [len(ids) for ids in completion_ids] if completion_ids is not None else \
+            [len(completion_text(c).split()) for c in completions]
+        return [penalty(n) for n in sizes]
+
+    return length_reward
+
+
+BUILTINS: dict[str, Callable[..., RewardFn]] = {"accuracy": accuracy, "format": format, "length": length}

@@ -1,0 +1,142 @@
+"""Resolve reward specs into callables.
+
+A spec is `SOURCE[(key=value, ...)][@weight]`, where SOURCE is one of
+- a built-in name (align.rewards.builtin: accuracy, format, length),
+- a name registered by an installed package under the entry-point group `align.rewards`,
+- `path/to/file.py:function`,
+- `package.module:function`,
+- a reward-model run directory (from `align rm`).
+With settings in parentheses the source is a factory, called with them to make the reward function
+(built-ins always are). The weight defaults to 1.0. Unknown names list the available ones.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError, unknown_name
+from align.rewards.builtin import BUILTINS
+
+GROUP = "align.rewards"
+
+
+@dataclass
+class Reward:
+    """A resolved reward: the function, its weight, and the spec it came from."""
+
+    fn: Any
+    weight: float = 1.0
+    spec: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.split("@")[0] or getattr(self.fn, "__name__", "reward")
+
+
+def registered() -> dict[str, Any]:
+    """Entry points of group `align.rewards` (name -> EntryPoint)."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def available() -> list[str]:
+    return sorted({*BUILTINS, *registered()})
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, Any], float]:
+    """`source(k=v)@w` -> (source, settings, weight)."""
+    source, weight = spec, 1.0
+    head, at, tail = spec.rpartition("@")
+    if at:
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise AlignError(f"Reward spec '{spec}': the weight after '@' must be a number, got '{tail}'.") from None
+        source = head
+    settings: dict[str, Any] = {}
+    if source.endswith(")") and "(" in source:
+        source, _, args = source[:-1].partition("(")
+        try:
+            call = ast.parse(f"f({args})", mode="eval").body
+            settings = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+            if call.args:
+                raise ValueError("positional settings")
+        except (SyntaxError, ValueError) as e:
+            raise AlignError(f"Reward spec '{spec}': settings must be key=value literals, e.g. "
+                             f"length(max_length=64) ({e}).") from None
+    return source.strip(), settings, weight
+
+
+def _load_file(path: Path, attr: str, spec: str):
+    if not path.is_file():
+        raise AlignError(f"Reward spec '{spec}': no such file {path}.")
+    name = f"align_user_rewards_{abs(hash(path.resolve()))}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)  # a bug in the user's file raises here, with its traceback
+    return _attr(module, attr, spec, str(path))
+
+
+def _attr(module, attr: str, spec: str, where: str):
+    if not hasattr(module, attr):
+        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise AlignError(f"Reward spec '{spec}': {where} has no '{attr}'. Callables there: {', '.join(public) or '(none)'}.")
+    return getattr(module, attr)
+
+
+def resolve_source(source: str, spec: str):
+    """The object a spec's source names (a function, a factory, or a reward-model scorer)."""
+    if (Path(source) / "run.json").is_file():
+        from align.rewards.reward_model import RewardModelScorer
+
+        return RewardModelScorer(source)
+    if ":" in source:
+        target, _, attr = source.rpartition(":")
+        if target.endswith(".py") or "/" in target:
+            return _load_file(Path(target), attr, spec)
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            raise AlignError(f"Reward spec '{spec}': cannot import module '{target}' ({e}).") from None
+        return _attr(module, attr, spec, f"module {target}")
+    if source in BUILTINS:
+        return BUILTINS[source]
+    eps = registered()
+    if source in eps:
+        return eps[source].load()
+    raise AlignError("Reward spec: " + unknown_name("reward", source, available())
+                     + " Or give path/to/file.py:function, package.module:function, or a reward-model run.")
+
+
+def resolve_reward(spec: str) -> Reward:
+    source, settings, weight = split_spec(spec)
+    obj = resolve_source(source, spec)
+    if settings or source in BUILTINS:
+        try:
+            obj = obj(**settings)
+        except (TypeError, ValueError) as e:
+            raise AlignError(f"Reward spec '{spec}': bad settings for '{source}': {e}.") from None
+    if not callable(obj):
+        raise AlignError(f"Reward spec '{spec}': '{source}' is a {type(obj).__name__}, not a function.")
+    return Reward(obj, weight, spec, settings)
+
+
+def resolve_rewards(specs: list[str]) -> list[Reward]:
+    """Resolve every spec; all problems are reported together."""
+    rewards, problems = [], []
+    for spec in specs:
+        try:
+            rewards.append(resolve_reward(spec))
+        except AlignError as e:
+            problems.append(str(e))
+    if problems:
+        raise AlignError("Invalid reward spec(s):", problems)
+    return rewards
