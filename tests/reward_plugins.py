@@ -1,0 +1,50 @@
+"""Reward functions used by tests/test_rewards.py through `module:function` and file specs."""
+
+import asyncio
+import math
+import time
+
+
+def has_digit(prompts, completions, **columns):
+    return [float(any(ch.isdigit() for ch in c)) for c in completions]
+
+
+def needs_answer(prompts, completions, answer, **columns):
+    return [float(c.strip() == a) for c, a in zip(completions, answer, strict=True)]
+
+
+async def async_len(prompts, completions, **columns):
+    await asyncio.sleep(0)
+    return [float(len(c)) for c in completions]
+
+
+def only_short(prompts, completions, **columns):
+    return [None if len(c) > 3 else 1.0 for c in completions]
+
+
+def breaks_on_boom(prompts, completions, **columns):
+    return [1.0 / (0 if c == "boom" else 1) for c in completions]
+
+
+def nan_on_third(prompts, completions, **columns):
+    return [math.nan if i == 2 else 0.0 for i in range(len(completions))]
+
+
+def too_few(prompts, completions, **columns):
+    return [0.0]
+
+
+def slow(prompts, completions, **columns):
+    time.sleep(2)
+    return [0.0] * len(completions)
+
+
+def text_score(prompts, completions, **columns):
+    return ["high" for _ in completions]
+
+
+def scaled(factor=1.0):
+    def reward(prompts, completions, **columns):
+        return [factor * len(c) for c in completions]
+
+    return reward
