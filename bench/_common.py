@@ -45,6 +45,8 @@ class StepProbe:
     """Per-step timestamps and token counts of one training run."""
 
     pad_token_id: int
+    abort_above: float | None = None  # stop training early once other processes use more cores than this
+    aborted: bool = False
     begin: list[float] = field(default_factory=list)
     end: list[float] = field(default_factory=list)
     real_tokens: list[int] = field(default_factory=list)      # non-pad input tokens (attended)
@@ -66,8 +68,22 @@ class StepProbe:
             def on_step_end(self, args, state, control, **kwargs):
                 probe.end.append(time.perf_counter())
                 probe.cpu.append(cpu_seconds())
+                if probe.abort_above is not None and probe.contended_lately():
+                    probe.aborted = True
+                    control.should_training_stop = True
 
         return _Probe()
+
+    def contended_lately(self, window: float = 2.0) -> bool:
+        """Did other processes use more than `abort_above` cores over (at least) the last `window` seconds?"""
+        i = len(self.end) - 1
+        j = i
+        while j > 0 and self.end[i] - self.end[j] < window:
+            j -= 1
+        if self.end[i] - self.end[j] < window:
+            return False
+        (b0, o0), (b1, o1) = self.cpu[j], self.cpu[i]
+        return (b1 - b0) - (o1 - o0) > self.abort_above * (self.end[i] - self.end[j])
 
     def count(self, inputs) -> None:
         ids = inputs["input_ids"]

@@ -25,7 +25,7 @@ Trainer (forward, backward, optimizer), median over the steps after `--warmup`. 
 timed separately: TRL's hash of the model weights (the cache key) plus the reference forward pass over the
 *whole* training set (TRL precomputes every example, whatever --max-steps is). "Total" = wall time from the
 start of DPOTrainer construction to the end of the last step, i.e. tokenization + precompute (if on) + all
-steps. Before each timed run the script waits (up to 60 s) for the machine to be quiet and records how much CPU
+steps. Before each timed run the script waits (up to 30 s, --quiet-timeout) for the machine to be quiet and records how much CPU
 other processes took meanwhile (`foreign_cpu`, in cores): on this 2-core machine another busy process slows
 steps several-fold.
 
@@ -152,10 +152,14 @@ def _args_dict(trainer) -> dict:
 
 def worker_memory_align(spec: dict) -> dict:
     """(a) align's path: `align dpo` (ref_model=None on a PeftModel -> frozen "ref" adapter copy)."""
+    import datasets  # noqa: F401  (imported before the baseline RSS, like in (b))
+    import peft  # noqa: F401
+
     from align.stages.dpo import DPOConfig, main
 
-    timer, marks = Timer(), {"before_model": rss()}
+    timer, marks = Timer(), {}
     seen = instrument_dpo_trainer(timer, marks)
+    marks["before_model"] = rss()  # after imports
     main(DPOConfig.from_kwargs(
         model=spec["model"], data="arith-prefs", output=str(Path(spec["work"]) / "run-a"), max_steps=spec["steps"],
         batch_size=spec["batch_size"], seed=spec["seed"], tensorboard=False, logging_steps=1, save_steps=10_000,
@@ -176,10 +180,12 @@ def worker_memory_separate(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import DPOConfig, DPOTrainer
 
+    import align.stages.dpo  # noqa: F401  (imported before the baseline RSS, like in (a))
     from align.data.preference import load_preferences
 
-    timer, marks = Timer(), {"before_model": rss()}
+    timer, marks = Timer(), {}
     seen = instrument_dpo_trainer(timer, marks)
+    marks["before_model"] = rss()  # after imports
     pairs, _ = load_preferences("arith-prefs")
     set_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -333,7 +339,7 @@ def timing_part(args, work: Path, log) -> dict:
         order = (False, True) if r % 2 == 0 else (True, False)
         for precompute in order:
             others.update(other_benchmarks())
-            waited.append(wait_quiet(timeout=60.0))
+            waited.append(0.0 if args.quick else wait_quiet(timeout=args.quiet_timeout))
             res = spawn("timing", {**spec, "precompute": precompute, "round": r}, work)
             runs["on" if precompute else "off"].append(res)
             log(f"round {r} precompute={precompute}: median step {res['median_step_s'] * 1000:.0f} ms, "
@@ -364,6 +370,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet-timeout", type=float, default=30.0,
+                        help="seconds to wait for other processes to go idle before each timed run")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     offline()

@@ -90,10 +90,12 @@ def make_dataset(path: Path, n: int, seed: int, tokenizer, long_fraction: float)
 
 # -- training ----------------------------------------------------------------------------------------------------
 
-def run_side(name: str, model_dir: Path, data: Path, work: Path, args, pad_id: int, batch: int) -> dict:
+def run_side(name: str, model_dir: Path, data: Path, work: Path, args, pad_id: int, batch: int,
+             abort_above: float | None) -> dict:
+    """One epoch of `align sft` ({"aborted_at_step": n} when stopped early: other processes took the CPU)."""
     import align
 
-    probe = StepProbe(pad_id)
+    probe = StepProbe(pad_id, abort_above=abort_above)
     use_probe(probe)
     t0 = time.perf_counter()
     run_dir = align.sft(
@@ -105,6 +107,8 @@ def run_side(name: str, model_dir: Path, data: Path, work: Path, args, pad_id: i
     )
     total = time.perf_counter() - t0
     use_probe(None)
+    if probe.aborted:
+        return {"aborted_at_step": len(probe.end)}
     metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
     losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     manifest = json.loads((Path(run_dir) / "run.json").read_text())
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-foreign-cpu", type=float, default=0.1,
                         help="repeat a run when other processes used more than this many cores meanwhile")
-    parser.add_argument("--retries", type=int, default=2, help="repeats of a contended run (the last one is kept)")
+    parser.add_argument("--retries", type=int, default=6, help="repeats of a contended run (the last one is kept)")
     args = parser.parse_args(argv)
 
     offline()
@@ -198,15 +202,22 @@ def main(argv: list[str] | None = None) -> dict:
                 waited = wait_quiet(args.max_foreign_cpu)
                 if waited > 3:
                     print(f"  (waited {waited:.0f} s for other processes to go quiet)", flush=True)
-                out = run_side(name, model_dir, data, work, args, tokenizer.pad_token_id, batch)
+                last = attempt == args.retries
+                out = run_side(name, model_dir, data, work, args, tokenizer.pad_token_id, batch,
+                               None if last else args.max_foreign_cpu)
+                if "aborted_at_step" in out:
+                    print(f"{name}: other processes took CPU at step {out['aborted_at_step']}; stopped, repeating",
+                          flush=True)
+                    discarded.append({"side": name, **out})
+                    continue
                 out["attempt"] = attempt
                 quiet = out["foreign_cpu"] <= args.max_foreign_cpu
                 print(f"{name}: {out['real_tokens_per_s']:.0f} real tokens/s, {out['optimizer_steps']} steps, "
                       f"{out['examples_per_step']:.1f} examples/step, padding {100 * out['padding_fraction']:.0f}%, "
                       f"train_runtime {out['train_runtime']:.1f} s, final train loss {out['final_train_loss']:.3f}, "
                       f"other processes' CPU {out['foreign_cpu']:.2f} cores"
-                      + ("" if quiet else " -> contended, repeated"), flush=True)
-                if quiet or attempt == args.retries:
+                      + ("" if quiet or last else " -> contended, repeated"), flush=True)
+                if quiet or last:
                     break
                 discarded.append({"side": name, **{k: v for k, v in out.items() if k != "adapter"}})
             runs[name] = out

@@ -116,7 +116,7 @@ def _metrics(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="A/B rounds (each side runs this many times)")
+    parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (each side runs this many times)")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=10, help="steps excluded from the throughput")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout, both sides (align's default)")
     parser.add_argument("--max-foreign-cpu", type=float, default=0.1,
                         help="repeat a run when other processes used more than this many cores meanwhile")
-    parser.add_argument("--retries", type=int, default=3, help="repeats of a contended run (the last one is kept)")
+    parser.add_argument("--retries", type=int, default=6, help="repeats of a contended run (the last one is kept)")
     args = parser.parse_args(argv)
 
     offline()
@@ -155,8 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
                     waited = wait_quiet(args.max_foreign_cpu)
                     if waited > 3:
                         print(f"  (waited {waited:.0f} s for other processes to go quiet)", flush=True)
-                    probe = StepProbe(pad_id)
+                    last = attempt == args.retries
+                    probe = StepProbe(pad_id, abort_above=None if last else args.max_foreign_cpu)
                     out = sides[name](model_dir, work, args, probe)
+                    if probe.aborted:
+                        print(f"round {r + 1} {name:5s}: other processes took CPU at step {len(probe.end)}; "
+                              "stopped, repeating", flush=True)
+                        discarded.append({"side": name, "round": r + 1, "aborted_at_step": len(probe.end)})
+                        continue
                     out.update(probe.steady(args.warmup))
                     out["round"], out["attempt"] = r + 1, attempt
                     quiet = out["foreign_cpu"] <= args.max_foreign_cpu
@@ -165,8 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
                           f"{out['median_step_compute_ms']:.1f} ms step_begin..step_end), "
                           f"train_runtime {out['train_runtime']:.2f} s, total {out['total_s']:.1f} s, "
                           f"other processes' CPU {out['foreign_cpu']:.2f} cores"
-                          + ("" if quiet else " -> contended, repeated"), flush=True)
-                    if quiet or attempt == args.retries:
+                          + ("" if quiet or last else " -> contended, repeated"), flush=True)
+                    if quiet or last:
                         break
                     discarded.append({"side": name, **out})
                 runs[name].append(out)

@@ -6,6 +6,9 @@ function with the reward protocol `fn(prompts, completions, **columns) -> list[f
         reference answer). The final answer is the text inside <answer>...</answer> if present, else the whole
         completion; mode "numeric" compares the last number in it (so "The answer is 19." matches "19"),
         mode "exact" the stripped text.
+    closeness(column="answer", scale=10.0)
+        Partial credit for numeric answers: max(0, 1 − |answer − reference| / scale) on the last number of the
+        completion's final answer; 0 when it has no number, None when the sample has no reference.
     format(pattern=r"^<think>.*?</think>\\s*<answer>.*?</answer>$")
         1.0 if the completion matches the regular expression (DOTALL, whole completion), else 0.0.
     length(max_length=256, cache=64)
@@ -62,6 +65,26 @@ def accuracy(column: str = "answer", mode: str = "numeric", tolerance: float = 1
     return accuracy_reward
 
 
+def closeness(column: str = "answer", scale: float = 10.0) -> RewardFn:
+    if scale <= 0:
+        raise ValueError(f"closeness: scale must be positive, got {scale}")
+
+    def close(completion: Any, reference: Any) -> float | None:
+        if reference is None:
+            return None
+        got, want = NUMBER.findall(final_answer(completion_text(completion))), NUMBER.findall(str(reference))
+        if not want:
+            return None
+        return max(0.0, 1.0 - abs(float(got[-1]) - float(want[-1])) / scale) if got else 0.0
+
+    def closeness_reward(prompts: list, completions: list, **columns: Any) -> list[float | None]:
+        if column not in columns:
+            raise KeyError(f"closeness needs a '{column}' column in the data (columns: {', '.join(sorted(columns))})")
+        return [close(c, ref) for c, ref in zip(completions, columns[column], strict=True)]
+
+    return closeness_reward
+
+
 def format(pattern: str = r"^<think>.*?</think>\s*<answer>.*?</answer>$") -> RewardFn:  # noqa: A001
     regex = re.compile(pattern, re.DOTALL)
 
@@ -90,4 +113,5 @@ def length(max_length: int = 256, cache: int = 64) -> RewardFn:
     return length_reward
 
 
-BUILTINS: dict[str, Callable[..., RewardFn]] = {"accuracy": accuracy, "format": format, "length": length}
+BUILTINS: dict[str, Callable[..., RewardFn]] = {"accuracy": accuracy, "closeness": closeness, "format": format,
+                                                "length": length}

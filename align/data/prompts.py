@@ -1,0 +1,58 @@
+"""Prompt datasets for online RL (grpo, ppo): every record becomes {"prompt": [messages], **other columns}.
+
+Accepted: a `prompt` column (a string, made a user message, or a list of messages ending with a user turn);
+`messages` conversations (everything before the last assistant turn is the prompt); `question` (QA data).
+The other columns (e.g. `answer`) are kept and passed to the reward functions. `--columns prompt=query`
+renames, `--system-prompt` adds a system message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from align.data.formats import MAX_LISTED, RecordError, _messages, _turn, parse_column_map
+from align.data.loading import Records, load_records
+from align.errors import AlignError
+
+
+def _prompt_of(row: dict[str, Any]) -> tuple[list[dict], set[str]]:
+    if row.get("prompt") is not None:
+        return _turn(row["prompt"], "prompt", "user"), {"prompt", "completion"}
+    if row.get("messages") is not None:
+        messages = _messages(row["messages"], "messages")
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise RecordError("'messages' has no turn before the assistant reply to use as the prompt")
+        return messages, {"messages"}
+    if row.get("question") is not None:
+        return _turn(row["question"], "question", "user"), {"question"}
+    raise RecordError("no 'prompt', 'messages' or 'question' field")
+
+
+def normalize_prompts(records: Records, columns=(), system_prompt: str | None = None) -> list[dict[str, Any]]:
+    mapping = parse_column_map(list(columns))
+    found = records.columns()
+    if not {"prompt", "messages", "question"} & {mapping.get(c, c) for c in found}:
+        raise AlignError(f"{records.source}: no prompts found. Columns: {', '.join(found) or '(none)'}. Expected a "
+                         "'prompt' column (or 'messages' / 'question'); rename with --columns prompt=COLUMN.")
+    out, problems = [], []
+    for row, where in zip(records.rows, records.locations, strict=True):
+        row = {mapping.get(k, k): v for k, v in row.items()}
+        try:
+            prompt, used = _prompt_of(row)
+        except RecordError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if system_prompt and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system_prompt}, *prompt]
+        out.append({"prompt": prompt, **{k: v for k, v in row.items() if k not in used}})
+    if problems:
+        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
+        raise AlignError(f"{records.source}: {len(problems)} invalid prompt record(s):", shown)
+    return out
+
+
+def load_prompts(spec: str, *, split: str = "train", columns=(), system_prompt=None) -> tuple[list[dict], Records]:
+    records = load_records(spec, split)
+    return normalize_prompts(records, columns, system_prompt), records

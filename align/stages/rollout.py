@@ -1,0 +1,116 @@
+"""The rollout engine shared by the online-RL stages (grpo, ppo): prompts in, sampled completions out.
+
+Backends:
+- `hf`: transformers `generate` on the live training model (KV cache, the whole batch — every prompt of every
+  group — in one call, left-padded). Always in sync: it *is* the policy being trained.
+- `vllm`: a colocated vLLM engine that holds the base weights once and receives only the adapter after each
+  optimizer step (the adapter is saved and a new `LoRARequest` points at it) — no merge → push full weights →
+  unmerge as TRL does. See align.stages.vllm_backend.
+`auto` picks vllm when it is installed and a GPU is present, else hf.
+
+Engines return token ids (prompt and completion) and, when the backend provides them, the sampled tokens'
+log-probs (used by TRL for importance-sampling correction of the sampler/trainer mismatch).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+
+def choose_backend(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "hf"
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def render_prompts(tokenizer, prompts: list[Any]) -> list[list[int]]:
+    """Token ids of each prompt, chat-templated with the generation prompt when it is a conversation."""
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            out.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        else:
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def trim_completion(ids: list[int], eos_id: int | None, pad_id: int | None) -> list[int]:
+    """Cut a generated row after its first EOS (kept) and drop right padding."""
+    out = []
+    for tok in ids:
+        if eos_id is not None and tok == eos_id:
+            out.append(tok)
+            break
+        if pad_id is not None and tok == pad_id and eos_id != pad_id:
+            break
+        out.append(tok)
+    return out
+
+
+class HFEngine:
+    """Sampling with transformers `generate` on the model being trained."""
+
+    name = "hf"
+
+    def __init__(self, tokenizer, sampling: Sampling):
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+
+    def sync(self, model, step: int) -> None:
+        """Nothing to do: generation uses the live model."""
+
+    def generate(self, model, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]] | None]:
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+        for i, ids in enumerate(prompt_ids):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention[i, width - len(ids):] = 1
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        s = self.sampling
+        sample = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p) if s.temperature > 0 else dict(do_sample=False)
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                 max_new_tokens=s.max_new_tokens, pad_token_id=pad, use_cache=True, **sample)
+        if was_training:
+            model.train()
+        eos = self.tokenizer.eos_token_id
+        return [trim_completion(row.tolist(), eos, pad) for row in out[:, width:]], None
+
+
+def make_engine(backend: str, tokenizer, sampling: Sampling, **vllm_options: Any):
+    backend = choose_backend(backend)
+    if backend == "hf":
+        return HFEngine(tokenizer, sampling)
+    from align.stages.vllm_backend import VLLMEngine
+
+    return VLLMEngine(tokenizer, sampling, **vllm_options)
+
+
+def trl_rollout_func(engine):
+    """Adapt an engine to GRPOTrainer's `rollout_func(prompts, trainer)` hook."""
+
+    def rollout(prompts: list[Any], trainer) -> dict[str, Any]:
+        engine.sync(trainer.model, trainer.state.global_step)
+        prompt_ids = render_prompts(engine.tokenizer, prompts)
+        completion_ids, logprobs = engine.generate(trainer.model, prompt_ids)
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
+
+    return rollout
