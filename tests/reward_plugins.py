@@ -48,3 +48,9 @@ def scaled(factor=1.0):
         return [factor * len(c) for c in completions]
 
     return reward
+
+
+async def text_len(prompts, completions, **columns):
+    from align.rewards.builtin import completion_text
+
+    return [float(len(completion_text(c))) for c in completions]
