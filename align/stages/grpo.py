@@ -115,7 +115,7 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
     from trl import GRPOConfig as TRLGRPOConfig
     from trl import GRPOTrainer
 
-    from align.stages.rollout import Sampling, make_engine, trl_rollout_func
+    from align.stages.rollout import Sampling, close_on_train_end, make_engine, trl_rollout_func
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     policy = started.policy
@@ -130,12 +130,13 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
     )
     engine = make_engine(cfg.backend, policy.tokenizer,
                          Sampling(cfg.max_completion_length, cfg.temperature, cfg.top_p),
-                         base_model=policy.manifest["base_model"], memory=cfg.vllm_memory,
-                         run_dir=started.run.path)
+                         base_model=policy.manifest["base_model"], memory=cfg.vllm_memory, run_dir=started.run.path,
+                         adapter=policy.adapter, merged_adapters=policy.manifest.get("merged_adapters", []),
+                         seed=cfg.seed)
     return GRPOTrainer(
         model=policy.model, reward_funcs=rewards, args=args, processing_class=policy.tokenizer,
         train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation),
-        callbacks=callbacks, rollout_func=trl_rollout_func(engine),
+        callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine),
     )
 
 

@@ -71,6 +71,9 @@ class HFEngine:
     def sync(self, model, step: int) -> None:
         """Nothing to do: generation uses the live model."""
 
+    def close(self) -> None:
+        """Nothing to release."""
+
     def generate(self, model, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]] | None]:
         import torch
 
@@ -102,6 +105,17 @@ def make_engine(backend: str, tokenizer, sampling: Sampling, **vllm_options: Any
     from align.stages.vllm_backend import VLLMEngine
 
     return VLLMEngine(tokenizer, sampling, **vllm_options)
+
+
+def close_on_train_end(engine):
+    """A TrainerCallback that releases the engine's files when training ends."""
+    from transformers import TrainerCallback
+
+    class CloseEngine(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            engine.close()
+
+    return CloseEngine()
 
 
 def trl_rollout_func(engine):
