@@ -36,4 +36,11 @@ def dpo(**options: Any) -> Path:
     return main(DPOConfig.from_kwargs(**options))
 
 
-__all__ = ["__version__", "dpo", "rm", "sft"]
+def grpo(**options: Any) -> Path:
+    """GRPO with reward functions (reward=[...]) from a base or a run; options as `align grpo --help`."""
+    from align.stages.grpo import GRPOConfig, main
+
+    return main(GRPOConfig.from_kwargs(**options))
+
+
+__all__ = ["__version__", "dpo", "grpo", "rm", "sft"]
