@@ -40,3 +40,60 @@ def test_vllm_logprobs_agree_with_the_trainer(sft_run, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print("vLLM vs trainer log-prob difference:", result)
     assert result["tokens"] > 0 and result["mean_abs_diff"] < 1e-4 and result["max_abs_diff"] < 1e-3
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_grpo_against_a_separately_started_vllm_server(sft_run, tmp_path):
+    import os
+    import time
+    import urllib.request
+
+    base = json.loads((sft_run / "run.json").read_text())["base_model"]
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base, "--enable-lora",
+         "--max-lora-rank", "64", "--port", str(port), "--gpu-memory-utilization", "0.2", "--enforce-eager",
+         "--dtype", "float32"],
+        env={**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline, "vLLM server did not start"
+                time.sleep(2)
+        out = tmp_path / "grpo-server"
+        proc = subprocess.run(
+            [sys.executable, "-m", "align", "grpo", "--from", str(sft_run), "--data", "arith-prompts", "--reward",
+             "closeness(scale=50)", "--output", str(out), "--max-steps", "2", "--batch-size", "8",
+             "--num-generations", "4", "--max-completion-length", "6", "--logging-steps", "1", "--beta", "0.1",
+             "--vllm-server", f"http://127.0.0.1:{port}", "--no-tensorboard"],
+            capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in m]
+        assert [m["step"] for m in steps] == [1, 2] and steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+        models = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models"))["data"]
+        assert [m["id"] for m in models] == [base], "the policy's adapters are unloaded at the end"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def test_unreachable_server_is_a_clear_error(cli, sft_run, tmp_path):
+    code, _, err = cli("grpo", "--from", sft_run, "--data", "arith-prompts", "--reward", "closeness",
+                       "--output", tmp_path / "x", "--max-steps", "1", "--batch-size", "8", "--num-generations", "4",
+                       "--vllm-server", f"http://127.0.0.1:{_free_port()}", "--no-tensorboard")
+    assert code == 2 and "Cannot reach the vLLM server" in err

@@ -68,6 +68,9 @@ class RolloutOptions:
     top_p: float = opt(1.0, "Nucleus sampling threshold.")
     backend: Literal["auto", "hf", "vllm"] = opt("auto", "Rollout backend: auto = vllm if installed and on GPU, else hf.")
     vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.")
+    vllm_server: str | None = opt(None, "Use this separately started vLLM server (URL) instead of a colocated "
+                                        "engine; it must run the policy's base with --enable-lora and "
+                                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.")
 
     def check(self, problems: Problems) -> None:
         if self.num_generations < 2:
@@ -129,7 +132,7 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
         reward_weights=[g.reward.weight for g in rewards], disable_dropout=True,
     )
     engine = make_engine(cfg.backend, policy.tokenizer,
-                         Sampling(cfg.max_completion_length, cfg.temperature, cfg.top_p),
+                         Sampling(cfg.max_completion_length, cfg.temperature, cfg.top_p), server=cfg.vllm_server,
                          base_model=policy.manifest["base_model"], memory=cfg.vllm_memory, run_dir=started.run.path,
                          adapter=policy.adapter, merged_adapters=policy.manifest.get("merged_adapters", []),
                          seed=cfg.seed)

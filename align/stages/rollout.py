@@ -5,7 +5,8 @@ Backends:
   group — in one call, left-padded). Always in sync: it *is* the policy being trained.
 - `vllm`: a colocated vLLM engine that holds the base weights once and receives only the adapter after each
   optimizer step (the adapter is saved and a new `LoRARequest` points at it) — no merge → push full weights →
-  unmerge as TRL does. See align.stages.vllm_backend.
+  unmerge as TRL does; or, with `--vllm-server URL`, a separately started vLLM server that loads each step's
+  adapter through its runtime-LoRA endpoint. See align.stages.vllm_backend.
 `auto` picks vllm when it is installed and a GPU is present, else hf.
 
 Engines return token ids (prompt and completion) and, when the backend provides them, the sampled tokens'
@@ -98,10 +99,15 @@ class HFEngine:
         return [trim_completion(row.tolist(), eos, pad) for row in out[:, width:]], None
 
 
-def make_engine(backend: str, tokenizer, sampling: Sampling, **vllm_options: Any):
-    backend = choose_backend(backend)
+def make_engine(backend: str, tokenizer, sampling: Sampling, server: str | None = None, **vllm_options: Any):
+    """The engine for `backend`; with `server` (a URL) the vllm backend talks to that vLLM server instead."""
+    backend = "vllm" if server else choose_backend(backend)
     if backend == "hf":
         return HFEngine(tokenizer, sampling)
+    if server:
+        from align.stages.vllm_backend import VLLMServerEngine
+
+        return VLLMServerEngine(tokenizer, sampling, url=server, **vllm_options)
     from align.stages.vllm_backend import VLLMEngine
 
     return VLLMEngine(tokenizer, sampling, **vllm_options)

