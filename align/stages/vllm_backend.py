@@ -25,6 +25,15 @@ from align.errors import AlignError
 SERVED = ("lora", "qlora", "rslora")
 
 
+def save_step_adapter(model, directory: Path, step: int) -> Path:
+    """Write the trainable adapter (only "default", not TRL's frozen "ref" copy) to directory/step-N."""
+    path = directory / f"step-{step}"
+    if path.exists():
+        shutil.rmtree(path)
+    model.save_pretrained(path, selected_adapters=["default"])
+    return path
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -69,10 +78,7 @@ class VLLMEngine:
             return
         from vllm.lora.request import LoRARequest
 
-        path = self.dir / f"step-{step}"
-        if path.exists():
-            shutil.rmtree(path)
-        model.save_pretrained(path, selected_adapters=["default"])
+        path = save_step_adapter(model, self.dir, step)
         old = self.request
         self.request = LoRARequest(f"policy-step-{step}", self.next_id, str(path))
         self.next_id += 1
@@ -161,10 +167,7 @@ class VLLMServerEngine:
     def sync(self, model, step: int) -> None:
         if step == self.synced_step:
             return
-        path = self.dir / f"step-{step}"
-        if path.exists():
-            shutil.rmtree(path)
-        model.save_pretrained(path, selected_adapters=["default"])
+        path = save_step_adapter(model, self.dir, step)
         name, old = f"align-policy-step-{step}", self.lora_name
         self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
         self.lora_name, self.synced_step = name, step
