@@ -49,7 +49,7 @@ def test_entry_point_registered_by_another_package(tmp_path, monkeypatch):
         "def shouty(prompts, completions, **kw):\n    return [float(c.isupper()) for c in completions]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert score("shouty@2", ["HI", "hi", "OK"]) == [1.0, 0.0, 1.0]
-    with pytest.raises(AlignError, match="Available: accuracy, format, length, shouty"):
+    with pytest.raises(AlignError, match="Available: accuracy, closeness, format, length, shouty"):
         resolve_rewards(["shoty"])
 
 
