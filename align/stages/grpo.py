@@ -135,6 +135,7 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
                          Sampling(cfg.max_completion_length, cfg.temperature, cfg.top_p), server=cfg.vllm_server,
                          base_model=policy.manifest["base_model"], memory=cfg.vllm_memory, run_dir=started.run.path,
                          adapter=policy.adapter, merged_adapters=policy.manifest.get("merged_adapters", []),
+                         lora_rank=getattr(getattr(policy.model, "peft_config", {}).get("default"), "r", 16),
                          seed=cfg.seed)
     return GRPOTrainer(
         model=policy.model, reward_funcs=rewards, args=args, processing_class=policy.tokenizer,

