@@ -18,7 +18,7 @@ same real tokens:
 - padded: `packing=False`: batches of `--padded-batch` (16) examples padded to their longest member.
 
 Batch sizes: the padded side takes 16 examples per step; the packed side takes as many 512-token rows as hold
-about 16 examples on average (rows = 16 x mean example length / 512, rounded: 3 for the default mix), so both
+about 16 examples on average (rows = 16 x mean example length / 512, rounded: 2 for the default mix), so both
 take optimizer steps of about the same number of examples and real tokens, and the same learning rate suits
 both. The measured examples per step are reported.
 
@@ -28,7 +28,9 @@ logging) after the first `--warmup` steps; model loading, tokenization, packing 
 during which other processes used more than `--max-foreign-cpu` cores (from /proc/stat; on this shared 2-core
 machine another busy process makes single steps take seconds) are left out; a run with fewer than half of its
 steps clean is repeated. Trained (assistant) tokens/s is reported too. Sanity: held-out loss (mean NLL per
-assistant token, each example run on its own, unpacked) of the base model and of both trained adapters.
+assistant token, each example run on its own, unpacked) of the base model and of both trained adapters; and
+the packed-trained adapter's held-out loss once more with the held-out examples packed into rows by align's
+packing code, which must equal the unpacked figure if packed examples do not attend to each other.
 Progress bars are off (TQDM_DISABLE=1). Results: bench/results/packing.json.
 """
 
@@ -74,22 +76,25 @@ def _ids(tokenizer, messages) -> list[int]:
     return out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
 
 
-def make_dataset(path: Path, n: int, seed: int, tokenizer, long_fraction: float) -> tuple[list[dict], dict]:
+def make_dataset(n: int, seed: int, tokenizer, long_fraction: float) -> list[dict]:
     rng = random.Random(seed)
     cache: dict[int, int] = {}
     examples = []
     for _ in range(n):
         target = rng.randint(400, 500) if rng.random() < long_fraction else rng.randint(20, 60)
         examples.append(make_example(rng, target, tokenizer, cache))
-    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    return examples
+
+
+def length_stats(examples: list[dict], tokenizer, long_fraction: float) -> dict:
+    n = len(examples)
     lengths = sorted(len(_ids(tokenizer, e["messages"])) for e in examples)
-    stats = {
+    return {
         "examples": n, "long_fraction_target": long_fraction, "total_tokens": sum(lengths),
         "mean": statistics.mean(lengths), "median": statistics.median(lengths),
         "p90": lengths[int(0.9 * (n - 1))], "p95": lengths[int(0.95 * (n - 1))], "max": lengths[-1],
         "min": lengths[0], "share_over_300": sum(x > 300 for x in lengths) / n,
     }
-    return examples, stats
 
 
 # -- training ----------------------------------------------------------------------------------------------------
@@ -127,8 +132,10 @@ def run_side(name: str, model_dir: Path, data: Path, work: Path, args, pad_id: i
     return out
 
 
-def heldout_loss(model_dir: Path, adapter: str | None, examples: list[dict]) -> float:
-    """Mean NLL per assistant token over `examples`, one example per forward pass (no packing, no padding)."""
+def heldout_loss(model_dir: Path, adapter: str | None, examples: list[dict], packed: bool = False) -> float:
+    """Mean NLL per assistant token over `examples`: one example per forward pass (no packing, no padding), or
+    with `packed`, the examples packed into rows of MAX_LENGTH by align's own packing code (pack_rows +
+    PackedRowCollator, as in training). Equal results mean packed examples do not see each other."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -141,12 +148,22 @@ def heldout_loss(model_dir: Path, adapter: str | None, examples: list[dict]) -> 
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     ds = encode_dataset(examples, tokenizer, completion_only=True, desc="Tokenizing held-out")
+    if packed:
+        from align.data.packing import PackedRowCollator, pack_rows
+
+        collate = PackedRowCollator(tokenizer.pad_token_id)
+        batches = [collate([row]) for row in pack_rows(ds, MAX_LENGTH)]
+    else:
+        batches = [{"input_ids": torch.tensor([row["input_ids"]]), "labels": torch.tensor([row["labels"]])}
+                   for row in ds]
     nll, count = 0.0, 0
     with torch.no_grad():
-        for row in ds:
-            ids = torch.tensor([row["input_ids"]])
-            labels = torch.tensor([row["labels"]])
-            logits = model(input_ids=ids).logits[:, :-1].float()
+        for batch in batches:
+            ids, labels = batch["input_ids"], batch["labels"]
+            extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+            # use_cache=False as in training (TRL's compute_loss sets it): with a cache, transformers does not look
+            # for packed sequences in position_ids and packed examples would attend to each other
+            logits = model(input_ids=ids, use_cache=False, **extra).logits[:, :-1].float()
             target = labels[:, 1:]
             mask = target != -100
             logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
@@ -187,9 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         model_dir = build_tiny_model(work / "tiny", **MODEL)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        examples, lengths = make_dataset(work / "all.jsonl", args.examples + args.heldout, args.seed, tokenizer,
-                                         args.long_fraction)
+        examples = make_dataset(args.examples + args.heldout, args.seed, tokenizer, args.long_fraction)
         train, heldout = examples[: args.examples], examples[args.examples:]
+        lengths = length_stats(train, tokenizer, args.long_fraction)
         data = work / "train.jsonl"
         data.write_text("".join(json.dumps(e) + "\n" for e in train))
         mean_len = lengths["mean"]
@@ -223,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         base_loss = heldout_loss(model_dir, None, heldout)
         for out in runs.values():
             out["heldout_loss"] = heldout_loss(model_dir, out["adapter"], heldout)
+        packed_eval = heldout_loss(model_dir, runs["packed"]["adapter"], heldout, packed=True)
+        for out in runs.values():
             out.pop("adapter")
 
     pk, pd = runs["packed"], runs["padded"]
@@ -236,11 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
          "real tokens", "train loss", "held-out loss"],
         [[k, f"{v['batch_size']}{' rows' if k == 'packed' else ''}", v["optimizer_steps"],
           round(v["examples_per_step"], 1), round(100 * v["padding_fraction"], 1),
-          round(v["clean_real_tokens_per_s"]), round(v["clean_trained_tokens_per_s"]),
+          float(v["clean_real_tokens_per_s"]), float(v["clean_trained_tokens_per_s"]),
           f"{v['clean_steps']}/{v['steps']}", round(v["epoch_seconds"], 1), v["epoch_real_tokens"],
           round(v["final_train_loss"], 3), round(v["heldout_loss"], 3)] for k, v in runs.items()],
     ))
-    print(f"held-out loss of the untrained base: {base_loss:.3f}")
+    print(f"held-out loss of the untrained base: {base_loss:.3f}; of the packed-trained adapter with the held-out "
+          f"examples packed into rows: {packed_eval:.4f} (unpacked: {pk['heldout_loss']:.4f})")
     print(f"real tokens/s packed/padded = {ratio:.2f}x (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'}); "
           f"same real tokens per epoch: {same_tokens}")
 
@@ -248,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python bench/packing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": {**MODEL, **vars(args), "max_length": MAX_LENGTH, "packed_batch": packed_batch,
                    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}},
-        "data": lengths, "runs": runs, "base_heldout_loss": base_loss,
+        "data": lengths, "runs": runs, "base_heldout_loss": base_loss,  # data: token lengths of the training examples
+        "packed_adapter_heldout_loss_evaluated_packed": packed_eval,
         "ratio_real_tokens_per_s": ratio, "same_real_tokens": same_tokens,
         "goal": GOAL, "goal_met": ratio >= GOAL, "discarded_contended_runs": discarded,
     }

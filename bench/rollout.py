@@ -50,8 +50,13 @@ sample; loaded with `align.handoff.load_run_policy`, exactly as a grpo stage sta
 
 CPU accounting: at each measurement the machine's busy CPU (/proc/stat) minus the CPU of this process tree (this
 process and vLLM's engine/worker processes, via psutil) gives `foreign_cpu`, the cores' worth used by other
-processes meanwhile (0 = quiet machine, 2 = both cores busy elsewhere). Before each measured batch the run waits (up to
-`--quiet-wait` s) for the machine to be quiet.
+processes meanwhile (0 = quiet machine, 2 = both cores busy elsewhere). On this 2-core machine one busy foreign
+process slows either side several-fold, so: before each measured batch the run waits (up to `--quiet-wait` s) for
+the machine to be quiet; a batch with foreign_cpu > `--max-foreign` (0.3) is measured again (up to `--retries`, 2)
+and the least contended attempt kept; sync steps continue (up to 2 x `--sync-reps`) until `--sync-reps` quiet steps
+exist, and the medians use only quiet steps when there are >= 3. Re-measuring stops `--retry-budget` (330) s after
+the start, to keep the run under ~8 minutes. Every attempt's foreign_cpu is in the JSON; read results with a high
+median foreign_cpu as contended.
 """
 
 from __future__ import annotations
@@ -176,6 +181,43 @@ def timed_batch(engine, model, prompt_ids, eos: int, quiet_wait: float) -> dict:
             "foreign_cpu": m.foreign_cpu, "own_cpu": m.own_cpu, "waited_for_quiet_s": waited}
 
 
+def measured_batch(engine, model, prompt_ids, eos: int, args, deadline: float) -> dict:
+    """A timed batch; re-measured (up to --retries times, while before `deadline`) when other processes took more
+    than --max-foreign cores meanwhile. The least contended attempt is kept; all are counted."""
+    attempts = []
+    while True:
+        wait = args.quiet_wait if not attempts else max(args.quiet_wait, 20.0)
+        attempts.append(timed_batch(engine, model, prompt_ids, eos, wait))
+        if (attempts[-1]["foreign_cpu"] <= args.max_foreign or len(attempts) > args.retries
+                or time.perf_counter() > deadline):
+            break
+    best = min(attempts, key=lambda r: r["foreign_cpu"])
+    return {**best, "attempts": len(attempts), "contended": best["foreign_cpu"] > args.max_foreign}
+
+
+def quiet_steps(steps: list[dict], max_foreign: float) -> list[dict]:
+    """The measured sync steps (warm-up excluded) taken while the machine was quiet, or all if fewer than 3."""
+    quiet = [s for s in steps[1:] if s["foreign_cpu"] <= max_foreign]
+    return quiet if len(quiet) >= 3 else steps[1:]
+
+
+def sync_steps(run_step, model, gen, args, deadline: float, label: str) -> list[dict]:
+    """One warm-up step, then steps until --sync-reps quiet ones (at most 2 x --sync-reps, extra ones only before
+    `deadline`)."""
+    steps = []
+    while True:
+        optimizer_step(model, gen)
+        steps.append(run_step(len(steps) + 1))
+        s = steps[-1]
+        print(f"{label} step {len(steps)}{' (warm-up)' if len(steps) == 1 else ''}: {s['total_s']:.3f} s, "
+              f"foreign cpu {s['foreign_cpu']:.2f}", flush=True)
+        quiet = sum(1 for x in steps[1:] if x["foreign_cpu"] <= args.max_foreign)
+        measured = len(steps) - 1
+        if measured >= args.sync_reps and (quiet >= args.sync_reps or measured >= 2 * args.sync_reps
+                                           or time.perf_counter() > deadline):
+            return steps
+
+
 def probe(engine, model, one) -> float:
     t0 = time.perf_counter()
     engine.generate(model, one)
@@ -258,6 +300,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds per side (throughput)")
     parser.add_argument("--sync-reps", type=int, default=9, help="optimizer steps per sync method")
     parser.add_argument("--quiet-wait", type=float, default=3.0, help="max s to wait for a quiet machine per batch")
+    parser.add_argument("--max-foreign", type=float, default=0.3,
+                        help="re-measure a batch (and add sync steps) when other processes used more cores than this")
+    parser.add_argument("--retries", type=int, default=2, help="re-measurements per contended batch")
+    parser.add_argument("--retry-budget", type=float, default=330.0,
+                        help="s from the start after which contended measurements are no longer repeated")
     parser.add_argument("--memory", type=float, default=0.2, help="vLLM gpu_memory_utilization (host RAM on CPU)")
     parser.add_argument("--extra-rank", type=int, default=16,
                         help="also measure vLLM+LoRA throughput on a second engine started with this max_lora_rank "
@@ -275,6 +322,7 @@ def main() -> None:
     from align.stages.vllm_backend import VLLMEngine
 
     t_start = time.perf_counter()
+    deadline = t_start + args.retry_budget
     busy_at_start = other_processes()
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     try:
@@ -310,10 +358,11 @@ def main() -> None:
         for rep in range(args.repeats):
             order = ["hf", "vllm"] if rep % 2 == 0 else ["vllm", "hf"]
             for name in order:
-                r = timed_batch(engines[name], model, batch, eos, args.quiet_wait)
+                r = measured_batch(engines[name], model, batch, eos, args, deadline)
                 runs[name].append(r)
                 print(f"round {rep + 1} {name}: {r['seconds']:.2f} s, {r['tokens']} tokens, "
-                      f"{r['tokens_per_s']:.0f} tok/s, foreign cpu {r['foreign_cpu']:.2f}", flush=True)
+                      f"{r['tokens_per_s']:.0f} tok/s, foreign cpu {r['foreign_cpu']:.2f} "
+                      f"({r['attempts']} attempt(s))", flush=True)
         throughput = {name: {"median_tokens_per_s": med(rs, "tokens_per_s"), "median_seconds": med(rs, "seconds"),
                              "median_tokens": med(rs, "tokens"), "median_foreign_cpu": med(rs, "foreign_cpu"),
                              "runs": rs, "warmup": warmup[name]} for name, rs in runs.items()}
@@ -321,25 +370,16 @@ def main() -> None:
 
         # -- 2. weight sync --------------------------------------------------------------------------------------
         gen = torch.Generator().manual_seed(1)
-        adapter_steps = []  # the first step of each method is a warm-up, excluded from the medians
-        for step in range(1, args.sync_reps + 2):
-            optimizer_step(model, gen)
-            adapter_steps.append(adapter_sync_step(vllm, model, step, one))
-            print(f"adapter-only sync step {step}{' (warm-up)' if step == 1 else ''}: "
-                  f"{adapter_steps[-1]['total_s']:.3f} s", flush=True)
+        adapter_steps = sync_steps(lambda step, e=vllm: adapter_sync_step(e, model, step, one), model, gen, args,
+                                   deadline, "adapter-only sync")
         adapter_check = greedy_agreement(vllm, hf_greedy, model, check)
-
-        push_steps = []
-        for step in range(1, args.sync_reps + 2):
-            optimizer_step(model, gen)
-            push_steps.append(merge_and_push_step(vllm, model, one))
-            print(f"merge-and-push step {step}{' (warm-up)' if step == 1 else ''}: "
-                  f"{push_steps[-1]['total_s']:.3f} s", flush=True)
+        push_steps = sync_steps(lambda step, e=vllm: merge_and_push_step(e, model, one), model, gen, args, deadline,
+                                "merge-and-push")
         push_check = greedy_agreement(vllm, hf_greedy, model, check)
-        # sensitivity of the checks: how many greedy outputs the 2 x (sync_reps + 1) steps in between changed
+        # sensitivity of the checks: how many greedy outputs the merge-and-push steps in between changed
         changed = sum(1 for a, b in zip(adapter_check.pop("hf_outputs"), push_check.pop("hf_outputs"), strict=True)
                       if a != b)
-        merged_runs = [timed_batch(vllm, model, batch, eos, args.quiet_wait) for _ in range(args.repeats)]
+        merged_runs = [measured_batch(vllm, model, batch, eos, args, deadline) for _ in range(args.repeats)]
         for name, r in zip(["merged"] * len(merged_runs), merged_runs, strict=True):
             print(f"vllm {name}, no LoRA: {r['seconds']:.2f} s, {r['tokens_per_s']:.0f} tok/s", flush=True)
         vllm.close()
@@ -355,7 +395,7 @@ def main() -> None:
                                     lora_rank=args.extra_rank)
             second.sync(model, 0)
             second_warmup = timed_batch(second, model, batch[:WARMUP_SEQUENCES], eos, 0.0)
-            extra_runs = [timed_batch(second, model, batch, eos, args.quiet_wait) for _ in range(args.repeats)]
+            extra_runs = [measured_batch(second, model, batch, eos, args, deadline) for _ in range(args.repeats)]
             for r in extra_runs:
                 print(f"vllm LoRA, max_lora_rank {args.extra_rank}: {r['seconds']:.2f} s, "
                       f"{r['tokens_per_s']:.0f} tok/s", flush=True)
@@ -368,8 +408,10 @@ def main() -> None:
             del second
             gc.collect()
 
-        adapter_total = med(adapter_steps[1:], "total_s")
-        push_total = med(push_steps[1:], "total_s")
+        adapter_used = quiet_steps(adapter_steps, args.max_foreign)
+        push_used = quiet_steps(push_steps, args.max_foreign)
+        adapter_total = med(adapter_used, "total_s")
+        push_total = med(push_used, "total_s")
         sync_ratio = adapter_total / push_total
         busy_at_end = other_processes()
 
@@ -392,8 +434,9 @@ def main() -> None:
               f"{'met' if speedup >= THROUGHPUT_GOAL else 'NOT met'}); vLLM engine start-up {start.seconds:.1f} s "
               f"(excluded), first adapter sync {first_sync.seconds:.2f} s")
         print()
-        print(f"2. Weight sync per optimizer step (medians of {args.sync_reps}, after 1 warm-up step each)")
-        a, p = adapter_steps[1:], push_steps[1:]
+        print(f"2. Weight sync per optimizer step (medians of {len(adapter_used)} / {len(push_used)} steps, after 1 "
+              f"warm-up step each; steps with foreign cpu > {args.max_foreign} left out when >= 3 others remain)")
+        a, p = adapter_used, push_used
         print(table(
             ["method", "total s", "parts", "bytes shipped"],
             [["adapter-only (align)", adapter_total,
@@ -422,7 +465,8 @@ def main() -> None:
             "setup": {"model": {**MODEL, "dtype": "float32", "adapter": "lora r=16 (align sft default), all-linear"},
                       "prompts": args.prompts, "generations": GENERATIONS, "sequences": len(batch),
                       "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "repeats": args.repeats,
-                      "sync_reps": args.sync_reps, "vllm_memory": args.memory, "parent_run_s": parent_s},
+                      "sync_reps": args.sync_reps, "vllm_memory": args.memory,
+                      "max_foreign": args.max_foreign, "retries": args.retries, "retry_budget_s": args.retry_budget, "parent_run_s": parent_s},
             "vllm_startup_s": start.seconds,
             "vllm_first_sync_s": first_sync.seconds,
             "throughput": throughput,
@@ -432,9 +476,11 @@ def main() -> None:
             "vllm_over_hf_tokens_per_s": speedup,
             "throughput_goal": THROUGHPUT_GOAL,
             "throughput_goal_met": speedup >= THROUGHPUT_GOAL,
-            "sync": {"adapter_only": {"median_total_s": adapter_total, "steps": adapter_steps,
+            "sync": {"adapter_only": {"median_total_s": adapter_total, "steps_in_median": len(adapter_used),
+                                      "steps": adapter_steps,
                                       "greedy_check": adapter_check},
-                     "merge_and_push": {"median_total_s": push_total, "steps": push_steps,
+                     "merge_and_push": {"median_total_s": push_total, "steps_in_median": len(push_used),
+                                        "steps": push_steps,
                                         "greedy_check": push_check},
                      "greedy_outputs_changed_between_checks": changed},
             "adapter_over_merge_push": sync_ratio,

@@ -19,7 +19,8 @@ How it is timed. Each round starts two worker processes, one per side, each trai
 a secondary Python thread, PyTorch's CPU kernels ran ~30-40% slower here, so threads would distort the
 figures). They take turns, `--block` (5) optimizer steps at a time: at `on_step_begin` a worker reports its
 block and waits on a pipe (blocked, no CPU) until the parent gives it the next turn, so machine conditions
-drift equally for both. Rounds: `--rounds` (3), the side that starts first alternating. A block's time runs
+drift equally for both. Rounds: `--rounds` (4), the side that starts first alternating (the side that went
+first came out a few % slower in test runs, whichever it was, so an even number of rounds balances that). A block's time runs
 from `on_step_begin` of its first step to `on_step_begin` of the step after its last: everything the
 training loop does for those steps (batch collation, forward, backward, optimizer, the Trainer's and align's
 callbacks: metrics.jsonl, TensorBoard, logging). Model loading, tokenization, the first `--warmup` (10) steps
@@ -218,7 +219,8 @@ def run_round(r: int, model_dir: Path, work: Path, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="pairs of runs (align + TRL taking turns)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="pairs of runs (align + TRL taking turns); even, so each side starts first equally often")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     parser.add_argument("--block", type=int, default=5, help="steps per turn")
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the throughput")
@@ -264,6 +266,10 @@ def main(argv: list[str] | None = None) -> dict:
               for k in ("align", "trl")}
     ratio = pooled["align"] / pooled["trl"]
     round_ratios = [o["ratio"] for o in rounds]
+    by_first = {f: [o["ratio"] for o in rounds if o["first"] == f and o["ratio"] == o["ratio"]] for f in ("align", "trl")}
+    # order-balanced: geometric mean of the mean ratio of align-first rounds and that of TRL-first rounds
+    balanced = (math.sqrt(statistics.mean(by_first["align"]) * statistics.mean(by_first["trl"]))
+                if by_first["align"] and by_first["trl"] else math.nan)
     med_round = statistics.median(x for x in round_ratios if x == x) if any(x == x for x in round_ratios) else math.nan
     all_pairs = sum(o["clean_pairs"] for o in rounds)
     print()
@@ -272,13 +278,15 @@ def main(argv: list[str] | None = None) -> dict:
           f"torch threads {torch.get_num_threads()}")
     print(table(
         ["side", "steps/s (pooled)", "ms/step", "steps/s per round", "step_begin..end ms (median/round)"],
-        [[k, round(pooled[k], 3), round(1000 / pooled[k], 1),
+        [[k, f"{pooled[k]:.3f}", f"{1000 / pooled[k]:.1f}",
           " ".join(f"{o['steps_per_s'][k]:.2f}" for o in rounds),
           " ".join(f"{o['median_step_compute_ms'][k]:.1f}" for o in rounds)] for k in ("align", "trl")],
     ))
     verdict = "met" if ratio >= GOAL else "NOT met"
     print(f"ratio align/TRL = {ratio:.3f} pooled over {all_pairs} clean block pairs (goal >= {GOAL}: {verdict}); "
-          f"per round {' '.join(f'{x:.3f}' for x in round_ratios)}, median {med_round:.3f}")
+          f"per round {' '.join(f'{x:.3f}' for x in round_ratios)}, median {med_round:.3f}; "
+          f"align-first rounds {' '.join(f'{x:.3f}' for x in by_first['align'])}, TRL-first rounds "
+          f"{' '.join(f'{x:.3f}' for x in by_first['trl'])}, order-balanced {balanced:.3f}")
     print(f"identical batches in every round: {all(o['identical_batches'] for o in rounds)}; identical logged losses: "
           f"{all(o['identical_losses'] for o in rounds)} (last: align {rounds[-1]['losses']['align'][-1]:.4f}, "
           f"TRL {rounds[-1]['losses']['trl'][-1]:.4f})")
@@ -289,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "target_modules": "all-linear"}, "packing": False, "dtype": "float32"},
         "steps_per_s": pooled, "ms_per_step": {k: 1000 / v for k, v in pooled.items()},
         "ratio_align_over_trl": ratio, "ratio_per_round": round_ratios, "ratio_median_round": med_round,
+        "ratio_by_first_side": by_first, "ratio_order_balanced": balanced,
         "clean_block_pairs": all_pairs, "goal": GOAL, "goal_met": ratio >= GOAL,
         "identical_batches": all(o["identical_batches"] for o in rounds),
         "identical_losses": all(o["identical_losses"] for o in rounds), "rounds": rounds,
