@@ -43,4 +43,11 @@ def grpo(**options: Any) -> Path:
     return main(GRPOConfig.from_kwargs(**options))
 
 
-__all__ = ["__version__", "dpo", "grpo", "rm", "sft"]
+def ppo(**options: Any) -> Path:
+    """PPO from a policy run (from_run=...) with reward_model=RM_RUN and/or reward=[...]; options as `align ppo --help`."""
+    from align.stages.ppo import PPOConfig, main
+
+    return main(PPOConfig.from_kwargs(**options))
+
+
+__all__ = ["__version__", "dpo", "grpo", "ppo", "rm", "sft"]

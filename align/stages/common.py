@@ -174,15 +174,24 @@ def callbacks(run: Run, tensorboard: bool) -> list:
                 run.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})
 
     out = [MetricsFile()]
-    if tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            from transformers.integrations import TensorBoardCallback
-        except ImportError:
-            logger.warning("tensorboard is not installed; no TensorBoard logs (pip install tensorboard).")
-        else:
-            out.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.logs_dir))))
+    writer = tensorboard_writer(run, tensorboard)
+    if writer is not None:
+        from transformers.integrations import TensorBoardCallback
+
+        out.append(TensorBoardCallback(tb_writer=writer))
     return out
+
+
+def tensorboard_writer(run: Run, enabled: bool):
+    """A SummaryWriter on RUN/logs, or None (disabled, or tensorboard not installed)."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.warning("tensorboard is not installed; no TensorBoard logs (pip install tensorboard).")
+        return None
+    return SummaryWriter(log_dir=str(run.logs_dir))
 
 
 @contextmanager

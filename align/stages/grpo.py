@@ -25,59 +25,9 @@ from typing import Literal
 from align.adapters import AdapterOptions
 from align.config import Config, opt
 from align.errors import Problems
-from align.stages.common import as_dataset, finish_stage, load_train_eval, start_stage, trainer_arguments
+from align.stages.common import as_dataset, finish_stage, start_stage, trainer_arguments
+from align.stages.online import RewardOptions, RolloutOptions, load_prompt_data, make_rollout_engine
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
-
-
-@dataclass
-class RewardOptions:
-    reward: list[str] = opt(factory=list, help="Reward specs (repeatable): built-in name, file.py:fn, package.module:fn, "
-                                               "entry-point name or rm run; optional (key=value) settings and @weight.")
-    reward_model: str | None = opt(None, "A reward-model run (align rm) used as a reward source (weight 1).")
-    reward_timeout: float = opt(60.0, "Seconds a reward function may take per call before it is a fault.")
-    reward_faults: Literal["raise", "skip"] = opt(
-        "raise", "On a reward fault (exception, NaN, wrong length, timeout): stop with an error naming the function "
-                 "and sample, or skip the sample (scored None, logged).")
-
-    def check(self, problems: Problems) -> None:
-        if not self.reward and not self.reward_model:
-            problems.add("Give at least one reward: --reward SPEC (e.g. accuracy) or --reward-model RM_RUN.")
-        if self.reward or self.reward_model:
-            from align.rewards import resolve_rewards
-
-            try:
-                resolve_rewards(self.reward_specs())
-            except Exception as e:  # AlignError listing every bad spec
-                problems.add(str(e))
-
-    def reward_specs(self) -> list[str]:
-        return [*self.reward, *([self.reward_model] if self.reward_model else [])]
-
-    def guarded_rewards(self):
-        from align.rewards import GuardedReward, resolve_rewards
-
-        return [GuardedReward(r, timeout=self.reward_timeout, on_fault=self.reward_faults)
-                for r in resolve_rewards(self.reward_specs())]
-
-
-@dataclass
-class RolloutOptions:
-    num_generations: int = opt(4, "Completions sampled per prompt (the group).")
-    max_completion_length: int = opt(256, "Maximum tokens per completion.")
-    temperature: float = opt(1.0, "Sampling temperature.")
-    top_p: float = opt(1.0, "Nucleus sampling threshold.")
-    backend: Literal["auto", "hf", "vllm"] = opt("auto", "Rollout backend: auto = vllm if installed and on GPU, else hf.")
-    vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.")
-    vllm_server: str | None = opt(None, "Use this separately started vLLM server (URL) instead of a colocated "
-                                        "engine; it must run the policy's base with --enable-lora and "
-                                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.")
-
-    def check(self, problems: Problems) -> None:
-        if self.num_generations < 2:
-            problems.add(f"--num-generations must be at least 2 (advantages compare completions of a group), got "
-                         f"{self.num_generations}.")
-        if self.max_completion_length <= 0:
-            problems.add(f"--max-completion-length must be positive, got {self.max_completion_length}.")
 
 
 @dataclass
@@ -95,20 +45,14 @@ class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Reward
     mask_truncated_completions: bool = opt(False, "Exclude completions cut at --max-completion-length from the loss.")
 
     def check(self, problems: Problems) -> None:
+        if self.num_generations < 2:
+            problems.add(f"--num-generations must be at least 2 (advantages compare completions of a group), got "
+                         f"{self.num_generations}.")
         if self.batch_size % self.num_generations:
             problems.add(f"--batch-size {self.batch_size} must be a multiple of --num-generations "
                          f"{self.num_generations} (whole groups per step).")
         if self.beta < 0:
             problems.add(f"--beta must be >= 0, got {self.beta}.")
-
-
-def load_prompt_data(cfg):
-    from align.data.prompts import load_prompts
-
-    def load(spec: str):
-        return load_prompts(spec, split=cfg.split, columns=cfg.columns, system_prompt=cfg.system_prompt)
-
-    return load_train_eval(cfg, load)
 
 
 def build_trainer(cfg: GRPOConfig, started, callbacks):
@@ -118,7 +62,7 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
     from trl import GRPOConfig as TRLGRPOConfig
     from trl import GRPOTrainer
 
-    from align.stages.rollout import Sampling, close_on_train_end, make_engine, trl_rollout_func
+    from align.stages.rollout import close_on_train_end, trl_rollout_func
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     policy = started.policy
@@ -131,12 +75,7 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
         num_iterations=cfg.num_iterations, mask_truncated_completions=cfg.mask_truncated_completions,
         reward_weights=[g.reward.weight for g in rewards], disable_dropout=True,
     )
-    engine = make_engine(cfg.backend, policy.tokenizer,
-                         Sampling(cfg.max_completion_length, cfg.temperature, cfg.top_p), server=cfg.vllm_server,
-                         base_model=policy.manifest["base_model"], memory=cfg.vllm_memory, run_dir=started.run.path,
-                         adapter=policy.adapter, merged_adapters=policy.manifest.get("merged_adapters", []),
-                         lora_rank=getattr(getattr(policy.model, "peft_config", {}).get("default"), "r", 16),
-                         seed=cfg.seed)
+    engine = make_rollout_engine(cfg, policy, started.run.path)
     return GRPOTrainer(
         model=policy.model, reward_funcs=rewards, args=args, processing_class=policy.tokenizer,
         train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation),

@@ -1,0 +1,82 @@
+"""Options and helpers shared by the online-RL stages (grpo, ppo): reward sources, rollout sampling, prompt data,
+and the rollout engine built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from align.config import opt
+from align.errors import Problems
+from align.stages.common import load_train_eval
+
+
+@dataclass
+class RewardOptions:
+    reward: list[str] = opt(factory=list, help="Reward specs (repeatable): built-in name, file.py:fn, package.module:fn, "
+                                               "entry-point name or rm run; optional (key=value) settings and @weight.")
+    reward_model: str | None = opt(None, "A reward-model run (align rm) used as a reward source (weight 1).")
+    reward_timeout: float = opt(60.0, "Seconds a reward function may take per call before it is a fault.")
+    reward_faults: Literal["raise", "skip"] = opt(
+        "raise", "On a reward fault (exception, NaN, wrong length, timeout): stop with an error naming the function "
+                 "and sample, or skip the sample (scored None, logged).")
+
+    def check(self, problems: Problems) -> None:
+        if not self.reward and not self.reward_model:
+            problems.add("Give at least one reward: --reward SPEC (e.g. accuracy) or --reward-model RM_RUN.")
+        if self.reward or self.reward_model:
+            from align.rewards import resolve_rewards
+
+            try:
+                resolve_rewards(self.reward_specs())
+            except Exception as e:  # AlignError listing every bad spec
+                problems.add(str(e))
+
+    def reward_specs(self) -> list[str]:
+        return [*self.reward, *([self.reward_model] if self.reward_model else [])]
+
+    def guarded_rewards(self):
+        from align.rewards import GuardedReward, resolve_rewards
+
+        return [GuardedReward(r, timeout=self.reward_timeout, on_fault=self.reward_faults)
+                for r in resolve_rewards(self.reward_specs())]
+
+
+@dataclass
+class RolloutOptions:
+    num_generations: int = opt(4, "Completions sampled per prompt (the group).")
+    max_completion_length: int = opt(256, "Maximum tokens per completion.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    backend: Literal["auto", "hf", "vllm"] = opt("auto", "Rollout backend: auto = vllm if installed and on GPU, else hf.")
+    vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.")
+    vllm_server: str | None = opt(None, "Use this separately started vLLM server (URL) instead of a colocated "
+                                        "engine; it must run the policy's base with --enable-lora and "
+                                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.")
+
+    def check(self, problems: Problems) -> None:
+        if self.num_generations < 1:
+            problems.add(f"--num-generations must be at least 1, got {self.num_generations}.")
+        if self.max_completion_length <= 0:
+            problems.add(f"--max-completion-length must be positive, got {self.max_completion_length}.")
+
+
+def load_prompt_data(cfg):
+    from align.data.prompts import load_prompts
+
+    def load(spec: str):
+        return load_prompts(spec, split=cfg.split, columns=cfg.columns, system_prompt=cfg.system_prompt)
+
+    return load_train_eval(cfg, load)
+
+
+def make_rollout_engine(cfg, policy, run_dir):
+    """The rollout engine (align.stages.rollout) for this config and starting policy."""
+    from align.stages.rollout import Sampling, make_engine
+
+    return make_engine(cfg.backend, policy.tokenizer,
+                       Sampling(cfg.max_completion_length, cfg.temperature, cfg.top_p), server=cfg.vllm_server,
+                       base_model=policy.manifest["base_model"], memory=cfg.vllm_memory, run_dir=run_dir,
+                       adapter=policy.adapter, merged_adapters=policy.manifest.get("merged_adapters", []),
+                       lora_rank=getattr(getattr(policy.model, "peft_config", {}).get("default"), "r", 16),
+                       seed=cfg.seed)

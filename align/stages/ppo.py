@@ -1,0 +1,503 @@
+"""`align ppo`: actor-critic PPO for RLHF (the classic third stage: sft → rm → ppo), align's own loop — TRL 1.16
+has no PPO.
+
+One step:
+1. Rollout: `--batch-size` completions (`--batch-size / --num-generations` prompts, each sampled
+   `--num-generations` times) from the actor through the shared rollout engine (align.stages.rollout: hf, or vllm
+   with adapter-only sync).
+2. Scoring: the sequence score s = Σ_k w_k·r_k over the reward sources (`--reward-model RM_RUN`, `--reward SPEC`);
+   optionally clipped to ±`--reward-clip`; `--missing-eos-penalty` is subtracted from completions cut at
+   `--max-completion-length`.
+3. Per-token rewards (align.stages.advantages.rlhf_token_rewards): r_t = −β·(log π_old(a_t|s_t) − log π_ref(a_t|s_t)),
+   plus s on the last completion token; β = `--kl-coef`, adapted towards `--target-kl` when given (Ziegler et al.).
+   Optionally whitened (`--whiten-rewards`, mean kept).
+4. GAE (`--gamma`, `--lam`) on the critic's values V_old(s_t) gives advantages A_t and returns R_t = A_t + V_old(s_t);
+   advantages are whitened over the batch.
+5. `--ppo-epochs` passes over the batch, shuffled into `--num-minibatches` minibatches (one optimizer step each,
+   accumulated over `--grad-accum` micro-batches), minimising (align.stages.ppo_losses)
+       L = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))] + c_v·½·E[max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)]
+   with ρ = π/π_old, ε = `--cliprange`, ε_v = `--cliprange-value`, c_v = `--vf-coef`.
+
+Implementation choices (numbers from "The N Implementation Details of RLHF with PPO", Huang et al. 2023, and the
+TRL PPOTrainer that 1.16 removed): per-token KL penalty in the reward with the k1 estimator, the score at the last
+token; value model initialised from the reward model (align.stages.critic); whitened advantages; optional reward
+whitening; clipped value loss; adaptive KL option; logits divided by the sampling temperature when computing
+log-probs; dropout off (so π = π_ref exactly at step 1: KL 0); no penalty for truncation unless asked. π_old and
+V_old are recomputed by the trainer after sampling, so a vLLM sampler's numerical mismatch never enters ρ. Actor
+and critic losses are backpropagated one after the other per micro-batch (the same gradients as their sum, one
+graph in memory at a time). Entropy is logged, not optimised.
+
+Reference = the parent policy, frozen. With `--handoff merge` (ppo's default) the parent adapter is merged into
+the base and the actor is a fresh adapter on top, so the reference is the same model with adapters disabled; with
+`--handoff continue` a frozen copy of the parent's adapter ("ref") is kept next to the trained one. Merge is the
+default because the reward model of `sft → rm` is trained on exactly that merged base, so the critic can share the
+actor's base weights (see align.stages.critic for the memory choice).
+
+Run directory: adapter/ (the actor; a policy for the next stage), critic/ (critic.safetensors: the critic's adapter
+and value head; critic.json), metrics.jsonl, logs/, checkpoints/checkpoint-N (actor, critic, optimizer, scheduler,
+KL coefficient, RNG states: `--resume` continues exactly where it stopped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from align.adapters import ADAPTERS, AdapterOptions
+from align.config import Config, opt
+from align.errors import AlignError, Problems
+from align.stages.online import RewardOptions, RolloutOptions, load_prompt_data, make_rollout_engine
+from align.stages.options import DataOptions, ModelOptions, TrainOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardOptions, RolloutOptions, Config):
+    handoff: Literal["continue", "merge"] = opt(
+        "merge", "With --from: merge the parent's adapter into the base and train a fresh adapter on top (default: "
+                 "the reference is the same model with adapters off, and a critic from an rm of the same parent "
+                 "shares the base), or continue training the parent's adapter.")
+    lr: float = opt(1e-5, "Peak learning rate (actor and critic).")
+    lr_scheduler: str = opt("linear", "Learning-rate schedule over all optimizer steps (linear, cosine, constant, ...).")
+    batch_size: int = opt(16, "Completions per rollout step (prompts per step = this / --num-generations).")
+    num_generations: int = opt(1, "Completions sampled per prompt.")
+    max_completion_length: int = opt(64, "Maximum tokens per completion.")
+    logging_steps: int = opt(1, "Log metrics every N rollout steps.")
+    ppo_epochs: int = opt(4, "Optimisation passes over each rollout batch.")
+    num_minibatches: int = opt(1, "Minibatches (optimizer steps) per PPO epoch; each is split into --grad-accum "
+                                  "micro-batches.")
+    kl_coef: float = opt(0.05, "β: per-token KL penalty to the reference in the reward (initial value with --target-kl).")
+    target_kl: float | None = opt(None, "Adaptive KL: adjust β so the per-sequence KL tracks this target.")
+    kl_horizon: int = opt(10000, "Adaptive KL horizon, in samples.")
+    gamma: float = opt(1.0, "Discount factor of GAE.")
+    lam: float = opt(0.95, "λ of GAE.")
+    cliprange: float = opt(0.2, "Clip range ε of the policy ratio π/π_old.")
+    cliprange_value: float = opt(0.2, "Clip range of the value prediction around the rollout's values.")
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    whiten_rewards: bool = opt(False, "Whiten the per-token rewards over the batch (mean kept) before GAE.")
+    reward_clip: float | None = opt(None, "Clip sequence scores to [-C, C].")
+    missing_eos_penalty: float | None = opt(None, "Subtract this from the score of completions cut at "
+                                                  "--max-completion-length (no end-of-sequence token).")
+    critic_init: Literal["auto", "reward_model", "policy"] = opt(
+        "auto", "Initialise the critic from the reward model run (adapter + score head) or from the policy (fresh "
+                "adapter, zero head); auto = reward_model when --reward-model is given.")
+    critic_placement: Literal["auto", "shared", "separate"] = opt(
+        "auto", "Critic as a second adapter on the actor's base (shared, one copy of the base weights) or as its own "
+                "model (separate); auto = shared when possible.")
+
+    def check(self, problems: Problems) -> None:
+        if self.batch_size % self.num_generations:
+            problems.add(f"--batch-size {self.batch_size} must be a multiple of --num-generations {self.num_generations}.")
+        if self.batch_size % (self.num_minibatches * self.grad_accum):
+            problems.add(f"--batch-size {self.batch_size} must split into --num-minibatches {self.num_minibatches} × "
+                         f"--grad-accum {self.grad_accum} equal micro-batches.")
+        for name in ("ppo_epochs", "num_minibatches", "kl_horizon"):
+            if getattr(self, name) <= 0:
+                problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        for name in ("kl_coef", "vf_coef"):
+            if getattr(self, name) < 0:
+                problems.add(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
+        for name in ("target_kl", "reward_clip", "cliprange", "cliprange_value"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.add(f"--{name.replace('_', '-')} must be positive, got {value}.")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.add(f"--{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.adapter is not None and self.adapter in ADAPTERS and not supported(self.adapter):
+            problems.add(unsupported_message(self.adapter))
+        if self.critic_init == "reward_model" and not self.reward_model:
+            problems.add("--critic-init reward_model needs --reward-model RM_RUN (or use --critic-init policy).")
+
+
+def supported(adapter: str) -> bool:
+    kind = ADAPTERS[adapter]
+    return not (kind.full or kind.prompt_learning)
+
+
+def unsupported_message(adapter: str) -> str:
+    return (f"--adapter {adapter}: align ppo trains LoRA-family adapters and ia3 (lora, qlora, dora, rslora, loha, "
+            "lokr, vera, ia3); full fine-tuning and prompt-learning adapters are not supported by ppo yet.")
+
+
+# -- rollout batches ---------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Prompts left-padded to a common width `start`, completions right-padded after it."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor  # (B, L) float: 1 on completion tokens
+    start: int
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.start:]
+
+    def rows(self, index: torch.Tensor) -> Batch:
+        return Batch(self.input_ids[index], self.attention_mask[index], self.mask[index], self.start)
+
+    @classmethod
+    def build(cls, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad: int, device) -> Batch:
+        width, length = max(map(len, prompt_ids)), max(1, max(map(len, completion_ids)))
+        ids = torch.full((len(prompt_ids), width + length), pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+            ids[i, width - len(p) : width + len(c)] = torch.tensor(p + c, dtype=torch.long)
+            attention[i, width - len(p) : width + len(c)] = 1
+        return cls(ids.to(device), attention.to(device), attention[:, width:].float().to(device), width)
+
+
+def completion_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
+    """log π(a_t|s_t) of the completion tokens (B × L, float32), and the mean entropy over them if asked."""
+    from align.stages.ppo_losses import entropy
+
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                   use_cache=False).logits
+    logits = logits[:, batch.start - 1 : -1].float() / max(temperature, 1e-7)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+    return (logp, entropy(logits, batch.mask)) if with_entropy else logp
+
+
+def disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+# -- the loop ----------------------------------------------------------------------------------------------------
+class PPO:
+    """State and steps of one PPO run (actor, reference, critic, rewards, engine, optimizer)."""
+
+    def __init__(self, cfg: PPOConfig, started):
+        from transformers import get_scheduler
+
+        from align.stages.common import tensorboard_writer
+        from align.stages.critic import build_critic
+        from align.stages.ppo_losses import AdaptiveKL
+
+        self.cfg, self.run, self.policy = cfg, started.run, started.policy
+        self.train_rows, self.eval_rows = started.train, started.evaluation
+        if not supported(self.policy.adapter):
+            raise AlignError(unsupported_message(self.policy.adapter))
+        self.model = self.policy.model
+        self.tokenizer = self.policy.tokenizer
+        actor_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.reference = self._add_reference()
+        self.critic = build_critic(self.policy, init=cfg.critic_init, placement=cfg.critic_placement,
+                                   reward_model=cfg.reward_model)
+        self.trainable = ("default", "critic") if self.critic.placement == "shared" else ("default",)
+        for model in {id(self.model): self.model, id(self.critic.model): self.critic.model}.values():
+            disable_dropout(model)
+        self.rewards = cfg.guarded_rewards()
+        self.engine = make_rollout_engine(cfg, self.policy, self.run.path)
+        self.kl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.prompts_per_step = cfg.batch_size // cfg.num_generations
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
+            1, math.ceil(cfg.epochs * len(self.train_rows) / self.prompts_per_step))
+        self.params = actor_params + self.critic.parameters()
+        self.optimizer = torch.optim.AdamW([{"params": actor_params}, {"params": self.critic.parameters()}],
+                                           lr=cfg.lr, weight_decay=cfg.weight_decay)
+        updates = self.total_steps * cfg.ppo_epochs * cfg.num_minibatches
+        warmup = int(cfg.warmup * updates) if cfg.warmup < 1 else int(cfg.warmup)
+        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=updates)
+        self.step = 0
+        self.writer = tensorboard_writer(self.run, cfg.tensorboard)
+
+    def _add_reference(self) -> str | None:
+        """The frozen reference: None = the model with adapters disabled; "ref" = a frozen copy of the parent's
+        adapter (--handoff continue)."""
+        if self.policy.manifest.get("handoff") != "continue":
+            return None
+        parent = Path(self.policy.manifest["parent"]) / "adapter"
+        self.model.load_adapter(str(parent), adapter_name="ref", is_trainable=False)
+        return "ref"
+
+    # -- pieces of a step ------------------------------------------------------------------------------------
+    def actor(self) -> Any:
+        from align.stages.critic import activate
+
+        activate(self.model, "default", self.trainable)
+        return self.model
+
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        from align.stages.critic import activate
+
+        if self.reference is None:
+            with self.model.disable_adapter():
+                return completion_logprobs(self.model, batch, self.cfg.temperature)
+        activate(self.model, self.reference, self.trainable)
+        return completion_logprobs(self.model, batch, self.cfg.temperature)
+
+    def prompt_rows(self, step: int) -> list[dict[str, Any]]:
+        """The prompts of rollout step `step` (0-based): a fresh seeded permutation per pass over the data."""
+        n, out = len(self.train_rows), []
+        for g in range(step * self.prompts_per_step, (step + 1) * self.prompts_per_step):
+            epoch, i = divmod(g, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            out.append(self.train_rows[int(order[i])])
+        return [row for row in out for _ in range(self.cfg.num_generations)]
+
+    def sample(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
+        from align.stages.rollout import render_prompts
+
+        model = self.actor()
+        self.engine.sync(model, self.step)
+        prompt_ids = render_prompts(self.tokenizer, [r["prompt"] for r in rows])
+        completion_ids, _ = self.engine.generate(model, prompt_ids)
+        return prompt_ids, completion_ids
+
+    def score(self, rows, completion_ids) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """(scores, per-function means, truncated mask) of the completions, with clipping and EOS penalty."""
+        from align.rewards.guard import weighted_total
+
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        prompts = [r["prompt"] for r in rows]
+        completions = [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)]
+        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+        per_fn = [fn(prompts=prompts, completions=completions, **columns) for fn in self.rewards]
+        scores = torch.tensor(weighted_total(per_fn, [fn.reward.weight for fn in self.rewards]))
+        means = {f"rewards/{fn.__name__}/mean": _mean([v for v in vals if v is not None])
+                 for fn, vals in zip(self.rewards, per_fn, strict=True)}
+        if self.cfg.reward_clip is not None:
+            scores = scores.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        eos = self.tokenizer.eos_token_id
+        truncated = torch.tensor([not ids or ids[-1] != eos for ids in completion_ids])
+        if self.cfg.missing_eos_penalty is not None:
+            scores = scores - self.cfg.missing_eos_penalty * truncated.float()
+        return scores, means, truncated
+
+    @torch.no_grad()
+    def evaluate_rollout(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """π_old, π_ref and V_old on the sampled batch, in micro-batches."""
+        cfg, out = self.cfg, {"logprobs": [], "ref_logprobs": [], "values": []}
+        for index in torch.chunk(torch.arange(len(batch.mask)), cfg.num_minibatches * cfg.grad_accum):
+            part = batch.rows(index)
+            out["logprobs"].append(completion_logprobs(self.actor(), part, cfg.temperature))
+            out["ref_logprobs"].append(self.reference_logprobs(part))
+            out["values"].append(self.critic.values(part.input_ids, part.attention_mask, part.position_ids, part.start))
+        return {k: torch.cat(v) * batch.mask for k, v in out.items()}
+
+    def train_step(self) -> dict[str, float]:
+        """One rollout step: sample, score, estimate advantages, optimise. Returns its metrics."""
+        from align.stages.advantages import gae, masked_mean, rlhf_token_rewards, whiten
+        from align.stages.ppo_losses import explained_variance
+
+        cfg, t0 = self.cfg, time.perf_counter()
+        rows = self.prompt_rows(self.step)
+        prompt_ids, completion_ids = self.sample(rows)
+        t1 = time.perf_counter()
+        scores, reward_means, truncated = self.score(rows, completion_ids)
+        t2 = time.perf_counter()
+        device = next(self.model.parameters()).device
+        batch = Batch.build(prompt_ids, completion_ids, self.tokenizer.pad_token_id, device)
+        old = self.evaluate_rollout(batch)
+        rewards, kl = rlhf_token_rewards(scores.to(device), old["logprobs"], old["ref_logprobs"], batch.mask,
+                                         self.kl.value)
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, batch.mask, shift_mean=False)
+        advantages, returns = gae(rewards, old["values"], batch.mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, batch.mask)
+        stats = self.optimise(batch, old, advantages, returns)
+        t3 = time.perf_counter()
+        kl_per_sequence = kl.sum(1)
+        non_score = (-self.kl.value * kl).sum(1)
+        metrics = {
+            "objective/scores": scores.mean().item(),
+            "objective/kl": kl_per_sequence.mean().item(),
+            "objective/non_score_reward": non_score.mean().item(),
+            "objective/rlhf_reward": (scores.to(device) + non_score).mean().item(),
+            **reward_means,
+            **stats,
+            "val/explained_variance": explained_variance(old["values"], returns, batch.mask).item(),
+            "val/mean": masked_mean(old["values"], batch.mask).item(),
+            "completions/mean_length": batch.mask.sum(1).mean().item(),
+            "completions/truncated_fraction": truncated.float().mean().item(),
+            "kl_coef": self.kl.value,
+            "lr": self.scheduler.get_last_lr()[0],
+            "timing/rollout_s": t1 - t0, "timing/scoring_s": t2 - t1, "timing/training_s": t3 - t2,
+        }
+        self.kl.update(metrics["objective/kl"], len(scores))
+        return metrics
+
+    def optimise(self, batch: Batch, old, advantages, returns) -> dict[str, float]:
+        from align.stages.ppo_losses import policy_loss, value_loss
+
+        cfg, sums, count = self.cfg, {}, 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(batch.mask))
+            for minibatch in torch.chunk(order, cfg.num_minibatches):
+                self.optimizer.zero_grad(set_to_none=True)
+                for index in torch.chunk(minibatch, cfg.grad_accum):
+                    part, mask = batch.rows(index), batch.mask[index]
+                    logprobs, ent = completion_logprobs(self.actor(), part, cfg.temperature, with_entropy=True)
+                    pg, pg_stats = policy_loss(logprobs, old["logprobs"][index], advantages[index], mask, cfg.cliprange)
+                    (pg / cfg.grad_accum).backward()
+                    values = self.critic.values(part.input_ids, part.attention_mask, part.position_ids, part.start)
+                    vf, vf_stats = value_loss(values, old["values"][index], returns[index], mask, cfg.cliprange_value)
+                    (cfg.vf_coef * vf / cfg.grad_accum).backward()
+                    for key, value in {"loss/policy_avg": pg, "loss/value_avg": vf, "policy/entropy_avg": ent,
+                                       "policy/approxkl_avg": pg_stats["approx_kl"],
+                                       "policy/clipfrac_avg": pg_stats["clipfrac"],
+                                       "val/clipfrac_avg": vf_stats["value_clipfrac"]}.items():
+                        sums[key] = sums.get(key, 0.0) + float(value.detach())
+                    count += 1
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+        return {k: v / count for k, v in sums.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward of sampled completions for the held-out prompts (a fixed sampling seed, RNG left untouched)."""
+        if not self.eval_rows:
+            return {}
+        size = self.cfg.eval_batch_size or self.cfg.batch_size
+        scores, lengths, per_fn = [], [], {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            for i in range(0, len(self.eval_rows), size):
+                rows = self.eval_rows[i : i + size]
+                _, completion_ids = self.sample(rows)
+                batch_scores, means, _ = self.score(rows, completion_ids)
+                scores.extend(batch_scores.tolist())
+                lengths.extend(len(c) for c in completion_ids)
+                for k, v in means.items():
+                    per_fn.setdefault(k, []).append(v)
+        return {"eval/score": _mean(scores), "eval/completion_length": _mean(lengths),
+                **{f"eval/{k}": _mean(v) for k, v in per_fn.items()}}
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        root = self.run.checkpoints_dir
+        final = root / f"checkpoint-{self.step}"
+        tmp = root / f".checkpoint-{self.step}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        actor = get_peft_model_state_dict(self.model, adapter_name="default")
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in actor.items()}, str(tmp / "actor.safetensors"))
+        self.critic.save(tmp / "critic")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "rng": rng_state()}, tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"global_step": self.step, "kl_coef": self.kl.value}) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        limit = self.cfg.save_total_limit
+        kept = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for old in kept[: max(0, len(kept) - limit)] if limit else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model, load_file(str(checkpoint / "actor.safetensors")), adapter_name="default")
+        self.critic.load(checkpoint / "critic")
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        info = json.loads((checkpoint / "trainer_state.json").read_text())
+        self.step, self.kl.value = info["global_step"], info["kl_coef"]
+
+    # -- driving -----------------------------------------------------------------------------------------------
+    def log(self, metrics: dict[str, float]) -> None:
+        self.run.log_metrics({"step": self.step, **metrics})
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, self.step)
+            self.writer.flush()
+
+    def train(self, resume_from: Path | None) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        cfg, start = self.cfg, time.perf_counter()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        elif self.eval_rows:
+            self.log(self.evaluate())
+        last: dict[str, float] = {}
+        eval_every = cfg.eval_steps or cfg.logging_steps
+        try:
+            with tqdm(total=self.total_steps, initial=self.step, desc="PPO", unit="step") as bar:
+                while self.step < self.total_steps:
+                    metrics = self.train_step()
+                    self.step += 1
+                    done = self.step == self.total_steps
+                    if self.eval_rows and (self.step % eval_every == 0 or done):
+                        metrics.update(self.evaluate())
+                    if self.step % cfg.logging_steps == 0 or self.step == 1 or done:
+                        self.log(metrics)
+                    if self.step % cfg.save_steps == 0 and not done:
+                        self.save_checkpoint()
+                    last = metrics
+                    bar.update(1)
+                    bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        finally:
+            self.engine.close()
+            if self.writer is not None:
+                self.writer.close()
+        return {**last, "train_runtime": time.perf_counter() - start, "global_step": self.step}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def main(cfg: PPOConfig) -> Path:
+    """Run PPO as configured; returns the run directory."""
+    from align.models import save_policy
+    from align.stages.common import stage_manifest, start_stage
+
+    started = start_stage(cfg, "ppo", load_prompt_data)
+    ppo = PPO(cfg, started)
+    run = started.run
+    with run.lifecycle(**stage_manifest("ppo", "causal-lm", cfg, ppo.policy, started.datasets),
+                       rewards=cfg.reward_specs(), reference="parent policy (frozen)", critic=ppo.critic.describe()):
+        metrics = ppo.train(started.resume_from)
+        with run.artifact("adapter") as tmp:
+            save_policy(ppo.model, ppo.tokenizer, tmp)
+        with run.artifact("critic") as tmp:
+            ppo.critic.save(tmp)
+        run.update_manifest(metrics=metrics)
+    return run.path

@@ -1,0 +1,190 @@
+"""`align ppo`: KL to the parent is 0 at the first step (LoRA and QLoRA parents, both hand-off ways); a critic
+initialised from the reward model reproduces the reward model's score; sft → rm → ppo raises the reward-model
+score of held-out completions while the value loss falls (and a rule reward rises); a killed run resumes exactly
+where it stopped; bad configs are refused at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PPO_ARGS = ["--data", "arith-prompts", "--batch-size", "16", "--max-completion-length", "8", "--backend", "hf",
+            "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ppo")
+
+
+@pytest.fixture(scope="module")
+def rm_run(sft_run, runs) -> Path:
+    import align
+
+    return align.rm(from_run=str(sft_run), data="arith-prefs", eval_data="arith-prefs-eval", output=str(runs / "rm"),
+                    max_steps=40, batch_size=16, lr=1e-3, logging_steps=20, tensorboard=False)
+
+
+@pytest.fixture(scope="module")
+def qlora_parent(tiny_model, runs) -> Path:
+    import align
+
+    return align.sft(model=tiny_model, data="arith", output=str(runs / "sft-qlora"), adapter="qlora", max_steps=10,
+                     lr=3e-3, batch_size=16, packing=False, logging_steps=10, tensorboard=False)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _ppo(cli, *args) -> None:
+    code, _, err = cli("ppo", *args)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("parent", ["lora", "qlora"])
+@pytest.mark.parametrize("handoff", ["merge", "continue"])
+def test_kl_to_the_parent_is_zero_at_the_first_step(cli, sft_run, qlora_parent, rm_run, tmp_path, parent, handoff):
+    source = sft_run if parent == "lora" else qlora_parent
+    out = tmp_path / "ppo"
+    _ppo(cli, "--from", source, "--handoff", handoff, "--reward-model", rm_run, "--output", out, "--max-steps", "2",
+         "--kl-coef", "0.2", *PPO_ARGS)
+    first, second = _metrics(out)
+    assert first["step"] == 1 and first["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first["objective/non_score_reward"] == pytest.approx(0.0, abs=1e-6)
+    assert second["objective/kl"] != 0.0  # the actor moved after one step, the reference did not
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["stage"] == "ppo" and manifest["handoff"] == handoff and manifest["status"] == "completed"
+    assert manifest["quantized_4bit"] == (parent == "qlora")
+    shared = parent == "lora" and handoff == "merge"  # the rm was trained on the merged lora parent
+    assert manifest["critic"]["placement"] == ("shared" if shared else "separate"), manifest["critic"]
+    assert manifest["critic"]["init"] == "reward_model"
+    assert (out / "critic" / "critic.safetensors").is_file()
+    from align.handoff import load_run_policy
+
+    load_run_policy(out)  # the actor is a policy run the next stage can start from
+
+
+@pytest.mark.parametrize("placement", ["shared", "separate"])
+def test_critic_from_the_reward_model_reproduces_its_score(sft_run, rm_run, tmp_path, placement):
+    import torch
+
+    from align.rewards.reward_model import RewardModelScorer
+    from align.stages.common import start_stage
+    from align.stages.critic import activate, backbone
+    from align.stages.online import load_prompt_data
+    from align.stages.ppo import PPO, PPOConfig
+
+    cfg = PPOConfig.from_kwargs(from_run=str(sft_run), reward_model=str(rm_run), data="arith-prompts",
+                                output=str(tmp_path / "ppo"), critic_placement=placement, backend="hf",
+                                tensorboard=False)
+    ppo = PPO(cfg, start_stage(cfg, "ppo", load_prompt_data))
+    critic = ppo.critic
+    assert critic.placement == placement and critic.init == "reward_model"
+    prompts = ["What is 3 + 5?", "What is 12 - 7?", "What is 40 + 2?"]
+    answers = ["8", "It could be -5.", "42"]
+    expected = RewardModelScorer(rm_run).score(prompts, answers)
+    tokenizer = ppo.tokenizer
+    got = []
+    with torch.no_grad():
+        for prompt, answer in zip(prompts, answers, strict=True):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                                  {"role": "assistant", "content": answer}], tokenize=False)
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            if placement == "shared":
+                activate(critic.model, critic.adapter)
+            hidden = backbone(critic.model)(input_ids=ids).last_hidden_state
+            got.append(critic.head(hidden[:, -1]).item())
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert len(set(round(x, 3) for x in expected)) == 3  # the scores differ, so the match is not trivial
+    ppo.engine.close()
+
+
+def test_sft_rm_ppo_raises_the_reward_model_score(cli, sft_run, rm_run, runs):
+    out = runs / "ppo-learn"
+    _ppo(cli, "--from", sft_run, "--reward-model", rm_run, "--eval-data", "arith-prompts-eval", "--output", out,
+         "--max-steps", "30", "--lr", "3e-4", "--eval-steps", "10", "--seed", "0", *PPO_ARGS)
+    metrics = _metrics(out)
+    evals = [m["eval/score"] for m in metrics if "eval/score" in m]
+    assert len(evals) == 4 and evals[-1] > evals[0] + 1.0, evals
+    value_losses = [m["loss/value_avg"] for m in metrics if "loss/value_avg" in m]
+    assert statistics.fmean(value_losses[-10:]) < 0.5 * statistics.fmean(value_losses[:5]), value_losses
+    for key in ("objective/kl", "policy/clipfrac_avg", "policy/approxkl_avg", "val/explained_variance",
+                "policy/entropy_avg", "completions/mean_length", "objective/non_score_reward", "timing/rollout_s"):
+        assert key in metrics[-1]
+    assert any(k.startswith("rewards/") for k in metrics[-1])
+    assert (out / "critic" / "critic.json").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_ppo_with_a_rule_reward_raises_it(cli, sft_run, runs):
+    out = runs / "ppo-rule"
+    _ppo(cli, "--from", sft_run, "--reward", "closeness(scale=50)", "--output", out, "--max-steps", "30",
+         "--lr", "3e-4", "--seed", "0", *PPO_ARGS)
+    scores = [m["objective/scores"] for m in _metrics(out)]
+    assert statistics.fmean(scores[-5:]) > statistics.fmean(scores[:5]) + 0.1, scores
+    assert json.loads((out / "run.json").read_text())["critic"] == {"init": "policy", "placement": "shared"}
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_killed_run_resumes_exactly_where_it_stopped(cli, sft_run, rm_run, tmp_path):
+    args = ["ppo", "--from", str(sft_run), "--reward-model", str(rm_run), "--max-steps", "6", "--save-steps", "2",
+            "--batch-size", "8", "--ppo-epochs", "2", "--num-minibatches", "2", "--grad-accum", "2",
+            "--data", "arith-prompts", "--max-completion-length", "8", "--backend", "hf", "--no-tensorboard"]
+    straight = tmp_path / "straight"
+    code, _, err = cli(*args, "--output", straight)
+    assert code == 0, err
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "align", *args, "--output", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(run / "checkpoints" / "checkpoint-2" / "trainer_state.json", proc)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    code, _, err = cli(*args, "--output", run, "--resume")
+    assert code == 0, err
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "completed" and len(manifest["resumed_at"]) == 1
+    resumed, expected = _metrics(run), _metrics(straight)
+    assert [m["step"] for m in resumed] == list(range(1, 7))
+    for got, want in zip(resumed, expected, strict=True):
+        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "lr", "kl_coef"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (got["step"], key)
+
+
+def test_bad_ppo_config_is_refused_with_every_problem(cli, sft_run, tmp_path):
+    out = tmp_path / "x"
+    code, _, err = cli("ppo", "--from", sft_run, "--data", "arith-prompts", "--output", out, "--reward", "closeness",
+                       "--adapter", "prefix", "--critic-init", "reward_model", "--batch-size", "6",
+                       "--num-minibatches", "4", "--gamma", "1.5")
+    assert code == 2
+    assert "--adapter prefix: align ppo trains LoRA-family adapters" in err
+    assert "--critic-init reward_model needs --reward-model RM_RUN" in err
+    assert "--batch-size 6 must split into --num-minibatches 4" in err
+    assert "--gamma must be in [0, 1], got 1.5" in err
+    assert "Traceback" not in err and not out.exists()
+    code, _, err = cli("ppo", "--from", sft_run, "--data", "arith-prompts", "--output", out)
+    assert code == 2 and "Give at least one reward" in err
+
+
+def test_ppo_from_a_reward_model_run_is_refused(cli, rm_run, tmp_path):
+    code, _, err = cli("ppo", "--from", rm_run, "--reward-model", rm_run, "--data", "arith-prompts",
+                       "--output", tmp_path / "x")
+    assert code == 2 and "cannot be the policy parent of ppo" in err and "--reward-model" in err
