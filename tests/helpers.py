@@ -1,6 +1,11 @@
-"""Test helpers: recompute a model's loss on examples exactly as SFT defines it (assistant tokens only)."""
+"""Test helpers: recompute a model's loss on examples exactly as SFT defines it (assistant tokens only); wait for a
+file that a training subprocess writes."""
 
 from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
 
 import torch
 
@@ -22,3 +27,12 @@ def completion_loss(model, tokenizer, examples: list[dict]) -> float:
     model.eval()
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until `path` exists; fail if `proc` exits first or `timeout` passes."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)

@@ -11,10 +11,10 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 PPO_ARGS = ["--data", "arith-prompts", "--batch-size", "16", "--max-completion-length", "8", "--backend", "hf",
             "--no-tensorboard"]
@@ -105,6 +105,11 @@ def test_critic_from_the_reward_model_reproduces_its_score(sft_run, rm_run, tmp_
             got.append(critic.head(hidden[:, -1]).item())
     assert got == pytest.approx(expected, abs=1e-4)
     assert len(set(round(x, 3) for x in expected)) == 3  # the scores differ, so the match is not trivial
+    # the reward model itself runs as a frozen adapter on the actor's base (no copy of its own), same scores
+    scorer = ppo.rewards[0].reward.fn
+    assert ppo.reward_models == {str(rm_run): "shared"} and scorer._model is None
+    assert scorer.score(prompts * 2, answers + ["7", "5", "It might be 40."]) == pytest.approx(
+        expected + RewardModelScorer(rm_run).score(prompts, ["7", "5", "It might be 40."]), abs=1e-4)
     ppo.engine.close()
 
 
@@ -133,40 +138,32 @@ def test_ppo_with_a_rule_reward_raises_it(cli, sft_run, runs):
     assert json.loads((out / "run.json").read_text())["critic"] == {"init": "policy", "placement": "shared"}
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
+def test_killed_run_resumes_exactly_where_it_stopped(sft_run, rm_run, tmp_path):
+    # every run in its own process, so all three see the same environment (imports in the test process, e.g. vLLM,
+    # can change torch's numerics slightly and with them the sampled tokens)
+    args = [sys.executable, "-m", "align", "ppo", "--from", str(sft_run), "--reward-model", str(rm_run),
+            "--max-steps", "6", "--save-steps", "2", "--batch-size", "8", "--ppo-epochs", "2", "--num-minibatches", "2",
+            "--grad-accum", "2", "--data", "arith-prompts", "--max-completion-length", "8", "--backend", "hf",
+            "--no-tensorboard"]
+    straight, run = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*args, "--output", str(straight)], check=True, capture_output=True)
 
-
-def test_killed_run_resumes_exactly_where_it_stopped(cli, sft_run, rm_run, tmp_path):
-    args = ["ppo", "--from", str(sft_run), "--reward-model", str(rm_run), "--max-steps", "6", "--save-steps", "2",
-            "--batch-size", "8", "--ppo-epochs", "2", "--num-minibatches", "2", "--grad-accum", "2",
-            "--data", "arith-prompts", "--max-completion-length", "8", "--backend", "hf", "--no-tensorboard"]
-    straight = tmp_path / "straight"
-    code, _, err = cli(*args, "--output", straight)
-    assert code == 0, err
-
-    run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "align", *args, "--output", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*args, "--output", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(run / "checkpoints" / "checkpoint-2" / "trainer_state.json", proc)
+        wait_for(run / "checkpoints" / "checkpoint-2" / "trainer_state.json", proc)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert json.loads((run / "run.json").read_text())["status"] == "running"
-    code, _, err = cli(*args, "--output", run, "--resume")
-    assert code == 0, err
+    resumed = subprocess.run([*args, "--output", str(run), "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["status"] == "completed" and len(manifest["resumed_at"]) == 1
-    resumed, expected = _metrics(run), _metrics(straight)
-    assert [m["step"] for m in resumed] == list(range(1, 7))
-    for got, want in zip(resumed, expected, strict=True):
+    got, expected = _metrics(run), _metrics(straight)
+    assert [m["step"] for m in got] == list(range(1, 7))
+    for a, b in zip(got, expected, strict=True):
         for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "lr", "kl_coef"):
-            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (got["step"], key)
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
 def test_bad_ppo_config_is_refused_with_every_problem(cli, sft_run, tmp_path):

