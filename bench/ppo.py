@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="PPO steps per backend (timing)")
     parser.add_argument("--batch-size", type=int, default=64, help="completions per PPO step (timing)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps (smoke run)")
-    parser.add_argument("--part", choices=("all", "timing", "memory"), default="all")
+    parser.add_argument("--part", choices=("all", "timing", "memory"), default="all",
+                        help="run one part only; its results replace that part in an existing results JSON")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
     args = parser.parse_args()
     if args.quick:
@@ -151,6 +152,10 @@ def main() -> None:
               f"{m['baseline_rss_mib']:.0f} MiB; shared/separate = {m['ratio_shared_over_separate']:.3f} "
               f"({m['ratio_above_baseline']:.3f} above the baseline)")
     if not args.no_write:
+        previous = Path(__file__).resolve().parent / "results" / "ppo.json"
+        if args.part != "all" and previous.is_file():  # one part re-measured: keep the other from the last run
+            old = json.loads(previous.read_text())
+            results = {**{k: old[k] for k in ("timing", "memory") if k in old}, **results}
         write_results("ppo", results)
 
 

@@ -141,11 +141,11 @@ def other_processes(top: int = 6) -> list[str]:
 
 # -- setup -------------------------------------------------------------------------------------------------------
 
-def make_parent(work: Path) -> Path:
+def make_parent(work: Path, size: dict) -> Path:
     import align
     from align.tiny import build_tiny_model
 
-    build_tiny_model(work / "base", **MODEL)
+    build_tiny_model(work / "base", **size)
     return align.sft(model=str(work / "base"), data="arith", output=str(work / "parent"), max_steps=20,
                      packing=False, tensorboard=False)
 
@@ -305,6 +305,10 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2, help="re-measurements per contended batch")
     parser.add_argument("--retry-budget", type=float, default=330.0,
                         help="s from the start after which contended measurements are no longer repeated")
+    parser.add_argument("--hidden-size", type=int, default=MODEL["hidden_size"], help="policy model width")
+    parser.add_argument("--num-layers", type=int, default=MODEL["num_layers"], help="policy model depth")
+    parser.add_argument("--num-heads", type=int, default=MODEL["num_heads"], help="policy attention heads")
+    parser.add_argument("--results", default="rollout", help="results file name in bench/results (without .json)")
     parser.add_argument("--memory", type=float, default=0.2, help="vLLM gpu_memory_utilization (host RAM on CPU)")
     parser.add_argument("--extra-rank", type=int, default=16,
                         help="also measure vLLM+LoRA throughput on a second engine started with this max_lora_rank "
@@ -327,7 +331,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     try:
         t0 = time.perf_counter()
-        parent = make_parent(work)
+        size = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads)
+        parent = make_parent(work, size)
         parent_s = time.perf_counter() - t0
         model, tokenizer, manifest = load_run_policy(parent)
         eos = tokenizer.eos_token_id
@@ -457,12 +462,12 @@ def main() -> None:
 
         import vllm as vllm_pkg
 
-        path = write_results("rollout", {
+        path = write_results(args.results, {
             "command": ". /tmp/vv/bin/activate && python bench/rollout.py " + " ".join(sys.argv[1:]),
             "vllm": vllm_pkg.__version__,
             "cpu_model": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                                if line.startswith("model name")), "?"),
-            "setup": {"model": {**MODEL, "dtype": "float32", "adapter": "lora r=16 (align sft default), all-linear"},
+            "setup": {"model": {**size, "dtype": "float32", "adapter": "lora r=16 (align sft default), all-linear"},
                       "prompts": args.prompts, "generations": GENERATIONS, "sequences": len(batch),
                       "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "repeats": args.repeats,
                       "sync_reps": args.sync_reps, "vllm_memory": args.memory,

@@ -115,3 +115,29 @@ def test_unreachable_server_is_a_clear_error(cli, sft_run, tmp_path):
                        "--output", tmp_path / "x", "--max-steps", "1", "--batch-size", "8", "--num-generations", "4",
                        "--vllm-server", f"http://127.0.0.1:{_free_port()}", "--no-tensorboard")
     assert code == 2 and "Cannot reach the vLLM server" in err
+
+
+@pytest.mark.parametrize("slots", [[0], [1, 0, -1]])
+def test_grouped_cpu_lora_ops_equal_vllms_own(slots):
+    """align.stages.vllm_cpu_lora replaces vLLM's per-token-gather LoRA ops on CPU: same results, any slot mix."""
+    import torch
+    from vllm.lora.ops.torch_ops import lora_ops as vllm_ops
+
+    from align.stages import vllm_cpu_lora as ours
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden, rank, out = 37, 64, 8, 96
+    indices = torch.tensor([slots[i % len(slots)] for i in range(tokens)])
+    x = torch.randn(tokens, hidden, generator=gen)
+    a = torch.randn(3, 1, rank, hidden, generator=gen)  # 3 slots: (max_loras, 1, rank, in)
+    b = torch.randn(3, 1, out, rank, generator=gen)
+    h = torch.randn(tokens, rank, generator=gen)
+    base = torch.randn(tokens, out + 10, generator=gen)
+    for name, args in (("bgmv_shrink", (x, a)), ("bgmv_expand", (h, b)), ("bgmv_expand_slice", (h, b))):
+        for add in (True, False):
+            want = torch.zeros(tokens, rank) if name == "bgmv_shrink" else base.clone()
+            got = want.clone()
+            extra = {"bgmv_shrink": (0.5,), "bgmv_expand": (add,), "bgmv_expand_slice": (5, out, add)}[name]
+            getattr(vllm_ops, name)(*args, want, indices, *extra)
+            getattr(ours, name)(*args, got, indices, *extra)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -51,9 +51,14 @@ class VLLMEngine:
         if adapter not in SERVED:
             raise AlignError(f"--backend vllm serves {', '.join(SERVED)} adapters, not '{adapter}'. "
                              "Use --backend hf.")
+        import os
+
         import torch
         from vllm import LLM
 
+        from align.stages.vllm_cpu_lora import ENV
+
+        os.environ.setdefault(ENV, "1")  # grouped LoRA matmuls in the engine's processes on CPU (vllm_cpu_lora.py)
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.dir = Path(run_dir) / ".rollout"
