@@ -73,6 +73,20 @@ def test_kl_to_the_parent_is_zero_at_the_first_step(cli, sft_run, qlora_parent, 
     load_run_policy(out)  # the actor is a policy run the next stage can start from
 
 
+@pytest.mark.parametrize("adapter", ["dora", "rslora", "loha", "lokr", "vera", "ia3"])
+def test_every_supported_adapter_kind_trains_from_a_base(cli, tiny_model, tmp_path, adapter):
+    out = tmp_path / adapter
+    _ppo(cli, "--model", tiny_model, "--adapter", adapter, "--reward", "closeness", "--output", out, "--max-steps", "2",
+         "--kl-coef", "0.2", "--lr", "1e-2", *PPO_ARGS)
+    first, second = _metrics(out)
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6) and second["objective/kl"] != 0.0
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["adapter"] == adapter and manifest["critic"] == {"init": "policy", "placement": "shared"}
+    from align.handoff import load_run_policy
+
+    load_run_policy(out)
+
+
 @pytest.mark.parametrize("placement", ["shared", "separate"])
 def test_critic_from_the_reward_model_reproduces_its_score(sft_run, rm_run, tmp_path, placement):
     import torch
