@@ -136,6 +136,22 @@ def attach_adapter(model, config, *, gradient_checkpointing: bool = False):
     return get_peft_model(model, config)
 
 
+def disable_dropout(model) -> None:
+    """Turn off every source of training-mode randomness in `model`: nn.Dropout modules (incl. LoRA's) and PEFT's
+    per-adapter `module_dropout` / `rank_dropout` (LoHa, LoKr), which TRL's disable_dropout does not reach. RL
+    stages need this so the policy equals its reference at the first step and π_old is the π being optimised."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("module_dropout", "rank_dropout"):
+            rates = getattr(module, name, None)
+            if isinstance(rates, dict):
+                for adapter in rates:
+                    rates[adapter] = 0.0
+
+
 def save_policy(model, tokenizer, directory: Path) -> None:
     """Save the trained adapter (PEFT format; only "default", not TRL's frozen "ref" copy) or the full model,
     with the tokenizer alongside."""

@@ -76,7 +76,8 @@ def test_kl_to_the_parent_is_zero_at_the_first_step(cli, sft_run, qlora_parent, 
 @pytest.mark.parametrize("adapter", ["dora", "rslora", "loha", "lokr", "vera", "ia3"])
 def test_every_supported_adapter_kind_trains_from_a_base(cli, tiny_model, tmp_path, adapter):
     out = tmp_path / adapter
-    _ppo(cli, "--model", tiny_model, "--adapter", adapter, "--reward", "closeness", "--output", out, "--max-steps", "2",
+    _ppo(cli, "--model", tiny_model, "--adapter", adapter, "--reward", "reward_plugins:text_len", "--output", out,
+         "--max-steps", "2",
          "--kl-coef", "0.2", "--lr", "1e-2", *PPO_ARGS)
     first, second = _metrics(out)
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6) and second["objective/kl"] != 0.0
@@ -85,6 +86,25 @@ def test_every_supported_adapter_kind_trains_from_a_base(cli, tiny_model, tmp_pa
     from align.handoff import load_run_policy
 
     load_run_policy(out)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "loha", "lokr", "ia3"])
+def test_the_optimizer_holds_every_actor_and_critic_weight(tiny_model, tmp_path, adapter):
+    from align.stages.common import start_stage
+    from align.stages.online import load_prompt_data
+    from align.stages.ppo import PPO, PPOConfig
+
+    cfg = PPOConfig.from_kwargs(model=tiny_model, adapter=adapter, reward=["closeness"], data="arith-prompts",
+                                output=str(tmp_path / "ppo"), backend="hf", tensorboard=False)
+    ppo = PPO(cfg, start_stage(cfg, "ppo", load_prompt_data))
+    optimised = {id(p) for group in ppo.optimizer.param_groups for p in group["params"]}
+    names = {n for n, p in ppo.model.named_parameters() if id(p) in optimised}
+    for adapter_name in ("default", "critic"):
+        weights = {n for n, _ in ppo.model.named_parameters() if n.endswith(f".{adapter_name}") or f".{adapter_name}." in n}
+        assert weights and weights <= names, (adapter_name, sorted(weights - names)[:3])
+    assert all(id(p) in optimised for p in ppo.critic.head.parameters())
+    assert not any(".ref" in n for n in names)
+    ppo.engine.close()
 
 
 @pytest.mark.parametrize("placement", ["shared", "separate"])

@@ -52,6 +52,12 @@ def activate(model, adapter: str, trainable: tuple[str, ...] = ()) -> None:
             model.set_requires_grad(name, True)
 
 
+def is_adapter_weight(name: str, adapter: str) -> bool:
+    """Whether parameter `name` belongs to PEFT adapter `adapter` (ModuleDict keys: `lora_A.critic.weight`;
+    ParameterDict keys, LoHa/LoKr/IA3: `hada_w1_a.critic`)."""
+    return f".{adapter}." in name or name.endswith(f".{adapter}")
+
+
 @dataclass
 class Critic:
     model: Any  # a PeftModel: the actor's (shared) or the critic's own (separate)
@@ -73,7 +79,7 @@ class Critic:
 
     def parameters(self) -> list[nn.Parameter]:
         if self.placement == "shared":
-            own = [p for n, p in self.model.named_parameters() if f".{CRITIC}." in n]
+            own = [p for n, p in self.model.named_parameters() if is_adapter_weight(n, CRITIC)]
         else:
             own = [p for p in self.model.parameters() if p.requires_grad]
         for p in own:

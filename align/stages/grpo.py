@@ -65,7 +65,10 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
     from align.stages.rollout import close_on_train_end, trl_rollout_func
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from align.models import disable_dropout
+
     policy = started.policy
+    disable_dropout(policy.model)  # also LoHa/LoKr module dropout, which TRL's disable_dropout leaves on
     rewards = cfg.guarded_rewards()
     args = TRLGRPOConfig(
         **trainer_arguments(cfg, started.run, started.evaluation is not None),

@@ -174,12 +174,6 @@ def completion_logprobs(model, batch: Batch, temperature: float, with_entropy: b
     return (logp, entropy(logits, batch.mask)) if with_entropy else logp
 
 
-def disable_dropout(model) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 # -- the loop ----------------------------------------------------------------------------------------------------
 class PPO:
     """State and steps of one PPO run (actor, reference, critic, rewards, engine, optimizer)."""
@@ -187,6 +181,7 @@ class PPO:
     def __init__(self, cfg: PPOConfig, started):
         from transformers import get_scheduler
 
+        from align.models import disable_dropout
         from align.stages.common import tensorboard_writer
         from align.stages.critic import build_critic
         from align.stages.ppo_losses import AdaptiveKL
