@@ -136,6 +136,27 @@ def attach_adapter(model, config, *, gradient_checkpointing: bool = False):
     return get_peft_model(model, config)
 
 
+def backbone(model):
+    """The bare transformer (no LM / classification head) under a PeftModel or a transformers model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
+
+
+def activate(model, adapter: str, trainable: tuple[str, ...] = ()) -> None:
+    """Make `adapter` the active one of a multi-adapter PeftModel, keeping `trainable` adapters trainable
+    (PEFT's set_adapter freezes every other adapter)."""
+    if model.active_adapter != adapter:
+        model.set_adapter(adapter, inference_mode=adapter not in trainable)
+        for name in trainable:
+            model.set_requires_grad(name, True)
+
+
+def is_adapter_weight(name: str, adapter: str) -> bool:
+    """Whether parameter `name` belongs to PEFT adapter `adapter` (ModuleDict keys: `lora_A.critic.weight`;
+    ParameterDict keys, LoHa/LoKr/IA3: `hada_w1_a.critic`)."""
+    return f".{adapter}." in name or name.endswith(f".{adapter}")
+
+
 def disable_dropout(model) -> None:
     """Turn off every source of training-mode randomness in `model`: nn.Dropout modules (incl. LoRA's) and PEFT's
     per-adapter `module_dropout` / `rank_dropout` (LoHa, LoKr), which TRL's disable_dropout does not reach. RL

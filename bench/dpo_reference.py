@@ -498,7 +498,7 @@ def report_timing(timing: dict) -> None:
     be = timing["break_even_steps"]
     print(f"step time off/on = {timing['step_time_off_over_on']:.2f}x; one-off precompute "
           f"{timing['one_off_precompute_s']:.1f} s; pays off after {'never' if be is None else f'{be:.0f}'} steps; "
-          f"all kept runs quiet: {timing['all_kept_runs_clean']} ({len(timing['discarded_busy_runs'])} busy runs "
+          f"all kept runs quiet: {timing.get('all_kept_runs_clean', '?')} ({len(timing.get('discarded_busy_runs', []))} busy runs "
           f"repeated); losses off/on within 1e-5: {timing['losses_within_1e-5_off_on']} "
           f"(max diff {timing['max_abs_loss_diff_off_on']:.1e})")
 
@@ -545,7 +545,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-dpo-ref-") as tmp:
         memory = memory_part(args, Path(tmp), log) if args.part != "timing" else previous.get("memory")
         timing = timing_part(args, Path(tmp), log) if args.part != "memory" else previous.get("timing")
-    report(memory, timing)
+    report(memory if args.part != "timing" else None, timing if args.part != "memory" else None)  # this run's parts
     if not (args.quick or args.no_write):
         command = "python bench/dpo_reference.py " + " ".join(sys.argv[1:])
         parts = {"memory": memory, "timing": timing}

@@ -111,9 +111,9 @@ def test_the_optimizer_holds_every_actor_and_critic_weight(tiny_model, tmp_path,
 def test_critic_from_the_reward_model_reproduces_its_score(sft_run, rm_run, tmp_path, placement):
     import torch
 
+    from align.models import activate, backbone
     from align.rewards.reward_model import RewardModelScorer
     from align.stages.common import start_stage
-    from align.stages.critic import activate, backbone
     from align.stages.online import load_prompt_data
     from align.stages.ppo import PPO, PPOConfig
 

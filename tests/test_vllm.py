@@ -68,7 +68,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_grpo_against_a_separately_started_vllm_server(sft_run, tmp_path):
+def test_grpo_and_ppo_against_a_separately_started_vllm_server(sft_run, tmp_path):
     import os
     import time
     import urllib.request
@@ -105,6 +105,20 @@ def test_grpo_against_a_separately_started_vllm_server(sft_run, tmp_path):
         assert [m["step"] for m in steps] == [1, 2] and steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)
         models = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models"))["data"]
         assert [m["id"] for m in models] == [base], "the policy's adapters are unloaded at the end"
+        # ppo through the same server (the same engine API): the actor's adapter is served from step 1 on
+        out = tmp_path / "ppo-server"
+        proc = subprocess.run(
+            [sys.executable, "-m", "align", "ppo", "--from", str(sft_run), "--data", "arith-prompts", "--reward",
+             "closeness(scale=50)", "--output", str(out), "--max-steps", "2", "--batch-size", "8",
+             "--max-completion-length", "6", "--handoff", "continue", "--vllm-server", f"http://127.0.0.1:{port}",
+             "--no-tensorboard"],
+            capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        steps = list(map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
+        assert [m["step"] for m in steps] == [1, 2] and steps[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+        models = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models"))["data"]
+        assert [m["id"] for m in models] == [base]
     finally:
         server.terminate()
         server.wait(timeout=60)

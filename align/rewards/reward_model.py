@@ -59,7 +59,7 @@ class RewardModelScorer:
             return self.model(**batch).logits[:, 0]
         import torch
 
-        from align.stages.critic import activate, backbone
+        from align.models import activate, backbone
 
         model, adapter, head = self.placed
         activate(model, adapter)

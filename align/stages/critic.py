@@ -31,31 +31,11 @@ import torch
 from torch import nn
 
 from align.errors import AlignError
+from align.models import activate, backbone, is_adapter_weight
 
 logger = logging.getLogger(__name__)
 
 CRITIC = "critic"
-
-
-def backbone(model) -> nn.Module:
-    """The bare transformer (no LM / classification head) under a PeftModel or a transformers model."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.base_model
-
-
-def activate(model, adapter: str, trainable: tuple[str, ...] = ()) -> None:
-    """Make `adapter` the active one of a multi-adapter PeftModel, keeping `trainable` adapters trainable
-    (PEFT's set_adapter freezes every other adapter)."""
-    if model.active_adapter != adapter:
-        model.set_adapter(adapter, inference_mode=adapter not in trainable)
-        for name in trainable:
-            model.set_requires_grad(name, True)
-
-
-def is_adapter_weight(name: str, adapter: str) -> bool:
-    """Whether parameter `name` belongs to PEFT adapter `adapter` (ModuleDict keys: `lora_A.critic.weight`;
-    ParameterDict keys, LoHa/LoKr/IA3: `hada_w1_a.critic`)."""
-    return f".{adapter}." in name or name.endswith(f".{adapter}")
 
 
 @dataclass

@@ -241,13 +241,13 @@ class PPO:
 
     # -- pieces of a step ------------------------------------------------------------------------------------
     def actor(self) -> Any:
-        from align.stages.critic import activate
+        from align.models import activate
 
         activate(self.model, "default", self.trainable)
         return self.model
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
-        from align.stages.critic import activate
+        from align.models import activate
 
         if self.reference is None:
             with self.model.disable_adapter():
