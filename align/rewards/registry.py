@@ -38,6 +38,12 @@ class Reward:
 
     @property
     def name(self) -> str:
+        """The spec without its weight, or the function's name; a reward-model run: `reward_model:RUN_NAME`
+        (not its whole path)."""
+        from align.rewards.reward_model import RewardModelScorer
+
+        if isinstance(self.fn, RewardModelScorer):
+            return self.fn.__name__
         return self.spec.split("@")[0] or getattr(self.fn, "__name__", "reward")
 
 
