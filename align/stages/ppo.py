@@ -445,8 +445,10 @@ class PPO:
         cfg, start = self.cfg, time.perf_counter()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        elif self.eval_rows:
-            self.log(self.evaluate())
+        else:
+            self.run.truncate_metrics(after_step=-1)  # starting over (e.g. --resume before any checkpoint)
+            if self.eval_rows:
+                self.log(self.evaluate())
         last: dict[str, float] = {}
         eval_every = cfg.eval_steps or cfg.logging_steps
         try:
