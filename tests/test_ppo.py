@@ -210,6 +210,9 @@ def test_bad_ppo_config_is_refused_with_every_problem(cli, sft_run, tmp_path):
     assert "--critic-init reward_model needs --reward-model RM_RUN" in err
     assert "--batch-size 6 must split into --num-minibatches 4" in err
     assert "--gamma must be in [0, 1], got 1.5" in err
+    code, _, err = cli("ppo", "--from", sft_run, "--data", "arith-prompts", "--output", out, "--reward", "closeness",
+                       "--vllm-server", "http://127.0.0.1:9")
+    assert code == 2 and "add --handoff continue" in err
     assert "Traceback" not in err and not out.exists()
     code, _, err = cli("ppo", "--from", sft_run, "--data", "arith-prompts", "--output", out)
     assert code == 2 and "Give at least one reward" in err

@@ -119,6 +119,9 @@ class PPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardO
             problems.add(unsupported_message(self.adapter))
         if self.critic_init == "reward_model" and not self.reward_model:
             problems.add("--critic-init reward_model needs --reward-model RM_RUN (or use --critic-init policy).")
+        if self.vllm_server and self.from_run and self.handoff == "merge":
+            problems.add("--vllm-server holds the plain base, so it cannot serve a merged parent: add --handoff "
+                         "continue (ppo's default is merge) or use the colocated --backend vllm.")
 
 
 def supported(adapter: str) -> bool:
