@@ -1,8 +1,11 @@
 """Test helpers: recompute a model's loss on examples exactly as SFT defines it (assistant tokens only); wait for a
-file that a training subprocess writes."""
+file that a training subprocess writes, or kill it at a checkpoint."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -27,6 +30,19 @@ def completion_loss(model, tokenizer, examples: list[dict]) -> float:
     model.eval()
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+
+
+def kill_at_checkpoint(cmd: list[str], run: Path, step: int, linger: float = 0.0) -> None:
+    """Start `cmd` (a training command writing `run`), kill -9 it once checkpoint-`step` is complete (after `linger`
+    more seconds), and check that the run is left `running`."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json", proc)
+        time.sleep(linger)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -6,15 +6,13 @@ where it stopped; bad configs are refused at once."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import kill_at_checkpoint
 
 PPO_ARGS = ["--data", "arith-prompts", "--batch-size", "16", "--max-completion-length", "8", "--backend", "hf",
             "--no-tensorboard"]
@@ -182,13 +180,7 @@ def test_killed_run_resumes_exactly_where_it_stopped(sft_run, rm_run, tmp_path):
     straight, run = tmp_path / "straight", tmp_path / "killed"
     subprocess.run([*args, "--output", str(straight)], check=True, capture_output=True)
 
-    proc = subprocess.Popen([*args, "--output", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(run / "checkpoints" / "checkpoint-2" / "trainer_state.json", proc)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    kill_at_checkpoint([*args, "--output", str(run)], run, 2)
     resumed = subprocess.run([*args, "--output", str(run), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     manifest = json.loads((run / "run.json").read_text())

@@ -4,13 +4,11 @@ in test_ppo.py): every step is logged exactly once and the run completes from it
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
-from helpers import wait_for
+from helpers import kill_at_checkpoint
 
 STAGES = {
     "rm": ["--data", "arith-prefs", "--batch-size", "8"],
@@ -25,13 +23,7 @@ def test_killed_stage_resumes_from_its_checkpoint(sft_run, tmp_path, stage):
     run = tmp_path / stage
     args = [sys.executable, "-m", "align", stage, "--from", str(sft_run), "--output", str(run), "--max-steps", "12",
             "--save-steps", "4", "--logging-steps", "1", "--no-tensorboard", *STAGES[stage]]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(run / "checkpoints" / "checkpoint-4" / "trainer_state.json", proc)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    kill_at_checkpoint(args, run, 4)
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     manifest = json.loads((run / "run.json").read_text())

@@ -4,15 +4,11 @@ merge equals the adapter model; resume continues from the checkpoint; the toy ta
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from helpers import completion_loss, wait_for
+from helpers import completion_loss, kill_at_checkpoint
 
 from align.data import load_examples
 from align.handoff import load_run_policy
@@ -118,15 +114,8 @@ def test_resume_after_kill_continues_from_checkpoint(cli, tiny_model, tmp_path):
     run = tmp_path / "run"
     args = ["sft", "--model", tiny_model, "--data", "arith", "--output", str(run), "--batch-size", "4",
             "--no-packing", "--save-steps", "10", "--logging-steps", "1", "--no-tensorboard"]
-    proc = subprocess.Popen([sys.executable, "-m", "align", *args, "--max-steps", "5000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(run / "checkpoints" / "checkpoint-10" / "trainer_state.json", proc)
-        time.sleep(0.3)  # let it log a few steps past the checkpoint, which resuming must discard
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    # linger: let it log a few steps past the checkpoint, which resuming must discard
+    kill_at_checkpoint([sys.executable, "-m", "align", *args, "--max-steps", "5000"], run, 10, linger=0.3)
 
     code, _, err = cli(*args, "--max-steps", "30", "--resume")
     assert code == 0, err

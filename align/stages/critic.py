@@ -126,7 +126,7 @@ def build_critic(policy, *, init: str, placement: str, reward_model: str | None)
         critic = _from_reward_model(policy, reward_model, placement)
     else:
         critic = _from_policy(policy, placement)
-    critic.init, critic.info = init, {**critic.info, **info}
+    critic.info.update(info)
     device = next(policy.model.parameters()).device
     critic.head.to(device)
     return critic

@@ -186,7 +186,7 @@ class PPO:
 
         from align.models import disable_dropout
         from align.stages.common import tensorboard_writer
-        from align.stages.critic import build_critic
+        from align.stages.critic import CRITIC, build_critic
         from align.stages.ppo_losses import AdaptiveKL
 
         self.cfg, self.run, self.policy = cfg, started.run, started.policy
@@ -199,7 +199,7 @@ class PPO:
         self.reference = self._add_reference()
         self.critic = build_critic(self.policy, init=cfg.critic_init, placement=cfg.critic_placement,
                                    reward_model=cfg.reward_model)
-        self.trainable = ("default", "critic") if self.critic.placement == "shared" else ("default",)
+        self.trainable = ("default", CRITIC) if self.critic.placement == "shared" else ("default",)
         self.rewards = cfg.guarded_rewards()
         self.reward_models = self._place_reward_models()
         for model in {id(self.model): self.model, id(self.critic.model): self.critic.model}.values():
@@ -209,8 +209,9 @@ class PPO:
         self.prompts_per_step = cfg.batch_size // cfg.num_generations
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.epochs * len(self.train_rows) / self.prompts_per_step))
-        self.params = actor_params + self.critic.parameters()
-        self.optimizer = torch.optim.AdamW([{"params": actor_params}, {"params": self.critic.parameters()}],
+        critic_params = self.critic.parameters()
+        self.params = actor_params + critic_params
+        self.optimizer = torch.optim.AdamW([{"params": actor_params}, {"params": critic_params}],
                                            lr=cfg.lr, weight_decay=cfg.weight_decay)
         updates = self.total_steps * cfg.ppo_epochs * cfg.num_minibatches
         warmup = int(cfg.warmup * updates) if cfg.warmup < 1 else int(cfg.warmup)
