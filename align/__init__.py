@@ -50,4 +50,27 @@ def ppo(**options: Any) -> Path:
     return main(PPOConfig.from_kwargs(**options))
 
 
-__all__ = ["__version__", "dpo", "grpo", "ppo", "rm", "sft"]
+def pairs(**options: Any) -> Path:
+    """On-policy preference pairs from a run (from_run=...) scored by reward=[...]; options as `align pairs --help`."""
+    from align.stages.pairs import PairsConfig, main
+
+    return main(PairsConfig.from_kwargs(**options))
+
+
+def evaluate(target: str | Path, **options: Any) -> dict[str, Any]:
+    """Held-out metrics of a run or model (data=..., reward=[...], ...); options as `align eval --help`."""
+    from align.evaluation import EvalConfig, evaluate
+
+    cfg = EvalConfig.from_kwargs(target=str(target), **options)
+    cfg.validate()
+    return evaluate(cfg)
+
+
+def run(pipeline: str | Path | dict[str, Any], *, dry_run: bool = False, force: bool = False) -> dict[str, Any]:
+    """Run a pipeline (a YAML file or the same mapping); returns DIR/pipeline.json's content. See `align run --help`."""
+    from align.pipeline import run_pipeline
+
+    return run_pipeline(pipeline, dry_run=dry_run, force=force)
+
+
+__all__ = ["__version__", "dpo", "evaluate", "grpo", "pairs", "ppo", "rm", "run", "sft"]

@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dpo": ("Direct Preference Optimization from a base or a finished run (--from).", "align.stages.dpo:DPOConfig", "align.stages.dpo:main"),
     "grpo": ("GRPO: group-relative policy optimisation with reward functions (--reward).", "align.stages.grpo:GRPOConfig", "align.stages.grpo:main"),
     "ppo": ("PPO (RLHF): actor-critic training against a reward model (--reward-model) and/or reward functions.", "align.stages.ppo:PPOConfig", "align.stages.ppo:main"),
+    "eval": ("Evaluate a run or model on held-out data: accuracy, rewards, length, KL to the parent; preference accuracy.", "align.evaluation:EvalConfig", "align.evaluation:main"),
+    "pairs": ("On-policy preference pairs: sample from a policy, label with rewards, keep (best, worst) per prompt.", "align.stages.pairs:PairsConfig", "align.stages.pairs:main"),
+    "run": ("Run a pipeline file: several stages, each from another, with held-out eval and gates.", "align.pipeline:RunConfig", "align.pipeline:main"),
+    "report": ("Plots (PNG) and a summary page (markdown + HTML) for a run or a pipeline directory.", "align.report:ReportConfig", "align.report:main"),
     "generate": ("Sample from a run (base + adapter) or a model with its chat template.", "align.generate:GenerateConfig", "align.generate:main"),
     "merge": ("Merge a run's adapter into its base and write a plain HF model directory.", "align.merge:MergeConfig", "align.merge:main"),
     "data inspect": ("Show a dataset's format, a rendered example and token-length statistics.", "align.data.inspect:InspectConfig", "align.data.inspect:main"),
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _load(COMMANDS[name][2])(cfg)
     except AlignError as e:
         print(f"align {name}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 2 = user error; align run's gate failure has its own code
     except KeyboardInterrupt:
         print(f"align {name}: interrupted", file=sys.stderr)
         return 130

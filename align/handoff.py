@@ -77,7 +77,7 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None)
     if manifest.get("status") != "completed":
         raise AlignError(f"--from {path}: the run's status is {manifest.get('status')!r}, not 'completed'. "
                          "Finish it first (rerun its command with --resume).")
-    if child_stage in ("dpo", "grpo", "ppo") and parent.stage not in POLICY_STAGES:
+    if child_stage in ("dpo", "grpo", "ppo", "pairs") and parent.stage not in POLICY_STAGES:
         raise AlignError(f"--from {path}: a {parent.stage!r} run cannot be the policy parent of {child_stage}; "
                          f"start from a policy run ({', '.join(POLICY_STAGES)})"
                          + (" and pass the reward model with --reward-model." if parent.stage == "rm" else "."))

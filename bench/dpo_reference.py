@@ -14,7 +14,7 @@ Part 1 - peak memory. A random-weight tiny Qwen2 large enough that its fp32 weig
       (align's defaults: r 16, alpha 32, dropout 0.05, all-linear), the same seed and the same DPOConfig values
       align passes on CPU, plus the base loaded a second time (frozen, eval) and passed as `ref_model=` to TRL's
       DPOTrainer. The policy's adapter is fresh (B = 0), so the bare base is exactly its reference.
-Same steps, same data (bundled `arith-prefs`, align/data/samples/arith_prefs.jsonl, through
+Same steps, same data (bundled `arith-prefs`, data/samples/arith_prefs.jsonl, through
 align.data.preference.load_preferences -> datasets.Dataset.from_list), same batch size; the script checks that
 both runs log the same per-step losses and that TRL's TrainingArguments are equal.
 Peak = getrusage(RUSAGE_SELF).ru_maxrss of the worker. RSS is also read after the imports (before any model),

@@ -5,7 +5,7 @@ idiomatic TRL code a user would write by hand, measured side by side in one run 
     python bench/sft_overhead.py --rounds 5 --steps 200
 
 Both sides: the same tiny Qwen2 (align.tiny.build_tiny_model, hidden 256, 4 layers, 4 heads, random weights,
-built into a temp dir), the bundled `arith` sample (align/data/samples/arith_sft.jsonl, a "messages" column),
+built into a temp dir), the bundled `arith` sample (data/samples/arith_sft.jsonl, a "messages" column),
 the same steps, seed, batch size, max_length, learning rate and schedule, LoRA r=16 / alpha=32 / dropout 0.05
 on all-linear, packing off, fp32 on CPU, no gradient checkpointing, loss on the assistant turn only.
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import random
+from importlib import resources
 from pathlib import Path
 
-SAMPLES_DIR = Path(__file__).parent
+SAMPLES_DIR = Path(str(resources.files(__name__)))  # package data of align.data.samples (data/samples/ in the repo)
 BUNDLED: dict[str, str] = {
     "arith": "arith_sft.jsonl",
     "arith-eval": "arith_sft_eval.jsonl",

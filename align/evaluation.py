@@ -1,0 +1,313 @@
+"""`align eval`: held-out evaluation of a run (any stage) or a model — the same numbers for every stage, so the
+pipeline's table compares like with like.
+
+Prompt data (a `prompt` / `messages` / `question` column; an answer column enables task accuracy): generates
+`--num-samples` completions per prompt (greedy by default) with the rollout engine, in batches, and reports
+
+    accuracy            fraction of completions whose final number equals the answer (align's `accuracy` reward,
+                        numeric mode: "The answer is 19." matches "19")
+    pass@k              with k = --num-samples > 1: fraction of prompts with at least one correct completion
+    reward/<name>       mean of each --reward / --reward-model source (None = not applicable, left out);
+    reward              mean weighted total Σ w·r
+    completion_length   mean completion tokens (EOS included)
+    kl                  mean over completions of Σ_t KL(π(·|x,y<t) ‖ π_ref(·|x,y<t)): the exact per-token KL over the
+                        vocabulary, summed along the completion, to --reference (default: the run's parent policy —
+                        its parent run, or its base model for a first stage); 0 means "same distribution"
+
+Preference data (chosen/rejected): a reward-model run reports `preference_accuracy` = P(r(chosen) > r(rejected)) and
+`margin` = mean(r(chosen) − r(rejected)); a policy the same with DPO's implicit reward r = log π(y|x) − log π_ref(y|x)
+(with no reference: log π(y|x)).
+
+Raises AlignError (exit 2) for a missing target or data, a data set without prompts, or an rm run on prompt data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from align.config import Config, opt
+from align.errors import AlignError, Problems
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig(Config):
+    positional = "target"
+    target: str | None = opt(None, "A run directory (any stage) or a model directory / hub id to evaluate.")
+    data: str | None = opt(None, "Held-out data: prompts (with an answer column for accuracy) or preference pairs.")
+    split: str = opt("train", "Split of a DatasetDict directory or hub dataset.")
+    answer_column: str = opt("answer", "Column holding the reference answer (task accuracy).")
+    reward: list[str] = opt(factory=list, help="Reward specs to average over the completions (as in align grpo).")
+    reward_model: str | None = opt(None, "A reward-model run (align rm) to score the completions with.")
+    reference: str | None = opt(None, "Run or model for the KL / implicit reward; default: the run's parent "
+                                      "policy; 'none' turns the KL off.")
+    max_samples: int | None = opt(None, "Evaluate the first N examples (default: all).")
+    num_samples: int = opt(1, "Completions per prompt; k > 1 reports pass@k (use with --temperature > 0).")
+    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    max_new_tokens: int = opt(32, "Maximum tokens per completion.")
+    batch_size: int = opt(64, "Prompts per generation / scoring batch.")
+    backend: Literal["auto", "hf"] = opt("auto", "Generation backend (hf: transformers generate).")
+    seed: int = opt(0, "Sampling seed.")
+    output: str | None = opt(None, "Write the metrics (and a few example completions) as JSON to this file.",
+                             aliases=["-o"])
+
+    def check(self, problems: Problems) -> None:
+        if not self.target:
+            problems.add("Give a run or model to evaluate: align eval RUN --data D.")
+        elif self.target.startswith((".", "/")) and not Path(self.target).is_dir():
+            problems.add(f"{self.target}: no such directory.")
+        if not self.data:
+            problems.add("--data is required: held-out prompts (with answers) or preference pairs.")
+        for name in ("num_samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        if self.max_samples is not None and self.max_samples <= 0:
+            problems.add(f"--max-samples must be positive, got {self.max_samples}.")
+        if self.temperature < 0:
+            problems.add(f"--temperature must be >= 0, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            problems.add(f"--top-p must be in (0, 1], got {self.top_p}.")
+        if self.num_samples > 1 and self.temperature == 0:
+            problems.add(f"--num-samples {self.num_samples} with greedy decoding gives identical samples; set "
+                         "--temperature > 0 (e.g. 1.0).")
+
+
+# -- loading -------------------------------------------------------------------------------------------------
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / "run.json").is_file()
+
+
+def load_model(target: str):
+    """(model, tokenizer, manifest or None) for a run directory or a model directory / hub id."""
+    from align.handoff import load_run_policy
+    from align.models import load_base_model, load_tokenizer
+
+    if is_run(target):
+        model, tokenizer, manifest = load_run_policy(target)
+    else:
+        model, tokenizer, manifest = load_base_model(target), load_tokenizer(target), None
+    model.eval()
+    return model, tokenizer, manifest
+
+
+def default_reference(manifest: dict[str, Any] | None) -> str | None:
+    """A run's parent policy: its parent run, or the base model of a first stage (None for a plain model)."""
+    if manifest is None:
+        return None
+    return manifest.get("parent") or manifest.get("base_model")
+
+
+# -- token log-probs -----------------------------------------------------------------------------------------
+def _completion_logits(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad: int):
+    """Log-softmax over the vocabulary at every completion position: a list of (len(completion), V) tensors."""
+    import torch
+
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    out = []
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        out.append(logp[i, len(p) - 1 : len(p) + len(c) - 1].cpu())
+    return out
+
+
+def sequence_logprobs(model, prompt_ids, completion_ids, pad: int, batch_size: int) -> list[float]:
+    """log π(y|x) of each completion (sum over its tokens)."""
+    import torch
+
+    out: list[float] = []
+    for i in range(0, len(prompt_ids), batch_size):
+        ps, cs = prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size]
+        for logp, c in zip(_completion_logits(model, ps, cs, pad), cs, strict=True):
+            out.append(logp.gather(-1, torch.tensor(c).unsqueeze(-1)).sum().item() if c else 0.0)
+    return out
+
+
+def sequence_kl(model, reference, prompt_ids, completion_ids, pad: int, batch_size: int) -> list[float]:
+    """Σ_t KL(π(·|x,y<t) ‖ π_ref(·|x,y<t)) along each completion (exact over the vocabulary)."""
+    out: list[float] = []
+    for i in range(0, len(prompt_ids), batch_size):
+        ps, cs = prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size]
+        for lp, lq in zip(_completion_logits(model, ps, cs, pad), _completion_logits(reference, ps, cs, pad), strict=True):
+            out.append(float((lp.exp() * (lp - lq)).sum().clamp_min(0.0)) if len(lp) else 0.0)
+    return out
+
+
+# -- generation ----------------------------------------------------------------------------------------------
+def generate_completions(model, tokenizer, prompts: list[Any], *, num_samples: int, max_new_tokens: int,
+                         temperature: float, top_p: float, batch_size: int, desc: str = "Generating"):
+    """(prompt_ids, completion_ids, completion texts) for every prompt repeated `num_samples` times (grouped)."""
+    from tqdm.auto import tqdm
+
+    from align.stages.rollout import HFEngine, Sampling, render_prompts
+
+    engine = HFEngine(tokenizer, Sampling(max_new_tokens, temperature, top_p))
+    prompt_ids = [ids for ids in render_prompts(tokenizer, prompts) for _ in range(num_samples)]
+    completion_ids: list[list[int]] = []
+    for i in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch"):
+        completion_ids.extend(engine.generate(model, prompt_ids[i : i + batch_size])[0])
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return prompt_ids, completion_ids, texts
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------
+def _mean(values: list[float | None]) -> float | None:
+    applied = [v for v in values if v is not None]
+    return sum(applied) / len(applied) if applied else None
+
+
+def evaluate_prompts(model, tokenizer, rows: list[dict[str, Any]], cfg: EvalConfig, reference=None) -> dict[str, Any]:
+    """Metrics of the module docstring on prompt rows ({"prompt": messages, **columns})."""
+    from align.rewards import GuardedReward, resolve_rewards, weighted_total
+    from align.rewards.builtin import accuracy
+
+    k = cfg.num_samples
+    prompts = [r["prompt"] for r in rows]
+    prompt_ids, completion_ids, texts = generate_completions(
+        model, tokenizer, prompts, num_samples=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        top_p=cfg.top_p, batch_size=cfg.batch_size)
+    # the reward call of the RL stages: conversational prompts, completions as assistant messages, every column
+    call_prompts = [p for p in prompts for _ in range(k)]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    columns = {c: [r.get(c) for r in rows for _ in range(k)] for c in rows[0] if c != "prompt"}
+    columns["completion_ids"] = completion_ids
+    metrics: dict[str, Any] = {"prompts": len(rows), "num_samples": k}
+    if cfg.answer_column in rows[0]:
+        correct = accuracy(column=cfg.answer_column)(call_prompts, completions, **columns)
+        metrics["accuracy"] = _mean(correct)
+        if k > 1:
+            groups = [correct[i : i + k] for i in range(0, len(correct), k)]
+            metrics[f"pass@{k}"] = sum(any(v for v in g if v) for g in groups) / len(groups)
+    specs = [*cfg.reward, *([cfg.reward_model] if cfg.reward_model else [])]
+    if specs:
+        guarded = [GuardedReward(r) for r in resolve_rewards(specs)]
+        scores = [g(call_prompts, completions, **columns) for g in guarded]
+        for g, s in zip(guarded, scores, strict=True):
+            metrics[f"reward/{g.__name__}"] = _mean(s)
+        metrics["reward"] = _mean(weighted_total(scores, [g.reward.weight for g in guarded]))
+    metrics["completion_length"] = sum(len(c) for c in completion_ids) / len(completion_ids)
+    if reference is not None:
+        metrics["kl"] = _mean(sequence_kl(model, reference, prompt_ids, completion_ids, tokenizer.pad_token_id,
+                                          cfg.batch_size))
+    metrics["examples"] = [
+        {"prompt": p[-1]["content"], "completion": t, **({"answer": r.get(cfg.answer_column)} if cfg.answer_column in r else {})}
+        for p, t, r in zip(call_prompts[: 5 * k : k], texts[: 5 * k : k], rows[:5], strict=False)
+    ]
+    return metrics
+
+
+def _pair_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[list[int], list[int]]:
+    from align.stages.rollout import render_prompts
+
+    (prompt_ids,) = render_prompts(tokenizer, [prompt])
+    full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise AlignError("The chat template does not render the prompt as a prefix of the conversation; cannot "
+                         "score preference pairs with this tokenizer.")
+    return prompt_ids, ids[len(prompt_ids):]
+
+
+def evaluate_pairs(model, tokenizer, manifest, pairs: list[dict[str, Any]], cfg: EvalConfig, reference=None):
+    """preference_accuracy and margin of a reward model or a policy (implicit reward) on preference pairs."""
+    if manifest is not None and manifest.get("task") == "seq-cls":
+        from align.rewards.reward_model import RewardModelScorer
+
+        scorer = RewardModelScorer(cfg.target, batch_size=cfg.batch_size)
+        prompts = [p["prompt"] for p in pairs]
+        chosen = scorer.score(prompts, [p["chosen"] for p in pairs])
+        rejected = scorer.score(prompts, [p["rejected"] for p in pairs])
+    else:
+        pad = tokenizer.pad_token_id
+
+        def implicit(side: str) -> list[float]:
+            ids = [_pair_ids(tokenizer, p["prompt"], p[side]) for p in pairs]
+            ps, cs = [i[0] for i in ids], [i[1] for i in ids]
+            logp = sequence_logprobs(model, ps, cs, pad, cfg.batch_size)
+            if reference is None:
+                return logp
+            ref = sequence_logprobs(reference, ps, cs, pad, cfg.batch_size)
+            return [a - b for a, b in zip(logp, ref, strict=True)]
+
+        chosen, rejected = implicit("chosen"), implicit("rejected")
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return {"pairs": len(pairs), "preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "margin": sum(margins) / len(margins)}
+
+
+def load_eval_data(cfg: EvalConfig) -> tuple[str, list[dict[str, Any]]]:
+    """("prompts" | "pairs", rows) of --data, cut to --max-samples."""
+    from align.data.loading import load_records
+    from align.data.preference import normalize_preferences
+    from align.data.prompts import normalize_prompts
+
+    records = load_records(cfg.data, cfg.split)
+    if {"chosen", "rejected"} <= set(records.columns()):
+        kind, rows = "pairs", normalize_preferences(records)
+    else:
+        kind, rows = "prompts", normalize_prompts(records)
+    if not rows:
+        raise AlignError(f"{cfg.data}: no examples to evaluate.")
+    return kind, rows[: cfg.max_samples] if cfg.max_samples else rows
+
+
+def evaluate(cfg: EvalConfig, model=None, tokenizer=None, manifest=None) -> dict[str, Any]:
+    """Evaluate `cfg.target` (or the given, already loaded model) on `cfg.data`; returns the metrics."""
+    from transformers import set_seed
+
+    kind, rows = load_eval_data(cfg)
+    if model is None:
+        model, tokenizer, manifest = load_model(cfg.target)
+    task = (manifest or {}).get("task", "causal-lm")
+    if kind == "prompts" and task == "seq-cls":
+        raise AlignError(f"{cfg.target} is a reward model: evaluate it on preference pairs (chosen/rejected), or use "
+                         f"it as --reward-model when evaluating a policy.")
+    ref_name = cfg.reference if cfg.reference is not None else default_reference(manifest)
+    reference = None
+    if ref_name and ref_name.lower() != "none" and task != "seq-cls":
+        reference = load_model(ref_name)[0]
+    set_seed(cfg.seed)
+    if kind == "pairs":
+        metrics = evaluate_pairs(model, tokenizer, manifest, rows, cfg, reference)
+    else:
+        metrics = evaluate_prompts(model, tokenizer, rows, cfg, reference)
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            logger.warning("eval: %s is %s", key, value)
+    return {"target": str(cfg.target), "data": cfg.data, "kind": kind,
+            "reference": ref_name if reference is not None else None, **metrics}
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One line per metric (examples left out)."""
+    lines = [f"{result['target']} on {result['data']}"]
+    for key, value in result.items():
+        if key in ("target", "data", "examples"):
+            continue
+        lines.append(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    return "\n".join(lines)
+
+
+def main(cfg: EvalConfig) -> str:
+    cfg.validate()
+    result = evaluate(cfg)
+    if cfg.output:
+        out = Path(cfg.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return summary(result)

@@ -1,0 +1,129 @@
+"""`align pairs`: on-policy preference pairs — sample from a policy, label with a verifier, keep (best, worst).
+
+The recipe real users follow before DPO or reward-model training: for each prompt, sample `--num-generations`
+completions from the policy (`--from RUN`, or `--model M`), score each with the rewards (`--reward accuracy`, any
+spec as in grpo; several are summed with their weights), and write one pair per prompt whose scores differ:
+chosen = a highest-scoring completion, rejected = a lowest-scoring one (identical texts never form a pair). The
+pairs are the policy's own outputs, so DPO from that policy starts on-distribution, and a reward model trained on
+them learns to tell its right answers from its wrong ones.
+
+Writes RUN/pairs.jsonl ({"prompt": messages, "chosen": [assistant], "rejected": [assistant], "margin", plus the
+prompt data's other columns}) and RUN/run.json (stage "pairs"; metrics: prompts, pairs, the fractions of groups
+whose completions all scored the same). `align dpo --data RUN/pairs.jsonl`, or a stage name in `align run`.
+
+Raises AlignError (exit 2) for config, data, parent and reward-spec problems, all at once, before sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from align.config import Config, opt
+from align.errors import AlignError, Problems
+from align.stages.common import collect, open_run
+from align.stages.online import RewardOptions, load_prompt_data
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairsConfig(RewardOptions, Config):
+    model: str | None = opt(None, "Sample from this model (a directory or hub id) instead of a run.")
+    from_run: str | None = opt(None, "Sample from this finished run's policy.", aliases=["--from"])
+    data: str | None = opt(None, "Prompts (a prompt/messages/question column; other columns go to the rewards).")
+    split: str = opt("train", "Split to read from a DatasetDict directory or a hub dataset.")
+    columns: list[str] = opt(factory=list, help="Column renames NAME=COLUMN, e.g. --columns prompt=query.")
+    system_prompt: str | None = opt(None, "System message added to prompts that have none.")
+    output: str | None = opt(None, "Run directory to write (pairs.jsonl, run.json).", aliases=["-o"])
+    num_generations: int = opt(8, "Completions sampled per prompt.")
+    temperature: float = opt(1.0, "Sampling temperature (> 0: the pairs need different completions).")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    max_completion_length: int = opt(64, "Maximum tokens per completion.")
+    batch_size: int = opt(256, "Completions generated per batch.")
+    max_prompts: int | None = opt(None, "Use the first N prompts (default: all).")
+    seed: int = opt(42, "Sampling seed.")
+    resume: bool = opt(False, "Redo an interrupted pairs run in --output (sampling restarts; it has no checkpoints).")
+    overwrite: bool = opt(False, "Replace an existing run in --output.")
+    eval_data: ClassVar[None] = None  # read by the shared prompt loader: pairs has no held-out split
+    eval_split: ClassVar[float] = 0.0
+
+    def check(self, problems: Problems) -> None:
+        if not (self.model or self.from_run):
+            problems.add("Give the policy to sample from: --from RUN (or --model M).")
+        if self.model and self.from_run:
+            problems.add("Give --from RUN or --model M, not both.")
+        if not self.data:
+            problems.add("--data is required: prompts to sample completions for.")
+        if not self.output:
+            problems.add("--output is required: the run directory to write.")
+        if self.num_generations < 2:
+            problems.add(f"--num-generations must be at least 2 (a pair needs two completions), got {self.num_generations}.")
+        if self.temperature <= 0:
+            problems.add(f"--temperature must be > 0 (greedy sampling gives one completion per prompt), got {self.temperature}.")
+        for name in ("max_completion_length", "batch_size"):
+            if getattr(self, name) <= 0:
+                problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+
+
+def make_pairs(rows: list[dict[str, Any]], texts: list[str], totals: list[float], k: int) -> list[dict[str, Any]]:
+    """One (best, worst) pair per prompt group of `k` scored completions whose scores differ."""
+    pairs = []
+    for i, row in enumerate(rows):
+        group = list(zip(texts[i * k : (i + 1) * k], totals[i * k : (i + 1) * k], strict=True))
+        best = max(group, key=lambda g: g[1])
+        worst = min(group, key=lambda g: g[1])
+        if best[1] == worst[1] or best[0] == worst[0]:
+            continue
+        pairs.append({**row, "chosen": [{"role": "assistant", "content": best[0]}],
+                      "rejected": [{"role": "assistant", "content": worst[0]}], "margin": best[1] - worst[1]})
+    return pairs
+
+
+def main(cfg: PairsConfig) -> Path:
+    """Sample, score and pair as configured; returns the run directory."""
+    from align.evaluation import generate_completions, load_model
+    from align.rewards import weighted_total
+    from align.stages.common import check_parent, seed_everything, start_run
+
+    problems = cfg.problems()
+    run = open_run(cfg, problems)
+    data = collect(problems, load_prompt_data, cfg) if cfg.data else None
+    collect(problems, check_parent, cfg, "pairs")
+    problems.raise_if_any("Cannot start `align pairs`:")
+    start_run(run, cfg)
+    rows, _, datasets = data
+    rows = rows[: cfg.max_prompts] if cfg.max_prompts else rows
+    source = cfg.from_run or cfg.model
+    with run.lifecycle(stage="pairs", task="pairs", config=cfg.to_dict(), datasets=datasets, seed=cfg.seed,
+                       parent=str(Path(cfg.from_run).resolve()) if cfg.from_run else None, rewards=cfg.reward_specs()):
+        model, tokenizer, _ = load_model(source)
+        seed_everything(cfg.seed)
+        k = cfg.num_generations
+        _, completion_ids, texts = generate_completions(
+            model, tokenizer, [r["prompt"] for r in rows], num_samples=k, max_new_tokens=cfg.max_completion_length,
+            temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, desc="Sampling")
+        rewards = cfg.guarded_rewards()
+        prompts = [r["prompt"] for r in rows for _ in range(k)]
+        columns = {c: [r.get(c) for r in rows for _ in range(k)] for c in rows[0] if c != "prompt"}
+        completions = [[{"role": "assistant", "content": t}] for t in texts]
+        scores = [g(prompts, completions, completion_ids=completion_ids, **columns) for g in rewards]
+        totals = weighted_total(scores, [g.reward.weight for g in rewards])
+        pairs = make_pairs(rows, texts, totals, k)
+        if not pairs:
+            raise AlignError(f"align pairs: every group of {k} completions scored the same, so no pair could be "
+                             "formed. Raise --temperature or --num-generations, or use a denser reward.")
+        groups = [totals[i : i + k] for i in range(0, len(totals), k)]
+        metrics = {"prompts": len(rows), "pairs": len(pairs), "mean_reward": sum(totals) / len(totals),
+                   "groups_all_best": sum(min(g) == max(g) == max(totals) for g in groups) / len(groups),
+                   "groups_all_same": sum(min(g) == max(g) for g in groups) / len(groups)}
+        tmp = run.path / ".pairs.jsonl.partial"
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        tmp.replace(run.path / "pairs.jsonl")
+        run.update_manifest(metrics=metrics)
+        logger.info("%d pairs from %d prompts (%.0f%% of groups all scored the same)", len(pairs), len(rows),
+                    100 * metrics["groups_all_same"])
+    return run.path
