@@ -8,6 +8,7 @@ every problem (YAML keys and types, config values) and raises one `AlignError` l
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import types
@@ -166,14 +167,28 @@ def load_yaml(path: str | Path, cls) -> dict[str, Any]:
     return coerce_mapping(cls, data, str(path))
 
 
+class ExtendList(argparse.Action):
+    """A list option given several times keeps every value (`--reward a --reward b` and `--reward a b` are both
+    [a, b]); its first occurrence on the command line replaces the default (a YAML value: flags override YAML)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_lists_given", set())
+        current = list(getattr(namespace, self.dest) or []) if self.dest in seen else []
+        seen.add(self.dest)
+        setattr(namespace, self.dest, current + list(values))
+
+
 def build_parser(cls, parser=None, **parser_kwargs):
     """An argparse parser for `cls` (HfArgumentParser: kebab-case flags, help from field metadata)."""
     from transformers import HfArgumentParser
 
     if parser is None:
         parser = HfArgumentParser(cls, **parser_kwargs)
+    hints = typing.get_type_hints(cls)
     for action in parser._actions:  # show the kebab-case spelling first (--max-steps), keep --max_steps working
         action.option_strings.sort(key=lambda o: "_" in o)
+        if typing.get_origin(hints.get(action.dest)) is list and type(action) is argparse._StoreAction:
+            action.__class__ = ExtendList  # HfArgumentParser's nargs="+" store keeps only the last occurrence
     if cls.positional:
         name = cls.positional
         is_list = typing.get_origin(typing.get_type_hints(cls)[name]) is list

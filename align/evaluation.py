@@ -53,7 +53,10 @@ class EvalConfig(Config):
     top_p: float = opt(1.0, "Nucleus sampling threshold.")
     max_new_tokens: int = opt(32, "Maximum tokens per completion.")
     batch_size: int = opt(64, "Prompts per generation / scoring batch.")
-    backend: Literal["auto", "hf"] = opt("auto", "Generation backend (hf: transformers generate).")
+    backend: Literal["auto", "hf", "vllm"] = opt(
+        "auto", "Generation backend: hf (transformers generate) or vllm (the rollout engine's vLLM, serving the "
+                "run's adapter); auto = vllm when installed and on a GPU.")
+    vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.")
     seed: int = opt(0, "Sampling seed.")
     output: str | None = opt(None, "Write the metrics (and a few example completions) as JSON to this file.",
                              aliases=["-o"])
@@ -149,14 +152,38 @@ def sequence_kl(model, reference, prompt_ids, completion_ids, pad: int, batch_si
 
 
 # -- generation ----------------------------------------------------------------------------------------------
-def generate_completions(model, tokenizer, prompts: list[Any], *, num_samples: int, max_new_tokens: int,
-                         temperature: float, top_p: float, batch_size: int, desc: str = "Generating"):
+def make_engine(backend: str, model, tokenizer, manifest: dict[str, Any] | None, target: str, *, max_new_tokens: int,
+                temperature: float, top_p: float, memory: float = 0.3, seed: int = 0):
+    """The rollout engine (align.stages.rollout) for sampling from a loaded run or model."""
+    import tempfile
+
+    from align.stages.rollout import HFEngine, Sampling, choose_backend
+
+    sampling = Sampling(max_new_tokens, temperature, top_p)
+    if choose_backend(backend) == "hf":
+        return HFEngine(tokenizer, sampling)
+    from align.stages.vllm_backend import VLLMEngine
+
+    if manifest is not None and (Path(target) / "model").is_dir():
+        raise AlignError(f"{target} is a full fine-tuning run; --backend vllm serves adapters. Use --backend hf.")
+    peft = getattr(model, "peft_config", {}).get("default")
+    engine = VLLMEngine(tokenizer, sampling, base_model=manifest["base_model"] if manifest else target, memory=memory,
+                        run_dir=tempfile.mkdtemp(prefix="align-eval-"), adapter=manifest.get("adapter", "lora")
+                        if manifest else "lora", merged_adapters=(manifest or {}).get("merged_adapters", []),
+                        lora_rank=getattr(peft, "r", 16), seed=seed)
+    if peft is not None:
+        engine.sync(model, 0)
+    return engine
+
+
+def generate_completions(engine, model, prompts: list[Any], *, num_samples: int, batch_size: int,
+                         desc: str = "Generating"):
     """(prompt_ids, completion_ids, completion texts) for every prompt repeated `num_samples` times (grouped)."""
     from tqdm.auto import tqdm
 
-    from align.stages.rollout import HFEngine, Sampling, render_prompts
+    from align.stages.rollout import render_prompts
 
-    engine = HFEngine(tokenizer, Sampling(max_new_tokens, temperature, top_p))
+    tokenizer = engine.tokenizer
     prompt_ids = [ids for ids in render_prompts(tokenizer, prompts) for _ in range(num_samples)]
     completion_ids: list[list[int]] = []
     for i in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch"):
@@ -171,16 +198,21 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(applied) / len(applied) if applied else None
 
 
-def evaluate_prompts(model, tokenizer, rows: list[dict[str, Any]], cfg: EvalConfig, reference=None) -> dict[str, Any]:
+def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg: EvalConfig,
+                     reference=None) -> dict[str, Any]:
     """Metrics of the module docstring on prompt rows ({"prompt": messages, **columns})."""
     from align.rewards import GuardedReward, resolve_rewards, weighted_total
     from align.rewards.builtin import accuracy
 
     k = cfg.num_samples
     prompts = [r["prompt"] for r in rows]
-    prompt_ids, completion_ids, texts = generate_completions(
-        model, tokenizer, prompts, num_samples=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, batch_size=cfg.batch_size)
+    engine = make_engine(cfg.backend, model, tokenizer, manifest, str(cfg.target), max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_p=cfg.top_p, memory=cfg.vllm_memory, seed=cfg.seed)
+    try:
+        prompt_ids, completion_ids, texts = generate_completions(engine, model, prompts, num_samples=k,
+                                                                 batch_size=cfg.batch_size)
+    finally:
+        getattr(engine, "shutdown", engine.close)()
     # the reward call of the RL stages: conversational prompts, completions as assistant messages, every column
     call_prompts = [p for p in prompts for _ in range(k)]
     completions = [[{"role": "assistant", "content": t}] for t in texts]
@@ -285,7 +317,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, manifest=None) -> dict
     if kind == "pairs":
         metrics = evaluate_pairs(model, tokenizer, manifest, rows, cfg, reference)
     else:
-        metrics = evaluate_prompts(model, tokenizer, rows, cfg, reference)
+        metrics = evaluate_prompts(model, tokenizer, manifest, rows, cfg, reference)
     for key, value in metrics.items():
         if isinstance(value, float) and not math.isfinite(value):
             logger.warning("eval: %s is %s", key, value)

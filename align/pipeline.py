@@ -50,7 +50,7 @@ STAGE_KEYS = {"name", "kind", "from", "gate"}
 REF_FIELDS = ("from_run", "reward_model", "data", "eval_data")  # fields where a stage name stands for its run
 IGNORED_CHANGES = {"resume", "overwrite", "config"}
 EVAL_KEYS = {"data", "split", "answer_column", "reward", "reward_model", "max_samples", "max_new_tokens",
-             "batch_size", "num_samples", "temperature", "top_p"}
+             "batch_size", "num_samples", "temperature", "top_p", "backend", "vllm_memory"}
 
 
 class GateFailed(AlignError):
@@ -258,13 +258,28 @@ def _stage_problems(stages: list[Stage], where: str) -> list[str]:
             if problem.startswith("Give at least one reward") and has_pending_reward:
                 continue
             out.append(f"{label}: {problem}")
-        if "data" not in pending and cfg.data:
+        if offline_hub_id(cfg.data) or offline_hub_id(getattr(cfg, "eval_data", None)):
+            logger.warning("%s: data on the model hub cannot be checked offline (%s); it is loaded when the stage "
+                           "starts.", label, cfg.data)
+        elif "data" not in pending and cfg.data:
             loader = stage_parts(stage.kind)[2]
             try:
                 loader(dataclasses.replace(check, eval_data=None) if "eval_data" in pending else check)
             except AlignError as e:
                 out.append(f"{label}: {e}")
     return out
+
+
+def offline_hub_id(spec: str | None) -> bool:
+    """A dataset spec that names a hub dataset while the hub is offline (it cannot be validated now)."""
+    import os
+
+    from align.data.loading import looks_like_path
+    from align.data.samples import bundled_path
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    return bool(spec) and offline and not Path(spec).exists() and not looks_like_path(spec) \
+        and bundled_path(spec) is None
 
 
 def _refers_to_pending(value: Any, stage: Stage) -> bool:
@@ -339,7 +354,7 @@ def describe_plan(stages: list[Stage]) -> str:
 def _eval_config(evaluation: dict[str, Any], target: str, data: str | None = None):
     from align.evaluation import EvalConfig
 
-    options = {k: v for k, v in evaluation.items() if k in EVAL_KEYS}
+    options = {"backend": "hf", **{k: v for k, v in evaluation.items() if k in EVAL_KEYS}}  # hf unless asked
     options.update(target=target, **({"data": data} if data else {}))
     return EvalConfig.from_kwargs(source="eval", **options)
 

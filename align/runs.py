@@ -116,8 +116,12 @@ class Run:
                 f"--output {run.path} already exists and is not empty. Pass --resume to continue that run, "
                 "--overwrite to replace it, or choose another output directory."
             )
-        if occupied and resume and not run.manifest_path.is_file():
-            raise AlignError(f"--resume: {run.path} is not an align run (no {MANIFEST}); nothing to resume.")
+        if resume and not run.manifest_path.is_file():
+            raise AlignError(f"--resume: {run.path} holds no align run (no {MANIFEST}); nothing to resume. Check the "
+                             "path, or drop --resume to start a new run there.")
+        if resume and run.manifest().get("status") == "completed":
+            raise AlignError(f"--resume: {run.path} is a completed run, and a finished run is never modified. Start "
+                             "a child stage from it (--from), choose another --output, or --overwrite to train it again.")
         return run
 
     def clear(self) -> None:

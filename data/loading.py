@@ -5,7 +5,7 @@ Accepted sources (tried in this order):
 - a local file: .jsonl/.ndjson (one object per line), .json (an array of objects, an object of equal-length
   lists, or an object with one key holding such an array), .csv (header row), .parquet
 - a local directory written by `datasets.Dataset.save_to_disk` (or a DatasetDict: pick `split`)
-- a hub dataset id (`org/name`), only when online; offline (HF_HUB_OFFLINE=1 or no network) is a clear error
+- a hub dataset id (`org/name`, or `org/name:config` for a named configuration), only when online; offline (HF_HUB_OFFLINE=1 or no network) is a clear error
 """
 
 from __future__ import annotations
@@ -168,8 +168,9 @@ def _load_hub(spec: str, split: str) -> Records:
                          f"(HF_HUB_OFFLINE is set). Pass a local file. {hint}")
     import datasets
 
+    name, _, config = spec.partition(":")  # `org/name:config`, e.g. openai/gsm8k:main
     try:
-        data = datasets.load_dataset(spec, split=split)
+        data = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # the hub client raises many types; all mean "could not get it"
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise AlignError(f"Dataset '{spec}' is not a local file or directory and could not be loaded from the hub "

@@ -96,25 +96,37 @@ def check_parent(cfg, stage: str) -> None:
         resolve_parent(cfg.from_run, stage, cfg.model)
 
 
-RESUME_KEYS = ("model", "from_run", "adapter", "data")
+# Options a resumed run may change (recorded in run.json `resume_changes` with the step); any other change is refused.
+RESUME_MAY_CHANGE = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                     "tensorboard", "resume", "overwrite", "config"}
 
 
 def start_run(run: Run, cfg) -> Path | None:
     """Clear (overwrite) or check (resume) the run directory; return the checkpoint to resume from."""
+    import json
+
     if cfg.overwrite:
         run.clear()
     if not cfg.resume:
         return None
-    previous = run.manifest().get("config", {})
-    changed = [k for k in RESUME_KEYS if k in previous and previous.get(k) != getattr(cfg, k, None)]
-    if changed:
+    manifest = run.manifest()
+    previous, current = manifest.get("config", {}), json.loads(json.dumps(cfg.to_dict(), default=str))
+    changed = {k: (previous.get(k), current.get(k)) for k in sorted(set(previous) | set(current))
+               if previous.get(k) != current.get(k)}
+    refused = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
         raise AlignError(
-            f"--resume: {run.path} was started with different " + ", ".join(
-                f"--{k} ({previous[k]!r}, now {getattr(cfg, k)!r})" for k in changed)
-            + ". Resume with the same options, or use --overwrite to start over."
+            f"--resume: {run.path} was started with other options: " + ", ".join(
+                f"--{k.replace('_', '-')} {old!r} (now {new!r})" for k, (old, new) in refused.items())
+            + ". Resume with the same options (only " + ", ".join(
+                f"--{k.replace('_', '-')}" for k in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite", "config"}))
+            + " may change), or use --overwrite to start over."
         )
     checkpoint = run.last_checkpoint()
     step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+    recorded = {k: list(v) for k, v in changed.items() if k not in ("resume", "overwrite", "config")}
+    if recorded:
+        run.update_manifest(resume_changes=[*manifest.get("resume_changes", []), {"at_step": step, **recorded}])
     run.truncate_metrics(after_step=step)
     logger.info("Resuming %s from %s", run.path, checkpoint or "the start (no checkpoint yet)")
     return checkpoint

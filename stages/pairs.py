@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from align.config import Config, opt
 from align.errors import AlignError, Problems
@@ -44,6 +44,9 @@ class PairsConfig(RewardOptions, Config):
     top_p: float = opt(1.0, "Nucleus sampling threshold.")
     max_completion_length: int = opt(64, "Maximum tokens per completion.")
     batch_size: int = opt(256, "Completions generated per batch.")
+    backend: Literal["auto", "hf", "vllm"] = opt("auto", "Sampling backend: hf (transformers generate) or vllm (the "
+                                                         "rollout engine); auto = vllm when installed and on a GPU.")
+    vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.")
     max_prompts: int | None = opt(None, "Use the first N prompts (default: all).")
     seed: int = opt(42, "Sampling seed.")
     resume: bool = opt(False, "Redo an interrupted pairs run in --output (sampling restarts; it has no checkpoints).")
@@ -85,7 +88,7 @@ def make_pairs(rows: list[dict[str, Any]], texts: list[str], totals: list[float]
 
 def main(cfg: PairsConfig) -> Path:
     """Sample, score and pair as configured; returns the run directory."""
-    from align.evaluation import generate_completions, load_model
+    from align.evaluation import generate_completions, load_model, make_engine
     from align.rewards import weighted_total
     from align.stages.common import check_parent, seed_everything, start_run
 
@@ -100,12 +103,16 @@ def main(cfg: PairsConfig) -> Path:
     source = cfg.from_run or cfg.model
     with run.lifecycle(stage="pairs", task="pairs", config=cfg.to_dict(), datasets=datasets, seed=cfg.seed,
                        parent=str(Path(cfg.from_run).resolve()) if cfg.from_run else None, rewards=cfg.reward_specs()):
-        model, tokenizer, _ = load_model(source)
+        model, tokenizer, manifest = load_model(source)
         seed_everything(cfg.seed)
         k = cfg.num_generations
-        _, completion_ids, texts = generate_completions(
-            model, tokenizer, [r["prompt"] for r in rows], num_samples=k, max_new_tokens=cfg.max_completion_length,
-            temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, desc="Sampling")
+        engine = make_engine(cfg.backend, model, tokenizer, manifest, source, max_new_tokens=cfg.max_completion_length,
+                             temperature=cfg.temperature, top_p=cfg.top_p, memory=cfg.vllm_memory, seed=cfg.seed)
+        try:
+            _, completion_ids, texts = generate_completions(engine, model, [r["prompt"] for r in rows], num_samples=k,
+                                                            batch_size=cfg.batch_size, desc="Sampling")
+        finally:
+            getattr(engine, "shutdown", engine.close)()
         rewards = cfg.guarded_rewards()
         prompts = [r["prompt"] for r in rows for _ in range(k)]
         columns = {c: [r.get(c) for r in rows for _ in range(k)] for c in rows[0] if c != "prompt"}

@@ -120,6 +120,18 @@ class VLLMEngine:
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def shutdown(self) -> None:
+        """Release the engine (its process and memory) — for one-off sampling (eval, pairs) inside a longer run."""
+        import gc
+
+        self.close()
+        self.__dict__.pop("llm", None)
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 
 class VLLMServerEngine:

@@ -104,3 +104,47 @@ def test_python_api_rejects_unknown_option(tiny_model):
 def test_missing_model_on_hub_offline(cli, tmp_path):
     code, _, err = cli("sft", "--model", "someorg/nomodel", "--data", "arith", "--output", tmp_path / "r", "--max-steps", "1")
     assert code == 2 and "Cannot load" in err and "someorg/nomodel" in err
+
+
+def test_repeated_list_flags_keep_every_value(tmp_path):
+    from align.cli import build
+    from align.config import parse_args
+
+    top, parsers = build()
+    argv = ["grpo", "--reward", "accuracy", "--reward", "closeness", "length", "--target-modules", "q_proj",
+            "--target-modules", "v_proj"]
+    cfg = parse_args(parsers["grpo"][1], top, argv, sub=parsers["grpo"][0])
+    assert cfg.reward == ["accuracy", "closeness", "length"] and cfg.target_modules == ["q_proj", "v_proj"]
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("reward: [format]\n")
+    top, parsers = build()
+    cfg = parse_args(parsers["grpo"][1], top, ["grpo", "--config", str(yaml_file)], sub=parsers["grpo"][0])
+    assert cfg.reward == ["format"], "YAML value kept when no flag is given"
+    top, parsers = build()
+    cfg = parse_args(parsers["grpo"][1], top, ["grpo", "--config", str(yaml_file), "--reward", "a", "--reward", "b"],
+                     sub=parsers["grpo"][0])
+    assert cfg.reward == ["a", "b"], "flags replace the YAML list, and every repeated flag is kept"
+
+
+def test_resume_never_touches_a_finished_run_nor_a_missing_one(cli, sft_run, tiny_model, tmp_path):
+    before = {p: p.read_bytes() for p in sft_run.rglob("*") if p.is_file()}
+    code, _, err = cli("sft", "--model", tiny_model, "--data", "arith", "--output", sft_run, "--resume")
+    assert code == 2 and "is a completed run" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in sft_run.rglob("*") if p.is_file()} == before
+    code, _, err = cli("sft", "--model", tiny_model, "--data", "arith", "--output", tmp_path / "nothing", "--resume")
+    assert code == 2 and "nothing to resume" in err and not (tmp_path / "nothing").exists()
+
+
+def test_resume_refuses_changed_options(cli, sft_run, tmp_path):
+    import json
+    import shutil
+
+    run = tmp_path / "interrupted"
+    shutil.copytree(sft_run, run)
+    manifest = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**manifest, "status": "running"}))  # as a killed process leaves it
+    cfg = manifest["config"]
+    code, _, err = cli("sft", "--model", cfg["model"], "--data", "arith", "--eval-data", "arith-eval", "--output", run,
+                       "--resume", "--lr", "0.05", "--batch-size", "8", "--max-steps", "20", "--no-packing")
+    assert code == 2 and "--lr 0.003 (now 0.05)" in err and "--batch-size 16 (now 8)" in err
+    assert json.loads((run / "run.json").read_text())["status"] == "running", "the refused resume wrote nothing"

@@ -155,3 +155,18 @@ def test_grouped_cpu_lora_ops_equal_vllms_own(slots):
             getattr(vllm_ops, name)(*args, want, indices, *extra)
             getattr(ours, name)(*args, got, indices, *extra)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_with_the_vllm_backend_matches_hf(sft_run, tmp_path):
+    """`align eval --backend vllm` serves the run's adapter: greedy completions, and so accuracy, equal hf's."""
+    results = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / f"{backend}.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "align", "eval", str(sft_run), "--data", "arith-prompts-eval", "--max-samples", "16",
+             "--max-new-tokens", "6", "--backend", backend, "--vllm-memory", "0.2", "--reference", "none",
+             "--output", str(out)], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[backend] = json.loads(out.read_text())
+    assert results["vllm"]["accuracy"] == results["hf"]["accuracy"]
+    assert [e["completion"] for e in results["vllm"]["examples"]] == [e["completion"] for e in results["hf"]["examples"]]
