@@ -54,7 +54,7 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
 
     run, policy = started.run, started.policy
     with exact_adapter_precision(policy.model):
-        trainer = make_trainer(callbacks(run, cfg.tensorboard))
+        trainer = make_trainer(callbacks(run, uses_tensorboard(cfg)))
     with run.lifecycle(**stage_manifest(stage, task, cfg, policy, started.datasets), **manifest):
         metrics = train_and_save(trainer, run, resume_from=started.resume_from, tokenizer=policy.tokenizer,
                                  full=ADAPTERS[policy.adapter].full)
@@ -98,7 +98,7 @@ def check_parent(cfg, stage: str) -> None:
 
 # Options a resumed run may change (recorded in run.json `resume_changes` with the step); any other change is refused.
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "tensorboard", "resume", "overwrite", "config"}
+                     "tensorboard", "report_to", "resume", "overwrite", "config"}
 
 
 def start_run(run: Run, cfg) -> Path | None:
@@ -142,6 +142,8 @@ def trainer_arguments(cfg, run: Run, has_eval: bool) -> dict[str, Any]:
     """TrainingArguments fields common to every TRL config, from align's TrainOptions."""
     import torch
 
+    from align.trackers import trainer_report_to
+
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported() and cfg.dtype in ("auto", "bfloat16")
     return dict(
@@ -170,7 +172,7 @@ def trainer_arguments(cfg, run: Run, has_eval: bool) -> dict[str, Any]:
         fp16=False,
         use_cpu=not cuda,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        report_to="none",
+        report_to=trainer_report_to(cfg.report_to),
         disable_tqdm=False,
         dataloader_pin_memory=cuda,
     )
@@ -192,6 +194,10 @@ def callbacks(run: Run, tensorboard: bool) -> list:
 
         out.append(TensorBoardCallback(tb_writer=writer))
     return out
+
+
+def uses_tensorboard(cfg) -> bool:
+    return cfg.tensorboard and "tensorboard" in cfg.report_to
 
 
 def tensorboard_writer(run: Run, enabled: bool):

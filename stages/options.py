@@ -71,7 +71,9 @@ class TrainOptions:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     resume: bool = opt(False, "Continue the run in --output from its last checkpoint.")
     overwrite: bool = opt(False, "Replace an existing run in --output.")
-    tensorboard: bool = opt(True, "Write TensorBoard logs to RUN/logs.")
+    tensorboard: bool = opt(True, "Write TensorBoard logs to RUN/logs (when --report-to includes tensorboard).")
+    report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="Trackers for the metrics: tensorboard, wandb, "
+                               "trackio, mlflow (several allowed), or none. Every value is also in metrics.jsonl.")
 
     def check(self, problems: Problems) -> None:
         if not self.output:
@@ -87,5 +89,8 @@ class TrainOptions:
             problems.add(f"--epochs must be positive, got {self.epochs}.")
         if self.lr <= 0:
             problems.add(f"--lr must be positive, got {self.lr}.")
+        from align.trackers import check_report_to
+
+        check_report_to(self.report_to, problems)
         if self.resume and self.overwrite:
             problems.add("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it.")

@@ -185,9 +185,10 @@ class PPO:
         from transformers import get_scheduler
 
         from align.models import disable_dropout
-        from align.stages.common import tensorboard_writer
+        from align.stages.common import tensorboard_writer, uses_tensorboard
         from align.stages.critic import CRITIC, build_critic
         from align.stages.ppo_losses import AdaptiveKL
+        from align.trackers import Trackers
 
         self.cfg, self.run, self.policy = cfg, started.run, started.policy
         self.train_rows, self.eval_rows = started.train, started.evaluation
@@ -219,7 +220,8 @@ class PPO:
                                        num_training_steps=updates)
         self.step = 0
         self.orders: dict[int, torch.Tensor] = {}  # data order of the current pass
-        self.writer = tensorboard_writer(self.run, cfg.tensorboard)
+        self.writer = tensorboard_writer(self.run, uses_tensorboard(cfg))
+        self.trackers = Trackers(cfg.report_to, self.run.path.name, str(self.run.path), cfg.to_dict())
 
     def _add_reference(self) -> str | None:
         """The frozen reference: None = the model with adapters disabled; "ref" = a frozen copy of the parent's
@@ -438,6 +440,7 @@ class PPO:
     # -- driving -----------------------------------------------------------------------------------------------
     def log(self, metrics: dict[str, float]) -> None:
         self.run.log_metrics({"step": self.step, **metrics})
+        self.trackers.log(metrics, self.step)
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, self.step)
@@ -474,6 +477,7 @@ class PPO:
             self.engine.close()
             if self.writer is not None:
                 self.writer.close()
+            self.trackers.close()
         return {**last, "train_runtime": time.perf_counter() - start, "global_step": self.step}
 
 

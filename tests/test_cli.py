@@ -148,3 +148,21 @@ def test_resume_refuses_changed_options(cli, sft_run, tmp_path):
                        "--resume", "--lr", "0.05", "--batch-size", "8", "--max-steps", "20", "--no-packing")
     assert code == 2 and "--lr 0.003 (now 0.05)" in err and "--batch-size 16 (now 8)" in err
     assert json.loads((run / "run.json").read_text())["status"] == "running", "the refused resume wrote nothing"
+
+
+def test_report_to_is_validated_and_passed_to_the_trainers(cli, tiny_model, tmp_path):
+    import importlib.util
+
+    from align.runs import Run
+    from align.stages.common import trainer_arguments, uses_tensorboard
+    from align.stages.sft import SFTConfig
+
+    code, _, err = cli("sft", "--model", tiny_model, "--data", "arith", "-o", tmp_path / "x", "--report-to", "tensorbord")
+    assert code == 2 and "--report-to tensorbord: unknown tracker" in err
+    if importlib.util.find_spec("wandb") is None:
+        code, _, err = cli("sft", "--model", tiny_model, "--data", "arith", "-o", tmp_path / "x", "--report-to", "wandb")
+        assert code == 2 and "pip install wandb" in err
+    cfg = SFTConfig(model=tiny_model, data="arith", output=str(tmp_path / "x"), report_to=["tensorboard", "mlflow"])
+    assert trainer_arguments(cfg, Run(cfg.output), False)["report_to"] == ["mlflow"] and uses_tensorboard(cfg)
+    cfg = SFTConfig(model=tiny_model, data="arith", output=str(tmp_path / "x"), report_to=["none"])
+    assert trainer_arguments(cfg, Run(cfg.output), False)["report_to"] == "none" and not uses_tensorboard(cfg)

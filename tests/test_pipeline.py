@@ -234,3 +234,18 @@ def test_report_writes_pngs_and_a_summary_naming_every_stage(finished, cli):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert (out / "dpo" / "report" / "rewards_margins.png").is_file()
     assert (out / "report" / "held_out_accuracy.png").is_file()
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_pass_a_dry_run(recipe, monkeypatch, tmp_path):
+    """Every shipped recipe validates (options, kinds, names, rewards, local data) and plans; hub data is offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = yaml.safe_load(recipe.read_text())
+    spec["output"] = str(tmp_path / "out")
+    if not str(spec["model"]).count("/") == 1:  # a local base the demo builds first (align tiny-model)
+        spec["model"] = str(tmp_path / "base")
+        (tmp_path / "base").mkdir()
+        (tmp_path / "base" / "config.json").write_text("{}")
+    result = align.run(spec, dry_run=True)
+    assert [s["action"] for s in result["plan"]] == ["run"] * len(spec["stages"])
