@@ -15,6 +15,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 
+def _quiet_known_noise() -> None:
+    """bitsandbytes on CPU warns on import that it cannot fetch an optional kernel from a model hub (the `kernels`
+    package, which align must not install: it downloads). The fallback it uses is correct; drop that one line."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
+
+
+_quiet_known_noise()
+
+
 def sft(**options: Any) -> Path:
     """Supervised fine-tuning; options as `align sft --help` (e.g. model, data, output, adapter, lr)."""
     from align.stages.sft import SFTConfig, main

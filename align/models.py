@@ -133,7 +133,20 @@ def attach_adapter(model, config, *, gradient_checkpointing: bool = False):
         return model
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    check_target_modules(model, getattr(config, "target_modules", None))
     return get_peft_model(model, config)
+
+
+def check_target_modules(model, targets) -> None:
+    """Every named --target-modules entry must match a module of `model` (PEFT only fails when none does)."""
+    if not targets or isinstance(targets, str):  # None, "all-linear" or a regex: PEFT's own matching
+        return
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = sorted(t for t in targets if t not in names)
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__})
+        raise AlignError(f"--target-modules {' '.join(missing)}: not in this model. Its linear layers are: "
+                         f"{', '.join(linear)} (or use all-linear).")
 
 
 def backbone(model):

@@ -42,9 +42,11 @@ def start_stage(cfg, stage: str, load_data, **policy_kwargs) -> Started:
     data = collect(problems, load_data, cfg) if cfg.data else None
     collect(problems, check_parent, cfg, stage)
     problems.raise_if_any(f"Cannot start `align {stage}`:")
-    resume_from = start_run(run, cfg)
     seed_everything(cfg.seed)
+    # the policy first: what only loading can check (e.g. --target-modules the model lacks) fails before
+    # --overwrite removes the old run
     policy = build_policy(cfg, stage=stage, **policy_kwargs)
+    resume_from = start_run(run, cfg)
     return Started(run, resume_from, policy, *data)
 
 

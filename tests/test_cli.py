@@ -166,3 +166,15 @@ def test_report_to_is_validated_and_passed_to_the_trainers(cli, tiny_model, tmp_
     assert trainer_arguments(cfg, Run(cfg.output), False)["report_to"] == ["mlflow"] and uses_tensorboard(cfg)
     cfg = SFTConfig(model=tiny_model, data="arith", output=str(tmp_path / "x"), report_to=["none"])
     assert trainer_arguments(cfg, Run(cfg.output), False)["report_to"] == "none" and not uses_tensorboard(cfg)
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(cli, sft_run, tiny_model, tmp_path):
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(sft_run, run)
+    before = (run / "run.json").read_text()
+    code, _, err = cli("sft", "--model", tiny_model, "--data", "arith", "--output", run, "--overwrite",
+                       "--target-modules", "q_proj", "no_such_proj", "--max-steps", "1")
+    assert code == 2 and "--target-modules no_such_proj: not in this model" in err and "k_proj" in err
+    assert (run / "run.json").read_text() == before and (run / "adapter").is_dir(), "the old run is untouched"
