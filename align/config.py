@@ -145,13 +145,13 @@ def coerce_mapping(cls, mapping: dict[str, Any], source: str) -> dict[str, Any]:
     return values
 
 
-def load_yaml(path: str | Path, cls) -> dict[str, Any]:
-    """Read a YAML config file into checked field values for `cls`."""
+def read_yaml_mapping(path: str | Path, what: str = "Config file", flag: str = "--config") -> dict[str, Any]:
+    """The top-level mapping of a YAML file ({} when empty); AlignError naming the file and line otherwise."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise AlignError(f"Config file not found: {path}. Check the path given to --config.")
+        raise AlignError(f"{what} not found: {path}. Check the path given to {flag}.")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as e:
@@ -163,6 +163,12 @@ def load_yaml(path: str | Path, cls) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise AlignError(f"{path}: the top level must be a mapping of option: value, got {type(data).__name__}.")
+    return data
+
+
+def load_yaml(path: str | Path, cls) -> dict[str, Any]:
+    """Read a YAML config file into checked field values for `cls`."""
+    data = read_yaml_mapping(path)
     data.pop("config", None)
     return coerce_mapping(cls, data, str(path))
 

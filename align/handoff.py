@@ -181,7 +181,9 @@ def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "
     tokenizer = load_tokenizer(str(parent.weights_dir), cfg.trust_remote_code)
     handoff = "merge" if (task != parent.manifest.get("task", "causal-lm") or parent.full) else cfg.handoff
     common = dict(parent=str(parent.path.resolve()), lineage=parent.lineage(), handoff=handoff,
-                  base_config_sha256=parent.manifest.get("base_config_sha256"))
+                  # a full fine-tuning parent is itself the child's base: fingerprint its model directory
+                  base_config_sha256=base_fingerprint(parent.base_model) if parent.full
+                  else parent.manifest.get("base_config_sha256"))
     if handoff == "continue":
         if cfg.adapter not in (None, parent.adapter):
             raise AlignError(f"--adapter {cfg.adapter}: with --handoff continue the child keeps training the parent's "

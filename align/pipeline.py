@@ -94,19 +94,9 @@ def read_pipeline(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], 
     """(the pipeline mapping, where it came from) from a YAML file or a dict."""
     if isinstance(source, dict):
         return source, "pipeline"
-    import yaml
+    from align.config import read_yaml_mapping
 
-    path = Path(source)
-    if not path.is_file():
-        raise AlignError(f"Pipeline file not found: {path}.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark else "?"
-        raise AlignError(f"{path}:{line}: invalid YAML: {e.problem}. Fix the syntax on that line.") from None
-    if not isinstance(data, dict):
-        raise AlignError(f"{path}: the top level must be a mapping (model, output, stages, ...).")
-    return data, str(path)
+    return read_yaml_mapping(source, "Pipeline file", "align run"), str(source)
 
 
 def _stage_ref(value: Any, names: dict[str, str], output: Path) -> tuple[Any, str | None]:

@@ -46,13 +46,18 @@ def _tokenizer_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """Train a byte-level BPE tokenizer and wrap it as a `PreTrainedTokenizerFast` with a chat template."""
+def build_tokenizer(vocab_size: int = 1024, split_digits: bool = False):
+    """Train a byte-level BPE tokenizer and wrap it as a `PreTrainedTokenizerFast` with a chat template.
+
+    split_digits: every digit is its own token (numbers are never merged), so arithmetic can generalise from digits
+    instead of memorising a token per number."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -86,6 +91,7 @@ def build_tiny_model(
     max_position_embeddings: int = 1024,
     initializer_range: float = 0.1,
     seed: int = 0,
+    split_digits: bool = False,
 ) -> Path:
     """Write a random-weight model + tokenizer to `output` and return its path.
 
@@ -95,7 +101,7 @@ def build_tiny_model(
     from transformers import BertConfig, BertModel, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     output = Path(output)
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, split_digits)
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if arch == "bert":
@@ -139,6 +145,7 @@ class TinyModelConfig(Config):
     vocab_size: int = opt(1024, "BPE vocabulary size (including special tokens).")
     initializer_range: float = opt(0.1, "Std of the random weights (0.1 lets LoRA on this untrained model learn fast).")
     seed: int = opt(0, "Seed of the random weights.")
+    split_digits: bool = opt(False, "Tokenize every digit on its own (arithmetic generalises; the demo uses it).")
     overwrite: bool = opt(False, "Replace an existing directory.")
 
     def check(self, problems: Problems) -> None:
@@ -154,4 +161,4 @@ def main(cfg: TinyModelConfig) -> Path:
     cfg.validate()
     return build_tiny_model(cfg.output, arch=cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                             num_heads=cfg.num_heads, vocab_size=cfg.vocab_size, seed=cfg.seed,
-                            initializer_range=cfg.initializer_range)
+                            initializer_range=cfg.initializer_range, split_digits=cfg.split_digits)

@@ -8,6 +8,9 @@ They are generated deterministically by this module; regenerate with `python -m 
   hedged ("Maybe 41?"): learnable by a tiny model from the form alone (1000 pairs)
 - `arith-prefs-eval`  held-out preference pairs (200)
 - `arith-prompts`  prompts with an `answer` column, for online RL (GRPO/PPO) (500; `-eval`: 100)
+- `addition`, `addition-prompts`, `addition-eval`  the demo pipeline's task (recipes/demo.yaml): every "a + b" with
+  a, b in 0-49 (2500 problems), shuffled once and split three ways, disjoint: 1500 SFT conversations, 500 RL prompts
+  with answers (pairs, grpo, ppo), and 500 held-out prompts with answers that no stage trains on
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ BUNDLED: dict[str, str] = {
     "arith-prefs-eval": "arith_prefs_eval.jsonl",
     "arith-prompts": "arith_prompts.jsonl",
     "arith-prompts-eval": "arith_prompts_eval.jsonl",
+    "addition": "addition_sft.jsonl",
+    "addition-prompts": "addition_prompts.jsonl",
+    "addition-eval": "addition_eval.jsonl",
 }
 
 
@@ -80,6 +86,20 @@ def arithmetic_prompt_records(n_train: int = 500, n_eval: int = 100, seed: int =
     return records[:n_train], records[n_train:]
 
 
+def addition_records(max_operand: int = 50, n_eval: int = 500, n_sft: int = 1500, seed: int = 0):
+    """(sft conversations, RL prompts, held-out prompts): every a + b with a, b < max_operand, split disjointly."""
+    problems = [(a, b) for a in range(max_operand) for b in range(max_operand)]
+    random.Random(seed).shuffle(problems)
+    held, sft, rl = problems[:n_eval], problems[n_eval : n_eval + n_sft], problems[n_eval + n_sft :]
+
+    def prompts(part):
+        return [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in part]
+
+    conversations = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                   {"role": "assistant", "content": str(a + b)}]} for a, b in sft]
+    return conversations, prompts(rl), prompts(held)
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -90,6 +110,8 @@ def main() -> None:
         train, held_out = make()
         write_jsonl(SAMPLES_DIR / BUNDLED[name], train)
         write_jsonl(SAMPLES_DIR / BUNDLED[f"{name}-eval"], held_out)
+    for name, records in zip(("addition", "addition-prompts", "addition-eval"), addition_records(), strict=True):
+        write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
 
 
 if __name__ == "__main__":
