@@ -308,7 +308,14 @@ def plan(stages: list[Stage], force: bool) -> None:
         manifest_path = stage.run_dir / "run.json"
         upstream = stage.refs & rerun
         if not manifest_path.is_file():
-            stage.action = "run" if not (stage.run_dir.is_dir() and any(stage.run_dir.iterdir())) else "rerun"
+            stage.action = "run"
+            if stage.run_dir.is_dir() and any(stage.run_dir.iterdir()):
+                stage.changes.append("its directory holds files but no run.json")
+                if force:
+                    stage.action = "rerun"
+                else:
+                    refused.append(f"stage '{stage.name}': {stage.run_dir} holds files but no run.json (not a run); "
+                                   "move them away")
         else:
             manifest = read_manifest(stage.run_dir)
             stage.changes = stage_changes(stage, manifest)
@@ -323,9 +330,7 @@ def plan(stages: list[Stage], force: bool) -> None:
                 stage.action = "rerun"
             else:
                 refused.append(f"stage '{stage.name}' ({status}, {stage.run_dir}) changed: " + "; ".join(stage.changes))
-        if stage.action in ("run", "rerun"):
-            rerun.add(stage.name)
-        elif stage.action == "resume":
+        if stage.action != "skip":
             rerun.add(stage.name)
     if refused:
         raise AlignError("The pipeline differs from the runs already in its output directory. Pass --force to rerun "

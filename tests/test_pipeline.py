@@ -243,9 +243,22 @@ def test_shipped_recipes_pass_a_dry_run(recipe, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = yaml.safe_load(recipe.read_text())
     spec["output"] = str(tmp_path / "out")
-    if not str(spec["model"]).count("/") == 1:  # a local base the demo builds first (align tiny-model)
+    if "gpu" not in recipe.parts:  # the embedded default: a local base the README builds first (align tiny-model)
         spec["model"] = str(tmp_path / "base")
         (tmp_path / "base").mkdir()
         (tmp_path / "base" / "config.json").write_text("{}")
     result = align.run(spec, dry_run=True)
     assert [s["action"] for s in result["plan"]] == ["run"] * len(spec["stages"])
+
+
+def test_a_stage_directory_with_foreign_files_is_refused(tiny_model, tmp_path):
+    from align.pipeline import plan
+
+    spec = pipeline_spec(tiny_model, tmp_path / "out")
+    (tmp_path / "out" / "sft").mkdir(parents=True)
+    (tmp_path / "out" / "sft" / "notes.txt").write_text("mine")
+    _, stages = resolve(spec, "p")
+    with pytest.raises(AlignError, match="holds files but no run.json"):
+        plan(stages, force=False)
+    plan(stages, force=True)
+    assert stages[0].action == "rerun"
