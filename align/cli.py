@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ppo": ("PPO (RLHF): actor-critic training against a reward model (--reward-model) and/or reward functions.", "align.stages.ppo:PPOConfig", "align.stages.ppo:main"),
     "eval": ("Evaluate a run or model on held-out data: accuracy, rewards, length, KL to the parent; preference accuracy.", "align.evaluation:EvalConfig", "align.evaluation:main"),
     "pairs": ("On-policy preference pairs: sample from a policy, label with rewards, keep (best, worst) per prompt.", "align.stages.pairs:PairsConfig", "align.stages.pairs:main"),
-    "run": ("Run a pipeline file: several stages, each from another, with held-out eval and gates.", "align.pipeline:RunConfig", "align.pipeline:main"),
+    "run": ("Run a pipeline file: several stages, each from another, with held-out eval and gates (exit 3 when a gate stops it).", "align.pipeline:RunConfig", "align.pipeline:main"),
     "report": ("Plots (PNG) and a summary page (markdown + HTML) for a run or a pipeline directory.", "align.report:ReportConfig", "align.report:main"),
     "generate": ("Sample from a run (base + adapter) or a model with its chat template.", "align.generate:GenerateConfig", "align.generate:main"),
     "merge": ("Merge a run's adapter into its base and write a plain HF model directory.", "align.merge:MergeConfig", "align.merge:main"),

@@ -181,7 +181,7 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
             if parent not in seen:
                 problems.add(f"{label}: from '{parent}' refers to a stage that comes later (or to itself); stages "
                              "run in order, so a stage can only start from an earlier one.")
-            elif seen[parent] not in POLICY_KINDS and kind != "rm":
+            elif seen[parent] not in POLICY_KINDS:
                 problems.add(f"{label}: from '{parent}' is a {seen[parent]} stage, not a policy "
                              f"({', '.join(POLICY_KINDS)}).")
             refs.add(parent)

@@ -202,13 +202,19 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
         if (run_dir / "run.json").is_file():
             run_report(run_dir, run_dir / "report")
             links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status"),
-                          str(run_dir / "report" / "report.html")])
+                          f"../{run_dir.name}/report/report.html"])
         else:
             links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status", "pending"), "-"])
     rows = data.get("table", [])
     header = ["stage", "kind", "from", "held-out accuracy", "mean reward", "KL to parent", "preference accuracy"]
+    def cell(row: dict[str, Any], metric: str) -> str:
+        value = row.get(metric)
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}%" if metric in ("accuracy", "preference_accuracy") else f"{value:.3f}"
+
     table = _md_table(header, [[r["stage"], r["kind"], r["from"]] + [
-        "-" if r.get(m) is None else r[m] for m in ("accuracy", "reward", "kl", "preference_accuracy")] for r in rows])
+        cell(r, m) for m in ("accuracy", "reward", "kl", "preference_accuracy")] for r in rows])
     evaluation = data.get("eval") or {}
     sections = [
         ("Held-out metrics, base → each stage", table + f"\n\nHeld-out data: {evaluation.get('data', '-')} "
