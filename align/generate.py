@@ -30,6 +30,16 @@ class GenerateConfig(Config):
             problems.add("--prompt is required.")
         if self.max_new_tokens <= 0:
             problems.add(f"--max-new-tokens must be positive, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            problems.add(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            problems.add(f"--top-p must be in (0, 1], got {self.top_p}.")
+        if self.target and (Path(self.target) / "run.json").is_file():
+            from align.runs import read_manifest
+
+            if read_manifest(self.target).get("task") == "seq-cls":
+                problems.add(f"{self.target} is a reward model (align rm): it scores text, it does not generate. "
+                             f"Score with `align rm score {self.target} --data D`, or generate from a policy run.")
 
 
 def load_target(target: str):

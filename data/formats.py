@@ -147,6 +147,10 @@ def normalize(records: Records, fmt: str = "auto", columns: list[str] = (), syst
             )
     elif fmt not in FORMATS:
         raise AlignError(unknown_name("format", fmt, FORMATS))
+    if fmt == "prompt_completion" and "label" in renamed:
+        raise AlignError(f"{records.source}: prompt/completion/label rows are unpaired preference data (TRL's KTO "
+                         "format): SFT would train on the label: false completions too. Train on the good rows only "
+                         "(filter label: true), or give paired data (prompt/chosen/rejected) to align dpo / align rm.")
     required, convert = FORMATS[fmt]
     out, problems = [], []
     for row, where in zip(records.rows, records.locations, strict=True):

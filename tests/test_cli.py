@@ -178,3 +178,19 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(cli, sft_run,
                        "--target-modules", "q_proj", "no_such_proj", "--max-steps", "1")
     assert code == 2 and "--target-modules no_such_proj: not in this model" in err and "k_proj" in err
     assert (run / "run.json").read_text() == before and (run / "adapter").is_dir(), "the old run is untouched"
+
+
+def test_generate_refuses_bad_sampling_values(cli, sft_run):
+    code, _, err = cli("generate", sft_run, "--prompt", "What is 1 + 1?", "--temperature", "-1", "--top-p", "2")
+    assert code == 2 and "--temperature must be >= 0" in err and "--top-p must be in (0, 1]" in err
+
+
+def test_unpaired_preference_data_is_refused_by_sft(cli, tiny_model, tmp_path):
+    import json
+
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "What is 1 + 1?", "completion": c, "label": c == "2"}) + "\n"
+                            for c in ("2", "3")))
+    code, _, err = cli("sft", "--model", tiny_model, "--data", data, "--output", tmp_path / "run")
+    assert code == 2 and "unpaired preference data" in err and "align dpo" in err
+    assert not (tmp_path / "run").exists()

@@ -214,3 +214,8 @@ def test_ppo_from_a_reward_model_run_is_refused(cli, rm_run, tmp_path):
     code, _, err = cli("ppo", "--from", rm_run, "--reward-model", rm_run, "--data", "arith-prompts",
                        "--output", tmp_path / "x")
     assert code == 2 and "cannot be the policy parent of ppo" in err and "--reward-model" in err
+
+
+def test_generate_on_a_reward_model_run_is_refused(cli, rm_run):
+    code, _, err = cli("generate", rm_run, "--prompt", "What is 1 + 1?")
+    assert code == 2 and "is a reward model" in err and "align rm score" in err and "Traceback" not in err
