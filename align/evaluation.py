@@ -198,6 +198,15 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(applied) / len(applied) if applied else None
 
 
+def reward_call(rows: list[dict[str, Any]], texts: list[str], completion_ids: list[list[int]], k: int):
+    """(prompts, completions, columns) for reward functions, as the RL stages pass them: each row's conversational
+    prompt repeated for its k completions, completions as assistant messages, every other column, completion_ids."""
+    prompts = [r["prompt"] for r in rows for _ in range(k)]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    columns = {c: [r.get(c) for r in rows for _ in range(k)] for c in rows[0] if c != "prompt"}
+    return prompts, completions, {**columns, "completion_ids": completion_ids}
+
+
 def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg: EvalConfig,
                      reference=None) -> dict[str, Any]:
     """Metrics of the module docstring on prompt rows ({"prompt": messages, **columns})."""
@@ -213,11 +222,7 @@ def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg
                                                                  batch_size=cfg.batch_size)
     finally:
         getattr(engine, "shutdown", engine.close)()
-    # the reward call of the RL stages: conversational prompts, completions as assistant messages, every column
-    call_prompts = [p for p in prompts for _ in range(k)]
-    completions = [[{"role": "assistant", "content": t}] for t in texts]
-    columns = {c: [r.get(c) for r in rows for _ in range(k)] for c in rows[0] if c != "prompt"}
-    columns["completion_ids"] = completion_ids
+    call_prompts, completions, columns = reward_call(rows, texts, completion_ids, k)
     metrics: dict[str, Any] = {"prompts": len(rows), "num_samples": k}
     if cfg.answer_column in rows[0]:
         correct = accuracy(column=cfg.answer_column)(call_prompts, completions, **columns)

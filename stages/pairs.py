@@ -88,7 +88,7 @@ def make_pairs(rows: list[dict[str, Any]], texts: list[str], totals: list[float]
 
 def main(cfg: PairsConfig) -> Path:
     """Sample, score and pair as configured; returns the run directory."""
-    from align.evaluation import generate_completions, load_model, make_engine
+    from align.evaluation import generate_completions, load_model, make_engine, reward_call
     from align.rewards import weighted_total
     from align.stages.common import check_parent, seed_everything, start_run
 
@@ -114,10 +114,8 @@ def main(cfg: PairsConfig) -> Path:
         finally:
             getattr(engine, "shutdown", engine.close)()
         rewards = cfg.guarded_rewards()
-        prompts = [r["prompt"] for r in rows for _ in range(k)]
-        columns = {c: [r.get(c) for r in rows for _ in range(k)] for c in rows[0] if c != "prompt"}
-        completions = [[{"role": "assistant", "content": t}] for t in texts]
-        scores = [g(prompts, completions, completion_ids=completion_ids, **columns) for g in rewards]
+        prompts, completions, columns = reward_call(rows, texts, completion_ids, k)
+        scores = [g(prompts, completions, **columns) for g in rewards]
         totals = weighted_total(scores, [g.reward.weight for g in rewards])
         pairs = make_pairs(rows, texts, totals, k)
         if not pairs:
