@@ -123,9 +123,13 @@ def materialize_base(base_model: str, merged_adapters: list[str], *, quantize_4b
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool):
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except SafetensorError as e:
+        raise AlignError(f"{adapter_dir}: the adapter weights cannot be read ({str(e)[:200]}); the file is damaged "
+                         "or truncated. Restore the run, or retrain it.") from None
     except (RuntimeError, ValueError, KeyError) as e:
         raise AlignError(f"Base/adapter mismatch: the adapter in {adapter_dir} does not fit its base model "
                          f"({str(e).splitlines()[0][:200]}).") from None

@@ -80,9 +80,14 @@ def _load_local(path: Path, split: str) -> Records:
     elif suffix == ".csv":
         rows, locations = _read_csv(path)
     elif suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowInvalid, OSError) as e:
+            raise AlignError(f"{source}: not a readable parquet file ({str(e).splitlines()[0][:200]}). Check the "
+                             "file, or give .jsonl/.csv data.") from None
         locations = [f"{source} row {i + 1}" for i in range(len(rows))]
     else:
         raise AlignError(f"{source}: unsupported file type '{suffix}'. Use .jsonl, .json, .csv, .parquet or a "

@@ -87,7 +87,12 @@ def _load_file(path: Path, attr: str, spec: str):
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
-    module_spec.loader.exec_module(module)  # a bug in the user's file raises here, with its traceback
+    try:
+        module_spec.loader.exec_module(module)  # a bug in the user's file raises here, with its traceback
+    except SyntaxError as e:
+        sys.modules.pop(name, None)
+        raise AlignError(f"{e.filename or path}:{e.lineno}: syntax error in reward file ({e.msg}): "
+                         f"{(e.text or '').strip()!r}. Fix that line.") from None
     return _attr(module, attr, spec, str(path))
 
 

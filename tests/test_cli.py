@@ -194,3 +194,25 @@ def test_unpaired_preference_data_is_refused_by_sft(cli, tiny_model, tmp_path):
     code, _, err = cli("sft", "--model", tiny_model, "--data", data, "--output", tmp_path / "run")
     assert code == 2 and "unpaired preference data" in err and "align dpo" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_damaged_inputs_are_user_errors_not_tracebacks(cli, sft_run, tiny_model, tmp_path):
+    import shutil
+
+    reward = tmp_path / "bad_reward.py"
+    reward.write_text("def f(prompts, completions, **kw)\n    return [1.0] * len(prompts)\n")
+    code, _, err = cli("rewards", "check", f"{reward}:f", "--data", "arith-prompts")
+    assert code == 2 and f"{reward}:1: syntax error in reward file" in err and "Traceback" not in err
+
+    parquet = tmp_path / "data.parquet"
+    parquet.write_text("not parquet")
+    code, _, err = cli("sft", "--model", tiny_model, "--data", parquet, "--output", tmp_path / "run")
+    assert code == 2 and "not a readable parquet file" in err
+
+    run = tmp_path / "truncated"
+    shutil.copytree(sft_run, run)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for args in (["generate", run, "--prompt", "hi"], ["merge", run, "--output", tmp_path / "merged"]):
+        code, _, err = cli(*args)
+        assert code == 2 and "damaged or truncated" in err, (args, err[-500:])
