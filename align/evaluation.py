@@ -83,23 +83,6 @@ class EvalConfig(Config):
 
 
 # -- loading -------------------------------------------------------------------------------------------------
-def is_run(path: str | Path) -> bool:
-    return (Path(path) / "run.json").is_file()
-
-
-def load_model(target: str):
-    """(model, tokenizer, manifest or None) for a run directory or a model directory / hub id."""
-    from align.handoff import load_run_policy
-    from align.models import load_base_model, load_tokenizer
-
-    if is_run(target):
-        model, tokenizer, manifest = load_run_policy(target)
-    else:
-        model, tokenizer, manifest = load_base_model(target), load_tokenizer(target), None
-    model.eval()
-    return model, tokenizer, manifest
-
-
 def default_reference(manifest: dict[str, Any] | None) -> str | None:
     """A run's parent policy: its parent run, or the base model of a first stage (None for a plain model)."""
     if manifest is None:
@@ -307,9 +290,11 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, manifest=None) -> dict
     """Evaluate `cfg.target` (or the given, already loaded model) on `cfg.data`; returns the metrics."""
     from transformers import set_seed
 
+    from align.generate import load_target
+
     kind, rows = load_eval_data(cfg)
     if model is None:
-        model, tokenizer, manifest = load_model(cfg.target)
+        model, tokenizer, manifest = load_target(cfg.target)
     task = (manifest or {}).get("task", "causal-lm")
     if kind == "prompts" and task == "seq-cls":
         raise AlignError(f"{cfg.target} is a reward model: evaluate it on preference pairs (chosen/rejected), or use "
@@ -317,7 +302,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, manifest=None) -> dict
     ref_name = cfg.reference if cfg.reference is not None else default_reference(manifest)
     reference = None
     if ref_name and ref_name.lower() != "none" and task != "seq-cls":
-        reference = load_model(ref_name)[0]
+        reference = load_target(ref_name)[0]
     set_seed(cfg.seed)
     if kind == "pairs":
         metrics = evaluate_pairs(model, tokenizer, manifest, rows, cfg, reference)

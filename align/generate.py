@@ -43,14 +43,16 @@ class GenerateConfig(Config):
 
 
 def load_target(target: str):
-    """(model, tokenizer) for a run directory or a model directory / hub id."""
+    """(model in eval mode, tokenizer, manifest or None) for a run directory or a model directory / hub id."""
     from align.handoff import load_run_policy
     from align.models import load_base_model, load_tokenizer
 
     if (Path(target) / "run.json").is_file():
-        model, tokenizer, _ = load_run_policy(target)
-        return model, tokenizer
-    return load_base_model(target), load_tokenizer(target)
+        model, tokenizer, manifest = load_run_policy(target)
+    else:
+        model, tokenizer, manifest = load_base_model(target), load_tokenizer(target), None
+    model.eval()
+    return model, tokenizer, manifest
 
 
 def generate(model, tokenizer, prompts: list[str], *, system_prompt: str | None = None, max_new_tokens: int = 64,
@@ -75,7 +77,7 @@ def main(cfg: GenerateConfig) -> str:
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    model, tokenizer = load_target(cfg.target)
+    model, tokenizer, _ = load_target(cfg.target)
     outs = generate(model, tokenizer, cfg.prompt, system_prompt=cfg.system_prompt, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_p=cfg.top_p)
     return "\n".join(f"### {p}\n{o}" if len(outs) > 1 else o for p, o in zip(cfg.prompt, outs, strict=True))

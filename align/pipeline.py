@@ -262,13 +262,10 @@ def _stage_problems(stages: list[Stage], where: str) -> list[str]:
 
 def offline_hub_id(spec: str | None) -> bool:
     """A dataset spec that names a hub dataset while the hub is offline (it cannot be validated now)."""
-    import os
-
-    from align.data.loading import looks_like_path
+    from align.data.loading import hub_offline, looks_like_path
     from align.data.samples import bundled_path
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    return bool(spec) and offline and not Path(spec).exists() and not looks_like_path(spec) \
+    return bool(spec) and hub_offline() and not Path(spec).exists() and not looks_like_path(spec) \
         and bundled_path(spec) is None
 
 
@@ -281,15 +278,13 @@ def _refers_to_pending(value: Any, stage: Stage) -> bool:
 
 
 # -- planning ------------------------------------------------------------------------------------------------
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in IGNORED_CHANGES}
-
-
 def stage_changes(stage: Stage, manifest: dict[str, Any]) -> list[str]:
     """Config keys (and data hashes) that differ between the recorded run and this stage's resolved config."""
-    old, new = _comparable(manifest.get("config", {})), _comparable(json.loads(json.dumps(stage.cfg.to_dict())))
-    changed = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     from align.runs import sha256_path
+    from align.stages.common import config_changes
+
+    changed = [f"{k} ({old!r} -> {new!r})" for k, (old, new) in config_changes(manifest.get("config", {}), stage.cfg).items()
+               if k not in IGNORED_CHANGES]
 
     for split, described in (manifest.get("datasets") or {}).items():
         path, digest = (described or {}).get("path"), (described or {}).get("sha256")
@@ -381,17 +376,19 @@ class Pipeline:
         self.records: dict[str, dict[str, Any]] = {}
         self.status = "running"
 
-    def save(self) -> None:
+    def save(self) -> dict[str, Any]:
+        """Write DIR/pipeline.json (atomically) and return its content."""
         from align.runs import write_json_atomic
 
         self.output.mkdir(parents=True, exist_ok=True)
         stages = [self.records.get(s.name) or {**self.previous.get(s.name, {}), "name": s.name, "kind": s.kind,
                                                   "run": str(s.run_dir), "status": "pending"} for s in self.stages]
-        write_json_atomic(self.path, {"pipeline": self.source, "status": self.status, "model": self.spec.get("model"),
-                                      "output": str(self.output), "seed": self.spec.get("seed"),
-                                      "defaults": self.spec.get("defaults"), "eval": self.spec.get("eval"),
-                                      "base": {"model": self.spec.get("model"), "eval": self.base_eval},
-                                      "stages": stages, "table": table_rows(self.base_eval, stages)})
+        data = {"pipeline": self.source, "status": self.status, "model": self.spec.get("model"),
+                "output": str(self.output), "seed": self.spec.get("seed"), "defaults": self.spec.get("defaults"),
+                "eval": self.spec.get("eval"), "base": {"model": self.spec.get("model"), "eval": self.base_eval},
+                "stages": stages, "table": table_rows(self.base_eval, stages)}
+        write_json_atomic(self.path, data)
+        return json.loads(json.dumps(data, default=str))
 
     def parent_eval(self, stage: Stage) -> dict[str, Any] | None:
         if stage.parent is None:
@@ -452,8 +449,7 @@ class Pipeline:
             self.save()
             raise
         self.status = "completed"
-        self.save()
-        return json.loads(self.path.read_text())
+        return self.save()
 
 
 # -- the table -----------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def _generate(cfg: RewardsCheckConfig, prompts: list) -> list[str]:
         raise AlignError(f"{cfg.data} has prompts but no completions: pass --from RUN (or --model M) to generate them.")
     from align.generate import generate, load_target
 
-    model, tokenizer = load_target(cfg.from_run or cfg.model)
+    model, tokenizer, _ = load_target(cfg.from_run or cfg.model)
     texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
     return generate(model, tokenizer, texts, max_new_tokens=cfg.max_new_tokens)
 

@@ -166,9 +166,14 @@ def _load_saved_dataset(path: Path, split: str) -> Records:
                    path=str(path.resolve()), sha256=sha256_path(path))
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: hub datasets cannot be loaded (or checked) now."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+
+
 def _load_hub(spec: str, split: str) -> Records:
     hint = f"Bundled samples: {', '.join(BUNDLED)}."
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if hub_offline():
         raise AlignError(f"Dataset '{spec}' is not a local file or directory, and the hub is offline "
                          f"(HF_HUB_OFFLINE is set). Pass a local file. {hint}")
     import datasets

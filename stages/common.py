@@ -37,17 +37,24 @@ def start_stage(cfg, stage: str, load_data, **policy_kwargs) -> Started:
     directory (clear with --overwrite, find the checkpoint with --resume), seed, and build the policy."""
     from align.handoff import build_policy
 
-    problems: Problems = cfg.problems()
-    run = open_run(cfg, problems)
-    data = collect(problems, load_data, cfg) if cfg.data else None
-    collect(problems, check_parent, cfg, stage)
-    problems.raise_if_any(f"Cannot start `align {stage}`:")
+    run, data = validate_stage(cfg, stage, load_data)
     seed_everything(cfg.seed)
     # the policy first: what only loading can check (e.g. --target-modules the model lacks) fails before
     # --overwrite removes the old run
     policy = build_policy(cfg, stage=stage, **policy_kwargs)
     resume_from = start_run(run, cfg)
     return Started(run, resume_from, policy, *data)
+
+
+def validate_stage(cfg, stage: str, load_data) -> tuple[Run, Any]:
+    """Config, output directory, data and parent checked together (one AlignError listing every problem);
+    returns the run (nothing written yet) and what `load_data(cfg)` returned."""
+    problems: Problems = cfg.problems()
+    run = open_run(cfg, problems)
+    data = collect(problems, load_data, cfg) if cfg.data else None
+    collect(problems, check_parent, cfg, stage)
+    problems.raise_if_any(f"Cannot start `align {stage}`:")
+    return run, data
 
 
 def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, **manifest: Any) -> Path:
@@ -103,18 +110,23 @@ RESUME_MAY_CHANGE = {"max_steps", "epochs", "logging_steps", "eval_steps", "save
                      "tensorboard", "report_to", "resume", "overwrite", "config"}
 
 
-def start_run(run: Run, cfg) -> Path | None:
-    """Clear (overwrite) or check (resume) the run directory; return the checkpoint to resume from."""
+def config_changes(previous: dict[str, Any], cfg) -> dict[str, tuple[Any, Any]]:
+    """{option: (recorded value, value in `cfg`)} for every option whose value differs from a run's recorded config."""
     import json
 
+    current = json.loads(json.dumps(cfg.to_dict(), default=str))
+    return {k: (previous.get(k), current.get(k)) for k in sorted(set(previous) | set(current))
+            if previous.get(k) != current.get(k)}
+
+
+def start_run(run: Run, cfg) -> Path | None:
+    """Clear (overwrite) or check (resume) the run directory; return the checkpoint to resume from."""
     if cfg.overwrite:
         run.clear()
     if not cfg.resume:
         return None
     manifest = run.manifest()
-    previous, current = manifest.get("config", {}), json.loads(json.dumps(cfg.to_dict(), default=str))
-    changed = {k: (previous.get(k), current.get(k)) for k in sorted(set(previous) | set(current))
-               if previous.get(k) != current.get(k)}
+    changed = config_changes(manifest.get("config", {}), cfg)
     refused = {k: v for k, v in changed.items() if k not in RESUME_MAY_CHANGE}
     if refused:
         raise AlignError(

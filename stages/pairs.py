@@ -24,7 +24,6 @@ from typing import Any, ClassVar, Literal
 
 from align.config import Config, opt
 from align.errors import AlignError, Problems
-from align.stages.common import collect, open_run
 from align.stages.online import RewardOptions, load_prompt_data
 
 logger = logging.getLogger(__name__)
@@ -88,22 +87,19 @@ def make_pairs(rows: list[dict[str, Any]], texts: list[str], totals: list[float]
 
 def main(cfg: PairsConfig) -> Path:
     """Sample, score and pair as configured; returns the run directory."""
-    from align.evaluation import generate_completions, load_model, make_engine, reward_call
+    from align.evaluation import generate_completions, make_engine, reward_call
+    from align.generate import load_target
     from align.rewards import weighted_total
-    from align.stages.common import check_parent, seed_everything, start_run
+    from align.stages.common import seed_everything, start_run, validate_stage
 
-    problems = cfg.problems()
-    run = open_run(cfg, problems)
-    data = collect(problems, load_prompt_data, cfg) if cfg.data else None
-    collect(problems, check_parent, cfg, "pairs")
-    problems.raise_if_any("Cannot start `align pairs`:")
+    run, data = validate_stage(cfg, "pairs", load_prompt_data)
     start_run(run, cfg)
     rows, _, datasets = data
     rows = rows[: cfg.max_prompts] if cfg.max_prompts else rows
     source = cfg.from_run or cfg.model
     with run.lifecycle(stage="pairs", task="pairs", config=cfg.to_dict(), datasets=datasets, seed=cfg.seed,
                        parent=str(Path(cfg.from_run).resolve()) if cfg.from_run else None, rewards=cfg.reward_specs()):
-        model, tokenizer, manifest = load_model(source)
+        model, tokenizer, manifest = load_target(source)
         seed_everything(cfg.seed)
         k = cfg.num_generations
         engine = make_engine(cfg.backend, model, tokenizer, manifest, source, max_new_tokens=cfg.max_completion_length,

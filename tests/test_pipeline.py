@@ -167,8 +167,7 @@ def test_gate_stops_a_regressed_stage(finished, tmp_path, cli):
 
 # -- eval ----------------------------------------------------------------------------------------------------
 def test_eval_equals_a_direct_computation(finished, tmp_path):
-    from align.evaluation import load_model
-    from align.generate import generate
+    from align.generate import generate, load_target
 
     spec, _ = finished
     run = Path(spec["output"]) / "sft"
@@ -177,7 +176,7 @@ def test_eval_equals_a_direct_computation(finished, tmp_path):
     data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in problems))
     result = align.evaluate(run, data=str(data), max_new_tokens=5, reward=["closeness"], batch_size=3)
 
-    model, tokenizer, _ = load_model(str(run))
+    model, tokenizer, _ = load_target(str(run))
     texts = generate(model, tokenizer, [p for p, _ in problems], max_new_tokens=5)
     from align.rewards.builtin import NUMBER
 
@@ -193,14 +192,15 @@ def test_eval_equals_a_direct_computation(finished, tmp_path):
 
 
 def test_eval_on_preference_pairs_matches_log_probs(finished, tmp_path):
-    from align.evaluation import _pair_ids, load_model
+    from align.evaluation import _pair_ids
+    from align.generate import load_target
 
     spec, _ = finished
     run = Path(spec["output"]) / "sft"
     data = tmp_path / "prefs.jsonl"
     data.write_text(json.dumps({"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}) + "\n")
     result = align.evaluate(run, data=str(data), reference="none")
-    model, tokenizer, _ = load_model(str(run))
+    model, tokenizer, _ = load_target(str(run))
     logps = []
     for answer in ("4", "5"):
         p, c = _pair_ids(tokenizer, [{"role": "user", "content": "What is 2 + 2?"}],
