@@ -181,20 +181,12 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(applied) / len(applied) if applied else None
 
 
-def reward_call(rows: list[dict[str, Any]], texts: list[str], completion_ids: list[list[int]], k: int):
-    """(prompts, completions, columns) for reward functions, as the RL stages pass them: each row's conversational
-    prompt repeated for its k completions, completions as assistant messages, every other column, completion_ids."""
-    prompts = [r["prompt"] for r in rows for _ in range(k)]
-    completions = [[{"role": "assistant", "content": t}] for t in texts]
-    columns = {c: [r.get(c) for r in rows for _ in range(k)] for c in rows[0] if c != "prompt"}
-    return prompts, completions, {**columns, "completion_ids": completion_ids}
-
-
 def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg: EvalConfig,
                      reference=None) -> dict[str, Any]:
     """Metrics of the module docstring on prompt rows ({"prompt": messages, **columns})."""
     from align.rewards import GuardedReward, resolve_rewards, weighted_total
     from align.rewards.builtin import accuracy
+    from align.rewards.call import build_call
 
     k = cfg.num_samples
     prompts = [r["prompt"] for r in rows]
@@ -205,10 +197,10 @@ def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg
                                                                  batch_size=cfg.batch_size)
     finally:
         getattr(engine, "shutdown", engine.close)()
-    call_prompts, completions, columns = reward_call(rows, texts, completion_ids, k)
+    call = build_call(rows, texts, completion_ids, k)
     metrics: dict[str, Any] = {"prompts": len(rows), "num_samples": k}
     if cfg.answer_column in rows[0]:
-        correct = accuracy(column=cfg.answer_column)(call_prompts, completions, **columns)
+        correct = accuracy(column=cfg.answer_column)(call.prompts, call.completions, **call.kwargs)
         metrics["accuracy"] = _mean(correct)
         if k > 1:
             groups = [correct[i : i + k] for i in range(0, len(correct), k)]
@@ -216,7 +208,7 @@ def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg
     specs = [*cfg.reward, *([cfg.reward_model] if cfg.reward_model else [])]
     if specs:
         guarded = [GuardedReward(r) for r in resolve_rewards(specs)]
-        scores = [g(call_prompts, completions, **columns) for g in guarded]
+        scores = call.score(guarded)
         for g, s in zip(guarded, scores, strict=True):
             metrics[f"reward/{g.__name__}"] = _mean(s)
         metrics["reward"] = _mean(weighted_total(scores, [g.reward.weight for g in guarded]))
@@ -226,7 +218,7 @@ def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg
                                           cfg.batch_size))
     metrics["examples"] = [
         {"prompt": p[-1]["content"], "completion": t, **({"answer": r.get(cfg.answer_column)} if cfg.answer_column in r else {})}
-        for p, t, r in zip(call_prompts[: 5 * k : k], texts[: 5 * k : k], rows[:5], strict=False)
+        for p, t, r in zip(call.prompts[: 5 * k : k], texts[: 5 * k : k], rows[:5], strict=False)
     ]
     return metrics
 

@@ -40,7 +40,7 @@ class GuardedReward:
         self.reward = reward
         self.timeout = timeout
         self.on_fault = on_fault
-        self.__name__ = reward.name
+        self.__name__ = reward.name or getattr(reward.fn, "__name__", "reward")
         self.seconds = 0.0  # time spent in the function (for `align rewards check` and logging)
         self.calls = 0
 

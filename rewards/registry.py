@@ -6,8 +6,13 @@ A spec is `SOURCE[(key=value, ...)][@weight]`, where SOURCE is one of
 - `path/to/file.py:function`,
 - `package.module:function`,
 - a reward-model run directory (from `align rm`).
-With settings in parentheses the source is a factory, called with them to make the reward function
-(built-ins always are). The weight defaults to 1.0. Unknown names list the available ones.
+With parentheses the source is a factory, called with the settings inside them (`pkg.mod:make()` calls it with
+none) to make the reward function; built-ins always are. The weight defaults to 1.0. Unknown names list the
+available ones.
+
+Each reward is named after the function the spec names (`accuracy`, `get_soft_overlong_punishment`, `my_fn` for
+`file.py:my_fn`, `reward_model:RUN` for a reward-model run), with `_2`, `_3` ... when two specs name the same one;
+metrics use these names (`rewards/accuracy/mean`), run.json keeps each name with its spec and weight.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import inspect
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -35,16 +41,11 @@ class Reward:
     weight: float = 1.0
     spec: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # set by resolve_rewards: the named function, deduplicated
 
-    @property
-    def name(self) -> str:
-        """The spec without its weight, or the function's name; a reward-model run: `reward_model:RUN_NAME`
-        (not its whole path)."""
-        from align.rewards.reward_model import RewardModelScorer
-
-        if isinstance(self.fn, RewardModelScorer):
-            return self.fn.__name__
-        return self.spec.split("@")[0] or getattr(self.fn, "__name__", "reward")
+    def describe(self) -> dict[str, Any]:
+        """What run.json records of this reward."""
+        return {"name": self.name, "spec": self.spec, "weight": self.weight}
 
 
 def registered() -> dict[str, Any]:
@@ -56,8 +57,8 @@ def available() -> list[str]:
     return sorted({*BUILTINS, *registered()})
 
 
-def split_spec(spec: str) -> tuple[str, dict[str, Any], float]:
-    """`source(k=v)@w` -> (source, settings, weight)."""
+def split_spec(spec: str) -> tuple[str, dict[str, Any] | None, float]:
+    """`source(k=v)@w` -> (source, settings, weight); settings is None without parentheses."""
     source, weight = spec, 1.0
     head, at, tail = spec.rpartition("@")
     if at:
@@ -66,7 +67,7 @@ def split_spec(spec: str) -> tuple[str, dict[str, Any], float]:
         except ValueError:
             raise AlignError(f"Reward spec '{spec}': the weight after '@' must be a number, got '{tail}'.") from None
         source = head
-    settings: dict[str, Any] = {}
+    settings: dict[str, Any] | None = None
     if source.endswith(")") and "(" in source:
         source, _, args = source[:-1].partition("(")
         try:
@@ -127,21 +128,44 @@ def resolve_source(source: str, spec: str):
                      + " Or give path/to/file.py:function, package.module:function, or a reward-model run.")
 
 
+def takes_completions(fn: Any) -> bool:
+    """Whether fn can be called as a reward (a `completions` parameter or **kwargs); True when unknowable."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "completions" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def base_name(source: str, obj: Any) -> str:
+    """The name a reward is known by: the function (or factory) the spec names; a reward model's own name."""
+    from align.rewards.reward_model import RewardModelScorer
+
+    if isinstance(obj, RewardModelScorer):
+        return obj.__name__
+    return source.rpartition(":")[2] if ":" in source else source
+
+
 def resolve_reward(spec: str) -> Reward:
     source, settings, weight = split_spec(spec)
     obj = resolve_source(source, spec)
-    if settings or source in BUILTINS:
+    name = base_name(source, obj)
+    if settings is not None or source in BUILTINS:
         try:
-            obj = obj(**settings)
+            obj = obj(**(settings or {}))
         except (TypeError, ValueError) as e:
             raise AlignError(f"Reward spec '{spec}': bad settings for '{source}': {e}.") from None
     if not callable(obj):
         raise AlignError(f"Reward spec '{spec}': '{source}' is a {type(obj).__name__}, not a function.")
-    return Reward(obj, weight, spec, settings)
+    if not takes_completions(obj):
+        raise AlignError(f"Reward spec '{spec}': '{source}' does not take the reward call (prompts, completions, "
+                         f"**kwargs). If it is a factory that makes the reward function, call it: '{source}()' or "
+                         f"'{source}(setting=value)'.")
+    return Reward(obj, weight, spec, settings or {}, name)
 
 
 def resolve_rewards(specs: list[str]) -> list[Reward]:
-    """Resolve every spec; all problems are reported together."""
+    """Resolve every spec and name each reward (deduplicated); all problems are reported together."""
     rewards, problems = [], []
     for spec in specs:
         try:
@@ -150,4 +174,9 @@ def resolve_rewards(specs: list[str]) -> list[Reward]:
             problems.append(str(e))
     if problems:
         raise AlignError("Invalid reward spec(s):", problems)
+    seen: dict[str, int] = {}
+    for r in rewards:
+        seen[r.name] = seen.get(r.name, 0) + 1
+        if seen[r.name] > 1:
+            r.name = f"{r.name}_{seen[r.name]}"
     return rewards

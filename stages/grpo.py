@@ -89,6 +89,6 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
 def main(cfg: GRPOConfig) -> Path:
     """Run GRPO as configured; returns the run directory."""
     started = start_stage(cfg, "grpo", load_prompt_data)
-    return finish_stage(started, cfg, stage="grpo", task="causal-lm", rewards=cfg.reward_specs(),
+    return finish_stage(started, cfg, stage="grpo", task="causal-lm", rewards=cfg.reward_manifest(),
                         reference="parent policy (frozen)" if cfg.beta > 0 else None,
                         make_trainer=lambda callbacks: build_trainer(cfg, started, callbacks))

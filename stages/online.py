@@ -35,6 +35,12 @@ class RewardOptions:
     def reward_specs(self) -> list[str]:
         return [*self.reward, *([self.reward_model] if self.reward_model else [])]
 
+    def reward_manifest(self) -> list[dict]:
+        """run.json's record of the rewards: each one's metric name, spec and weight."""
+        from align.rewards import resolve_rewards
+
+        return [r.describe() for r in resolve_rewards(self.reward_specs())]
+
     def guarded_rewards(self):
         from align.rewards import GuardedReward, resolve_rewards
 

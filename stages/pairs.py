@@ -87,9 +87,10 @@ def make_pairs(rows: list[dict[str, Any]], texts: list[str], totals: list[float]
 
 def main(cfg: PairsConfig) -> Path:
     """Sample, score and pair as configured; returns the run directory."""
-    from align.evaluation import generate_completions, make_engine, reward_call
+    from align.evaluation import generate_completions, make_engine
     from align.generate import load_target
     from align.rewards import weighted_total
+    from align.rewards.call import build_call
     from align.stages.common import seed_everything, start_run, validate_stage
 
     run, data = validate_stage(cfg, "pairs", load_prompt_data)
@@ -98,7 +99,7 @@ def main(cfg: PairsConfig) -> Path:
     rows = rows[: cfg.max_prompts] if cfg.max_prompts else rows
     source = cfg.from_run or cfg.model
     with run.lifecycle(stage="pairs", task="pairs", config=cfg.to_dict(), datasets=datasets, seed=cfg.seed,
-                       parent=str(Path(cfg.from_run).resolve()) if cfg.from_run else None, rewards=cfg.reward_specs()):
+                       parent=str(Path(cfg.from_run).resolve()) if cfg.from_run else None, rewards=cfg.reward_manifest()):
         model, tokenizer, manifest = load_target(source)
         seed_everything(cfg.seed)
         k = cfg.num_generations
@@ -110,8 +111,7 @@ def main(cfg: PairsConfig) -> Path:
         finally:
             getattr(engine, "shutdown", engine.close)()
         rewards = cfg.guarded_rewards()
-        prompts, completions, columns = reward_call(rows, texts, completion_ids, k)
-        scores = [g(prompts, completions, **columns) for g in rewards]
+        scores = build_call(rows, texts, completion_ids, k).score(rewards)
         totals = weighted_total(scores, [g.reward.weight for g in rewards])
         pairs = make_pairs(rows, texts, totals, k)
         if not pairs:

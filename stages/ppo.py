@@ -202,6 +202,7 @@ class PPO:
                                    reward_model=cfg.reward_model)
         self.trainable = ("default", CRITIC) if self.critic.placement == "shared" else ("default",)
         self.rewards = cfg.guarded_rewards()
+        self.reward_logs: dict[str, list[float]] = {}  # log_metric(name, value) calls of the reward functions
         self.reward_models = self._place_reward_models()
         for model in {id(self.model): self.model, id(self.critic.model): self.critic.model}.values():
             disable_dropout(model)  # after every adapter is added: π = π_ref at step 1, deterministic scores
@@ -282,13 +283,16 @@ class PPO:
 
     def score(self, rows, completion_ids) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """(scores, per-function means, truncated mask) of the completions, with clipping and EOS penalty."""
+        from transformers import TrainerState
+
+        from align.rewards.call import build_call
         from align.rewards.guard import weighted_total
 
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        prompts = [r["prompt"] for r in rows]
-        completions = [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)]
-        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
-        per_fn = [fn(prompts=prompts, completions=completions, **columns) for fn in self.rewards]
+        state = TrainerState(global_step=self.step, max_steps=self.total_steps)
+        call = build_call(rows, texts, completion_ids, trainer_state=state,
+                          log_metric=lambda name, value: self.reward_logs.setdefault(name, []).append(value))
+        per_fn = call.score(self.rewards)
         scores = torch.tensor(weighted_total(per_fn, [fn.reward.weight for fn in self.rewards]))
         means = {f"rewards/{fn.__name__}/mean": _mean([v for v in vals if v is not None])
                  for fn, vals in zip(self.rewards, per_fn, strict=True)}
@@ -349,7 +353,9 @@ class PPO:
             "kl_coef": self.kl.value,
             "lr": self.scheduler.get_last_lr()[0],
             "timing/rollout_s": t1 - t0, "timing/scoring_s": t2 - t1, "timing/training_s": t3 - t2,
+            **{name: sum(values) / len(values) for name, values in self.reward_logs.items()},
         }
+        self.reward_logs.clear()
         self.kl.update(metrics["objective/kl"], len(scores))
         return metrics
 
@@ -398,6 +404,7 @@ class PPO:
                 lengths.extend(len(c) for c in completion_ids)
                 for k, v in means.items():
                     per_fn.setdefault(k, []).append(v)
+        self.reward_logs.clear()  # the reward functions' log_metric values belong to training steps
         return {"eval/score": _mean(scores), "eval/completion_length": _mean(lengths),
                 **{f"eval/{k}": _mean(v) for k, v in per_fn.items()}}
 
@@ -514,7 +521,7 @@ def main(cfg: PPOConfig) -> Path:
     ppo = PPO(cfg, started)
     run = started.run
     with run.lifecycle(**stage_manifest("ppo", "causal-lm", cfg, ppo.policy, started.datasets),
-                       rewards=cfg.reward_specs(), reference="parent policy (frozen)", critic=ppo.critic.describe(),
+                       rewards=cfg.reward_manifest(), reference="parent policy (frozen)", critic=ppo.critic.describe(),
                        reward_models=ppo.reward_models):
         metrics = ppo.train(started.resume_from)
         with run.artifact("adapter") as tmp:

@@ -54,3 +54,34 @@ async def text_len(prompts, completions, **columns):
     from align.rewards.builtin import completion_text
 
     return [float(len(completion_text(c))) for c in completions]
+
+
+def record(prompts, completions, **kwargs):
+    """Appends what it received (types and shapes, not values) to the JSON-lines file $ALIGN_RECORD_REWARD_CALL."""
+    import json
+    import os
+
+    def kind(value):
+        if isinstance(value, list):
+            return ["list", kind(value[0]) if value else None]
+        if isinstance(value, dict):
+            return {k: kind(v) for k, v in sorted(value.items())}
+        return type(value).__name__
+
+    with open(os.environ["ALIGN_RECORD_REWARD_CALL"], "a") as f:
+        f.write(json.dumps({"prompts": kind(prompts), "completions": kind(completions),
+                            "kwargs": {k: "callable" if callable(v) and not isinstance(v, list) else kind(v)
+                                       for k, v in sorted(kwargs.items())},
+                            "sizes": sorted({len(prompts), len(completions), len(kwargs["completion_ids"] or prompts)}),
+                            "completion_ids_match": kwargs["completion_ids"] is None or all(
+                                isinstance(t, int) for ids in kwargs["completion_ids"] for t in ids)}) + "\n")
+    return [0.0] * len(completions)
+
+
+def make_constant(value=0.5):
+    """A factory: `reward_plugins:make_constant()` makes the reward."""
+
+    def constant(prompts, completions, **kwargs):
+        return [value] * len(completions)
+
+    return constant

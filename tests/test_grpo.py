@@ -34,7 +34,7 @@ def test_kl_to_the_parent_is_zero_at_the_first_step(cli, sft_parent, tmp_path):
     assert first["step"] == 1 and first["kl"] == pytest.approx(0.0, abs=1e-6)
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["stage"] == "grpo" and manifest["parent"] == str(sft_parent.resolve())
-    assert manifest["rewards"] == ["closeness(scale=50)"]
+    assert manifest["rewards"] == [{"name": "closeness", "spec": "closeness(scale=50)", "weight": 1.0}]
 
 
 def test_group_advantages_match_a_hand_computation(sft_parent, tmp_path):

@@ -63,10 +63,10 @@ def test_async_and_not_applicable_and_weighted_total():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("reward_plugins:breaks_on_boom", r"'reward_plugins:breaks_on_boom' raised ZeroDivisionError: .* on sample 2 \(prompt 'What is 3 \+ 3\?'\)"),
-        ("reward_plugins:nan_on_third", r"'reward_plugins:nan_on_third' returned nan for sample 2"),
-        ("reward_plugins:too_few", r"'reward_plugins:too_few' returned 1 values for 3 samples"),
-        ("reward_plugins:text_score", r"'reward_plugins:text_score' returned 'high' for sample 0"),
+        ("reward_plugins:breaks_on_boom", r"'breaks_on_boom' raised ZeroDivisionError: .* on sample 2 \(prompt 'What is 3 \+ 3\?'\)"),
+        ("reward_plugins:nan_on_third", r"'nan_on_third' returned nan for sample 2"),
+        ("reward_plugins:too_few", r"'too_few' returned 1 values for 3 samples"),
+        ("reward_plugins:text_score", r"'text_score' returned 'high' for sample 0"),
     ],
 )
 def test_faults_name_the_function_and_sample(spec, message):
@@ -75,7 +75,7 @@ def test_faults_name_the_function_and_sample(spec, message):
 
 
 def test_timeout_and_skip_policy():
-    with pytest.raises(RewardError, match="'reward_plugins:slow' timed out after 0.2s"):
+    with pytest.raises(RewardError, match="'slow' timed out after 0.2s"):
         score("reward_plugins:slow", timeout=0.2)
     assert score("reward_plugins:breaks_on_boom", on_fault="skip") == [1.0, 1.0, None]
     assert score("reward_plugins:nan_on_third", on_fault="skip") == [0.0, 0.0, None]
@@ -103,13 +103,86 @@ def test_reward_model_run_is_a_reward_source(cli, sft_run, tmp_path):
 
 def test_rewards_check_cli(cli, sft_run, data_dir):
     code, out, err = cli("rewards", "check", "accuracy", "reward_plugins:has_digit@0.5", "--data", data_dir / "security_qa.json")
-    assert code == 2 and "needs a 'prompt'" in err
+    assert code == 2 and "has prompts but no completions: pass --from RUN" in err
     code, out, err = cli("rewards", "check", "accuracy", "length(max_length=16, cache=8)", "--data", "arith-prompts",
                          "--from", sft_run, "--num-samples", "4")
     assert code == 0, err
-    assert "accuracy | length(max_length=16, cache=8) | total" in out
-    assert "ms per call" in out and "returns list[float | None]: ok" in out
+    assert "accuracy | length | total" in out  # metric names are the functions' names; the spec is shown beside
+    assert "length (length(max_length=16, cache=8)), weight 1:" in out
+    assert "latency p50" in out and "returns list[float | None]: ok" in out
     code, _, err = cli("rewards", "check", "reward_plugins:breaks_on_boom", "--data", "arith-prompts", "--from", sft_run,
                        "--num-samples", "2")
     assert code == 0  # generated completions are never "boom"
 
+
+def test_rewards_check_preflight_reports_group_spread_and_a_verdict(cli, sft_run):
+    code, out, err = cli("rewards", "check", "accuracy", "closeness(scale=50)", "--data", "arith-prompts", "--from",
+                         sft_run, "--num-samples", "3", "--num-generations", "4", "--max-new-tokens", "6")
+    assert code == 0, err
+    assert out.startswith("3 prompts × 4 completions; completions sampled from")
+    assert "histogram:" in out and "of groups all equal" in out and "mean within-group std" in out
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith(("OK:", "WARNING:"))
+    # a reward that gives every completion the same score: GRPO would learn nothing
+    code, out, err = cli("rewards", "check", "format", "--data", "arith-prompts", "--from", sft_run, "--num-samples", "3",
+                         "--num-generations", "4", "--max-new-tokens", "6")
+    assert code == 0, err
+    assert "WARNING: 100% of groups have identical rewards (GRPO learns nothing from them): raise the temperature" in out
+    # a faulty function: the report is printed with the fault, and the command fails
+    code, out, err = cli("rewards", "check", "reward_plugins:too_few", "--data", "arith-prompts", "--from", sft_run,
+                         "--num-samples", "2", "--max-new-tokens", "4")
+    assert code == 2 and "fault: Reward function 'too_few' returned 1 values for 2 samples" in err
+    assert "FAIL: 'too_few' faulted" in err
+    code, _, err = cli("rewards", "check", "accuracy", "--data", "arith-prompts", "--num-generations", "4")
+    assert code == 2 and "--num-generations needs --from RUN" in err
+
+
+def test_factory_specs_names_and_the_pre_flight_signature_check():
+    from align.rewards.registry import resolve_rewards
+
+    rewards = resolve_rewards(["trl.rewards:get_soft_overlong_punishment(max_completion_len=12, soft_punish_cache=4)",
+                               "reward_plugins:make_constant()", "accuracy", "accuracy(mode='exact')@0.5"])
+    assert [r.name for r in rewards] == ["get_soft_overlong_punishment", "make_constant", "accuracy", "accuracy_2"]
+    assert rewards[1].fn(prompts=["p"], completions=["c"]) == [0.5]  # `factory()` is called with no settings
+    assert rewards[3].describe() == {"name": "accuracy_2", "spec": "accuracy(mode='exact')@0.5", "weight": 0.5}
+    with pytest.raises(AlignError, match=r"does not take the reward call .* call it: 'reward_plugins:make_constant\(\)'"):
+        resolve_rewards(["reward_plugins:make_constant"])
+
+
+def test_one_reward_call_in_grpo_ppo_eval_and_rewards_check(cli, sft_run, tmp_path, monkeypatch):
+    """The same recording reward through all four paths receives the same arguments: conversational prompts,
+    assistant-message completions, completion_ids (token ids), the data's columns, trainer_state and TRL's hooks."""
+    import json
+
+    record = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("ALIGN_RECORD_REWARD_CALL", str(record))
+    common = ["--max-completion-length", "4", "--no-tensorboard", "--max-steps", "1", "--batch-size", "4",
+              "--num-generations", "2", "--reward", "reward_plugins:record"]
+    seen = {}
+    for path, args in {
+        "grpo": ["grpo", "--from", sft_run, "--data", "arith-prompts", "--output", tmp_path / "grpo", *common],
+        "ppo": ["ppo", "--from", sft_run, "--data", "arith-prompts", "--output", tmp_path / "ppo", *common],
+        "eval": ["eval", sft_run, "--data", "arith-prompts", "--max-samples", "2", "--reward", "reward_plugins:record",
+                 "--max-new-tokens", "4", "--reference", "none"],
+        "rewards check": ["rewards", "check", "reward_plugins:record", "--data", "arith-prompts", "--from", sft_run,
+                          "--num-samples", "2", "--num-generations", "2", "--max-new-tokens", "4"],
+    }.items():
+        record.unlink(missing_ok=True)
+        code, _, err = cli(*map(str, args))
+        assert code == 0, f"{path}: {err}"
+        seen[path] = json.loads(record.read_text().splitlines()[0])
+    message = {"content": "str", "role": "str"}
+    for path, call in seen.items():
+        assert call["prompts"] == ["list", ["list", message]], path
+        assert call["completions"] == ["list", ["list", message]], path
+        assert call["completion_ids_match"] and len(call["sizes"]) == 1, path
+    state = {path: call["kwargs"].pop("trainer_state") for path, call in seen.items()}
+    assert state == {"grpo": "TrainerState", "ppo": "TrainerState", "eval": "NoneType", "rewards check": "NoneType"}
+    kwargs = [call["kwargs"] for call in seen.values()]
+    assert all(k == kwargs[0] for k in kwargs), seen
+    assert kwargs[0]["completion_ids"] == ["list", ["list", "int"]] and kwargs[0]["answer"] == ["list", "str"]
+    assert kwargs[0]["log_metric"] == kwargs[0]["log_extra"] == "callable"
+    manifest = json.loads((tmp_path / "ppo" / "run.json").read_text())
+    assert manifest["rewards"] == [{"name": "record", "spec": "reward_plugins:record", "weight": 1.0}]
+    metrics = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert "rewards/record/mean" in metrics[0]
