@@ -75,3 +75,65 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_value = values[:, t] * m  # beyond a sequence's end (m = 0) the next value is 0
     return advantages, (advantages + values) * mask
 
+
+
+# -- critic-free advantages (align grpo --advantage) ----------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, k: int, estimator: str, scale: str, eps: float = 1e-4) -> torch.Tensor:
+    """Advantages of N = groups·k sequence rewards (groups consecutive; NaN = unscorable, advantage 0).
+
+    grpo          A_i = r_i − mean(group)                                  (GRPO, Shao et al. 2024)
+    rloo          A_i = r_i − mean(group without i) = k/(k−1)·(r_i − mean) (RLOO, Ahmadian et al. 2024)
+    reinforce_pp  A_i = c_i − mean_batch(c),  c_i = r_i − mean(group)      (REINFORCE++ with a group baseline,
+                  then normalised over the batch: divide by the batch std, `scale="batch"`; Hu et al. 2025)
+    then `scale`: "group" divides by the group's std, "batch" by the std of the centred values over the batch,
+    "none" leaves them. Means and stds skip NaN; stds are the unbiased (n−1) ones, as TRL's.
+    """
+    grouped = rewards.view(-1, k)
+    valid = ~torch.isnan(grouped)
+    count = valid.sum(1, keepdim=True)
+    total = torch.nansum(grouped, 1, keepdim=True)
+    if estimator == "rloo":
+        baseline = (total - torch.nan_to_num(grouped)) / (count - 1).clamp(min=1)
+    else:
+        baseline = total / count.clamp(min=1)
+    centred = grouped - baseline
+    if estimator == "reinforce_pp":
+        centred = centred - torch.nanmean(centred)
+    if scale == "group":
+        centred = centred / (_nanstd(grouped, 1) + eps)
+    elif scale == "batch":
+        centred = centred / (_nanstd(centred.flatten(), 0) + eps)
+    return torch.nan_to_num(centred.flatten(), nan=0.0)
+
+
+def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unbiased std along `dim` over the non-NaN entries (kept dim for dim=1)."""
+    valid = ~torch.isnan(x)
+    n = valid.sum(dim, keepdim=dim == 1)
+    mean = torch.nansum(x, dim, keepdim=True) / valid.sum(dim, keepdim=True).clamp(min=1)
+    sq = torch.nansum((x - mean) ** 2, dim, keepdim=dim == 1)
+    return torch.sqrt(sq / (n - 1).clamp(min=1))
+
+
+def importance_weights(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str,
+                       high: float | None, low: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rollout-correction weights w = π_trainer(y|x) / π_sampler(y|x) and the fraction of them cut.
+
+    mode: token_truncate (TIS: per-token w clipped to [low, high]), token_mask (MIS: per-token w outside [low, high]
+    set to 0), sequence_truncate / sequence_mask (one w per sequence: exp Σ_t (log π_trainer − log π_sampler)).
+    Returns (weights of shape (B, T) or (B, 1), fraction of weights outside [low, high] among real tokens /
+    sequences). NaN sampler log-probs count as no mismatch (w = 1), as in TRL.
+    """
+    diff = torch.nan_to_num((trainer_logps - sampler_logps) * mask, nan=0.0)
+    sequence = mode.startswith("sequence")
+    if sequence:
+        diff = diff.sum(-1, keepdim=True)
+    weights = torch.exp(diff)
+    lo, hi = (low if low is not None else -float("inf")), (high if high is not None else float("inf"))
+    outside = (weights < lo) | (weights > hi)
+    if mode.endswith("truncate"):
+        weights = weights.clamp(min=low, max=high)
+    else:
+        weights = weights.masked_fill(outside, 0.0)
+    real = torch.ones_like(outside, dtype=torch.bool) if sequence else mask.bool()
+    return weights, (outside & real).sum() / real.sum().clamp(min=1)

@@ -11,6 +11,18 @@ Reference: the starting policy, frozen — the parent run's policy with `--from`
 the adapter). `--beta` defaults to 0.04 (DeepSeekMath's GRPO), so the KL to the parent is on unless set to 0
 (TRL's own default is 0). At the first step the policy equals the reference: KL = 0.
 
+Options beyond TRL's GRPO (align.stages.grpo_trainer):
+- `--advantage grpo|rloo|reinforce_pp`: the critic-free advantage estimator (group mean baseline; leave-one-out
+  baseline; REINFORCE++ = group baseline normalised over the batch). `--scale-rewards` defaults to each one's own
+  (group, none, batch).
+- `--importance-sampling-level sequence` = GSPO: one ratio per sequence, exp(mean_t log π/π_old); `--loss` then
+  defaults to grpo (the paper's per-sequence objective) instead of dapo.
+- `--is-correction`: importance-sampling correction of the sampler/trainer mismatch (TIS: *_truncate, MIS: *_mask,
+  per token or per sequence, weights cut at `--is-cap`); auto = TRL's sequence_mask when the sampler is vLLM on a
+  GPU (bf16), none otherwise (the hf backend samples from the trained model; vLLM in fp32 on CPU agrees to ~1e-6).
+- `--sync-check N`: every N steps, check that the sampler serves the current adapter and agrees with the trainer
+  on the sampled tokens' log-probs (mean |Δ log p| ≤ `--sync-threshold`), else stop with a clear error.
+
 `--batch-size` counts completions per device per step: prompts per step = batch size / num generations.
 Logged: reward (total, and per function `rewards/<name>/mean`), reward std, KL, completion length, clip ratios,
 entropy. Raises AlignError (exit 2) for config, data, parent and reward-spec problems, all at once.
@@ -35,10 +47,24 @@ class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Reward
     lr: float = opt(5e-5, "Peak learning rate.")
     batch_size: int = opt(16, "Completions per device per step (prompts per step = this / --num-generations).")
     beta: float = opt(0.04, "KL coefficient to the reference (the starting/parent policy); 0 disables the reference.")
-    loss: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = opt(
-        "dapo", "Loss aggregation (TRL 1.16 variants).")
-    scale_rewards: Literal["group", "batch", "none"] = opt("group", "Divide centred rewards by the group std, the "
-                                                                    "batch std, or nothing.")
+    loss: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] | None = opt(
+        None, "Loss aggregation (TRL 1.16 variants); default dapo, or grpo with --importance-sampling-level sequence.")
+    advantage: Literal["grpo", "rloo", "reinforce_pp"] = opt(
+        "grpo", "Advantage estimator: grpo (r − group mean), rloo (r − mean of the other completions of the group), "
+                "reinforce_pp (REINFORCE++: r − group mean, normalised over the batch).")
+    scale_rewards: Literal["group", "batch", "none"] | None = opt(
+        None, "Divide the centred rewards by the group std, the batch std, or nothing; default: group for grpo, none "
+              "for rloo, batch for reinforce_pp.")
+    importance_sampling_level: Literal["token", "sequence"] = opt(
+        "token", "Policy ratio π/π_old per token, or per sequence (GSPO: exp of the mean token log-ratio).")
+    is_correction: Literal["auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = opt(
+        "auto", "Importance-sampling correction of the rollout/trainer mismatch: truncated (TIS) or masked (MIS) "
+                "weights per token or sequence; auto = sequence_mask when sampling with vLLM on a GPU, else none.")
+    is_cap: float = opt(3.0, "Upper bound of the correction weights (truncated to it, or masked above it).")
+    is_min: float | None = opt(None, "Lower bound of the correction weights (default: none).")
+    sync_check: int = opt(0, "Every N steps check that the sampler serves the current adapter and matches the "
+                             "trainer's log-probs on the sampled tokens (vllm backend); 0 = off.")
+    sync_threshold: float = opt(0.1, "Sync check: largest allowed mean |Δ log p| per sampled token, in nats.")
     epsilon: float = opt(0.2, "Lower clipping range of the ratio π/π_old.")
     epsilon_high: float | None = opt(None, "Upper clipping range (default: --epsilon).")
     num_iterations: int = opt(1, "Optimisation passes over each batch of rollouts.")
@@ -53,6 +79,36 @@ class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Reward
                          f"{self.num_generations} (whole groups per step).")
         if self.beta < 0:
             problems.add(f"--beta must be >= 0, got {self.beta}.")
+        if self.advantage == "reinforce_pp" and self.scale_rewards not in (None, "batch"):
+            problems.add(f"--advantage reinforce_pp normalises over the batch by definition; --scale-rewards "
+                         f"{self.scale_rewards} contradicts it (leave it unset, or use --advantage grpo/rloo).")
+        sampler_is_trainer = self.resolved_backend() == "hf"
+        if sampler_is_trainer and self.is_correction not in ("auto", "none"):
+            problems.add(f"--is-correction {self.is_correction} needs the sampler's log-probs: the hf backend samples "
+                         "from the trained model itself, so there is no mismatch to correct. Use --backend vllm.")
+        if sampler_is_trainer and self.sync_check:
+            problems.add("--sync-check compares the vllm sampler with the trainer; the hf backend samples from the "
+                         "trained model itself. Use --backend vllm, or drop --sync-check.")
+        if self.sync_check < 0 or self.sync_threshold <= 0 or self.is_cap <= 0:
+            problems.add("--sync-check must be >= 0, --sync-threshold and --is-cap > 0.")
+        if self.is_min is not None and not 0 <= self.is_min < self.is_cap:
+            problems.add(f"--is-min must be in [0, --is-cap), got {self.is_min}.")
+
+    def resolved_backend(self) -> str:
+        from align.stages.rollout import choose_backend
+
+        return "vllm" if self.vllm_server else choose_backend(self.backend)
+
+    def resolved(self) -> dict:
+        """The TRL/trainer settings the defaults stand for."""
+        import torch
+
+        correction = self.is_correction
+        if correction == "auto":
+            correction = "sequence_mask" if self.resolved_backend() == "vllm" and torch.cuda.is_available() else "none"
+        scale = self.scale_rewards or {"grpo": "group", "rloo": "none", "reinforce_pp": "batch"}[self.advantage]
+        loss = self.loss or ("grpo" if self.importance_sampling_level == "sequence" else "dapo")
+        return {"is_correction": correction, "scale_rewards": scale, "loss": loss}
 
 
 def build_trainer(cfg: GRPOConfig, started, callbacks):
@@ -60,8 +116,8 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
     import os
 
     from trl import GRPOConfig as TRLGRPOConfig
-    from trl import GRPOTrainer
 
+    from align.stages.grpo_trainer import AlignGRPOTrainer
     from align.stages.rollout import close_on_train_end, trl_rollout_func
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -70,16 +126,21 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
     policy = started.policy
     disable_dropout(policy.model)  # also LoHa/LoKr module dropout, which TRL's disable_dropout leaves on
     rewards = cfg.guarded_rewards()
+    resolved = cfg.resolved()
     args = TRLGRPOConfig(
         **trainer_arguments(cfg, started.run, started.evaluation is not None),
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
-        temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta, loss_type=cfg.loss,
-        scale_rewards=cfg.scale_rewards, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high or cfg.epsilon,
+        temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta, loss_type=resolved["loss"],
+        scale_rewards=resolved["scale_rewards"] if cfg.advantage == "grpo" else "none",
+        importance_sampling_level=cfg.importance_sampling_level, vllm_importance_sampling_clip_max=cfg.is_cap,
+        vllm_importance_sampling_clip_min=cfg.is_min, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high or cfg.epsilon,
         num_iterations=cfg.num_iterations, mask_truncated_completions=cfg.mask_truncated_completions,
         reward_weights=[g.reward.weight for g in rewards], disable_dropout=True,
     )
     engine = make_rollout_engine(cfg, policy, started.run.path)
-    return GRPOTrainer(
+    return AlignGRPOTrainer(
+        engine=engine, advantage=cfg.advantage, scale_rewards=resolved["scale_rewards"],
+        is_correction=resolved["is_correction"], sync_check=cfg.sync_check, sync_threshold=cfg.sync_threshold,
         model=policy.model, reward_funcs=rewards, args=args, processing_class=policy.tokenizer,
         train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation),
         callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine),
@@ -90,5 +151,5 @@ def main(cfg: GRPOConfig) -> Path:
     """Run GRPO as configured; returns the run directory."""
     started = start_stage(cfg, "grpo", load_prompt_data)
     return finish_stage(started, cfg, stage="grpo", task="causal-lm", rewards=cfg.reward_manifest(),
-                        reference="parent policy (frozen)" if cfg.beta > 0 else None,
+                        resolved=cfg.resolved(), reference="parent policy (frozen)" if cfg.beta > 0 else None,
                         make_trainer=lambda callbacks: build_trainer(cfg, started, callbacks))

@@ -68,6 +68,7 @@ class VLLMEngine:
             model=str(base), tokenizer=str(base), enable_lora=True, max_lora_rank=lora_rank_slot(lora_rank), max_loras=1,
             gpu_memory_utilization=memory, max_model_len=max_model_len, seed=seed, enforce_eager=True,
             dtype="bfloat16" if torch.cuda.is_available() else "float32",
+            logprobs_mode="processed_logprobs",  # after temperature, as the trainer computes them (IS correction)
         )
         self.request = None
         self.synced_step: int | None = None

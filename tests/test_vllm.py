@@ -21,7 +21,7 @@ def test_grpo_with_the_vllm_backend(sft_run, tmp_path):
         [sys.executable, "-m", "align", "grpo", "--from", str(sft_run), "--data", "arith-prompts", "--reward",
          "closeness(scale=50)", "--output", str(out), "--max-steps", "3", "--batch-size", "8", "--num-generations", "4",
          "--max-completion-length", "6", "--logging-steps", "1", "--backend", "vllm", "--vllm-memory", "0.2",
-         "--beta", "0.1", "--no-tensorboard"],
+         "--beta", "0.1", "--no-tensorboard", "--is-correction", "token_truncate", "--sync-check", "1"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -29,6 +29,9 @@ def test_grpo_with_the_vllm_backend(sft_run, tmp_path):
     steps = [m for m in metrics if "reward" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # vLLM sampled from the parent policy: KL starts at 0
+    for m in steps:  # fp32 on CPU: sampler and trainer agree, so the correction weights are 1 and nothing is cut
+        assert m["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-3)
+        assert m["sampling/is_cut_frac"] == 0.0 and m["sampling/sync_logp_diff"] < 1e-3
     assert not (out / ".rollout").exists(), "per-step adapters are cleaned up"
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
 
@@ -49,6 +52,25 @@ def test_ppo_with_the_vllm_backend(sft_run, tmp_path):
     assert metrics[1]["objective/kl"] != 0.0  # the actor moved; vLLM now samples from the synced adapter
     assert not (out / ".rollout").exists(), "per-step adapters are cleaned up"
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("frozen", "the rollout engine serves the adapter of step 0, not the current one"),
+    ("lying", "log-probs differing by"),
+])
+def test_sync_check_stops_a_run_whose_sampler_serves_a_stale_adapter(sft_run, tmp_path, mode, message):
+    out = tmp_path / mode
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "vllm_stale.py"), mode, "grpo", "--from", str(sft_run), "--data", "arith-prompts",
+         "--reward", "closeness(scale=50)", "--output", str(out), "--max-steps", "4", "--batch-size", "8",
+         "--num-generations", "4", "--max-completion-length", "6", "--backend", "vllm", "--vllm-memory", "0.2",
+         "--lr", "2e-2", "--beta", "0", "--sync-check", "1", "--sync-threshold", "0.01", "--no-tensorboard"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Sync check at step" in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
 
 
 def test_vllm_logprobs_agree_with_the_trainer(sft_run, tmp_path):

@@ -1,0 +1,116 @@
+"""TRL's GRPOTrainer with what `align grpo` adds on top of it, kept to three small hooks around TRL's own code:
+
+- `--advantage rloo|reinforce_pp`: after TRL scores a batch, the advantages are recomputed from the same rewards
+  (align.stages.advantages.group_advantages); `grpo` keeps TRL's.
+- Rollout correction (`--is-correction`): TRL applies truncated/masked importance sampling between the sampler's and
+  the trainer's log-probs only when it drives vLLM itself. align's rollout engine returns the sampler's log-probs
+  through `rollout_func`, so the trainer turns TRL's correction on (`use_vllm`, with a no-op weight sync: the engine
+  syncs the adapter itself) and logs the fraction of weights cut (`sampling/is_cut_frac`) beside TRL's ratio stats.
+- `--sync-check N`: every N steps the trainer scores the tokens the engine just sampled and stops with
+  SyncCheckError when the served adapter is not the current step's or the mean |Δ log p| over the sampled tokens
+  passes `--sync-threshold` ("rollouts silently use stale weights"). Logged as `sampling/sync_logp_diff`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from align.errors import AlignError
+
+
+class SyncCheckError(AlignError):
+    """The rollout engine is not sampling from the policy being trained."""
+
+
+class _EngineSyncs:
+    """Stands in for TRL's vLLM weight sync: align's rollout engine syncs the adapter in `rollout_func`."""
+
+    def sync_weights(self) -> None:
+        pass
+
+
+class AlignGRPOTrainer(GRPOTrainer):
+    def __init__(self, *args, engine, advantage: str = "grpo", scale_rewards: str = "group",
+                 is_correction: str = "none", sync_check: int = 0, sync_threshold: float = 0.1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.engine, self.advantage, self.align_scale = engine, advantage, scale_rewards
+        self.is_correction, self.sync_check, self.sync_threshold = is_correction, sync_check, sync_threshold
+        if is_correction != "none":  # TRL's rollout correction, fed by the engine's log-probs
+            self.use_vllm, self.vllm_mode = True, "align"
+            self.vllm_generation, self._last_loaded_step = _EngineSyncs(), -1
+            self.vllm_importance_sampling_correction = True
+            self.vllm_importance_sampling_mode = is_correction
+        self._rewards_per_func: torch.Tensor | None = None
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards_per_func
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        if self.advantage != "grpo":
+            output["advantages"] = self._advantages(len(output["advantages"]), mode)
+        if self.is_correction != "none" and "sampling_per_token_logps" in output:
+            self._log_cut_fraction(output, mode)
+        if self.sync_check and mode == "train" and self.state.global_step % self.sync_check == 0:
+            self._check_sync(output)
+        return output
+
+    # -- advantages --------------------------------------------------------------------------------------------
+    def _advantages(self, local: int, mode: str) -> torch.Tensor:
+        from align.stages.advantages import group_advantages
+
+        per_func = self._rewards_per_func
+        rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = torch.nan  # unscorable: every function returned None
+        k = self.num_generations if mode == "train" else self.num_generations_eval
+        advantages = group_advantages(rewards, k, self.advantage, self.align_scale)
+        start = self.accelerator.process_index * local
+        return advantages[start : start + local]
+
+    # -- rollout correction ------------------------------------------------------------------------------------
+    def _log_cut_fraction(self, output: dict[str, Any], mode: str) -> None:
+        from align.stages.advantages import importance_weights
+
+        _, cut = importance_weights(output["old_per_token_logps"], output["sampling_per_token_logps"],
+                                    output["completion_mask"], self.is_correction,
+                                    self.vllm_importance_sampling_clip_max, self.vllm_importance_sampling_clip_min)
+        self._metrics[mode]["sampling/is_cut_frac"].append(self.accelerator.gather(cut).mean().item())
+
+    # -- sync check --------------------------------------------------------------------------------------------
+    def _check_sync(self, output: dict[str, Any]) -> None:
+        served = getattr(self.engine, "synced_step", None)
+        step = self.state.global_step
+        if served is not None and served != step:
+            raise SyncCheckError(
+                f"Sync check at step {step}: the rollout engine serves the adapter of step {served}, not the current "
+                "one, so completions come from stale weights. This is a bug in the engine's adapter sync; rerun with "
+                "--backend hf to train without it, and report it.")
+        sampled = output.get("sampling_per_token_logps")
+        if sampled is None:
+            return
+        trainer = output.get("old_per_token_logps")
+        if trainer is None:
+            trainer = self._trainer_logps(output)
+        mask = output["completion_mask"].bool() & ~torch.isnan(sampled)
+        diff = self.accelerator.gather(((trainer - sampled).abs() * mask).sum() / mask.sum().clamp(min=1)).mean()
+        self._metrics["train"]["sampling/sync_logp_diff"].append(diff.item())
+        if diff.item() > self.sync_threshold:
+            raise SyncCheckError(
+                f"Sync check at step {step}: the trainer gives the tokens the {self.engine.name} engine just sampled "
+                f"log-probs differing by {diff.item():.4f} nats per token on average (threshold --sync-threshold "
+                f"{self.sync_threshold}). The sampler is not running the policy being trained (stale or wrong "
+                "adapter, another base model, or low-precision drift); check the engine, or raise the threshold if "
+                "this much drift is expected for your precision.")
+
+    @torch.no_grad()
+    def _trainer_logps(self, output: dict[str, Any]) -> torch.Tensor:
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        logps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, mask, output["completion_ids"].size(1),
+                                                              batch_size=self.args.per_device_train_batch_size)
+        return logps
