@@ -5,7 +5,9 @@ function with the reward protocol `fn(prompts, completions, **columns) -> list[f
         1.0 if the completion's final answer equals the `column` value, else 0.0 (None when the sample has no
         reference answer). The final answer is the text inside <answer>...</answer> if present, else the whole
         completion; mode "numeric" compares the last number in it (so "The answer is 19." matches "19"),
-        mode "exact" the stripped text.
+        mode "exact" the stripped text; mode "math" compares mathematically with math-verify (LaTeX, \\boxed{},
+        fractions, sets: "\\boxed{\\frac{3}{4}}" matches "0.75"; `pip install 'align[math]'`), for GSM8K/MATH-style
+        data — the answer tags are not needed there: math-verify finds the final answer itself.
     closeness(column="answer", scale=10.0)
         Partial credit for numeric answers: max(0, 1 − |answer − reference| / scale) on the last number of the
         completion's final answer; 0 when it has no number, None when the sample has no reference.
@@ -42,8 +44,10 @@ def final_answer(text: str) -> str:
 
 
 def accuracy(column: str = "answer", mode: str = "numeric", tolerance: float = 1e-6) -> RewardFn:
-    if mode not in ("numeric", "exact"):
-        raise ValueError(f"accuracy: mode must be 'numeric' or 'exact', got {mode!r}")
+    if mode not in ("numeric", "exact", "math"):
+        raise ValueError(f"accuracy: mode must be 'numeric', 'exact' or 'math', got {mode!r}")
+    if mode == "math":
+        return _math_accuracy(column)
 
     def matches(completion: Any, reference: Any) -> float | None:
         if reference is None:
@@ -56,13 +60,41 @@ def accuracy(column: str = "answer", mode: str = "numeric", tolerance: float = 1
             return float(answer == str(reference).strip())
         return float(bool(got) and abs(float(got[-1]) - float(want[-1])) <= tolerance)
 
-    def accuracy_reward(prompts: list, completions: list, **columns: Any) -> list[float | None]:
+    return _per_sample(column, matches, "accuracy_reward")
+
+
+def _math_accuracy(column: str) -> RewardFn:
+    """accuracy(mode="math"): math-verify's parse + verify (gold first); None where the reference does not parse."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise ValueError("accuracy(mode='math') needs math-verify: pip install 'align[math]' "
+                         "(or pip install math-verify)") from None
+
+    def matches(completion: Any, reference: Any) -> float | None:
+        if reference is None:
+            return None
+        # no signal-based timeouts: rewards may run in a worker thread, and the guard enforces --reward-timeout
+        gold = parse(str(reference), parsing_timeout=None)
+        if not gold:
+            return None
+        answer = parse(completion_text(completion), parsing_timeout=None)
+        return float(verify(gold, answer, timeout_seconds=None))
+
+    return _per_sample(column, matches, "accuracy_reward")
+
+
+def _per_sample(column: str, matches: Callable[[Any, Any], float | None], name: str) -> RewardFn:
+    """A reward function applying `matches(completion, reference)` with the `column` value of each sample."""
+
+    def reward(prompts: list, completions: list, **columns: Any) -> list[float | None]:
         if column not in columns:
-            raise KeyError(f"accuracy needs a '{column}' column in the data (columns: {', '.join(sorted(columns))}); "
-                           "set accuracy(column=...) to use another")
+            raise KeyError(f"{name.removesuffix('_reward')} needs a '{column}' column in the data (columns: "
+                           f"{', '.join(sorted(columns))}); set {name.removesuffix('_reward')}(column=...) to use another")
         return [matches(c, ref) for c, ref in zip(completions, columns[column], strict=True)]
 
-    return accuracy_reward
+    reward.__name__ = name
+    return reward
 
 
 def closeness(column: str = "answer", scale: float = 10.0) -> RewardFn:
@@ -77,12 +109,7 @@ def closeness(column: str = "answer", scale: float = 10.0) -> RewardFn:
             return None
         return max(0.0, 1.0 - abs(float(got[-1]) - float(want[-1])) / scale) if got else 0.0
 
-    def closeness_reward(prompts: list, completions: list, **columns: Any) -> list[float | None]:
-        if column not in columns:
-            raise KeyError(f"closeness needs a '{column}' column in the data (columns: {', '.join(sorted(columns))})")
-        return [close(c, ref) for c, ref in zip(completions, columns[column], strict=True)]
-
-    return closeness_reward
+    return _per_sample(column, close, "closeness_reward")
 
 
 def format(pattern: str = r"^<think>.*?</think>\s*<answer>.*?</answer>$") -> RewardFn:  # noqa: A001

@@ -29,6 +29,18 @@ def test_builtin_accuracy_format_and_length():
     assert length(max_length=8, cache=4)(PROMPTS, ["", "", ""], completion_ids=ids) == [0.0, -0.75, -1.0]
 
 
+def test_accuracy_math_mode_uses_math_verify():
+    acc = accuracy(mode="math")
+    completions = ["So the answer is $\\boxed{\\frac{3}{4}}$.", "It is 0.75", "$\\boxed{\\frac{2}{3}}$", "19", "x"]
+    assert acc(["p"] * 5, completions, answer=["0.75", "\\frac{3}{4}", "3/4", "19", None]) == [1.0, 1.0, 0.0, 1.0, None]
+    messages = [[{"role": "assistant", "content": "The final answer is $\\boxed{12}$"}]]
+    assert acc(["p"], messages, answer=["12"]) == [1.0]
+    # through the guard (a worker thread, where math-verify's signal-based timeouts would fail)
+    assert score("accuracy(mode='math')", ["$2$", "\\boxed{4}", "6.0"]) == [1.0, 1.0, 1.0]
+    with pytest.raises(AlignError, match="mode must be 'numeric', 'exact' or 'math'"):
+        resolve_rewards(["accuracy(mode='latex')"])
+
+
 def test_spec_kinds_module_file_and_builtin_with_settings_and_weights(tmp_path):
     assert score("reward_plugins:has_digit") == [1.0, 1.0, 0.0]
     plugin = tmp_path / "my_rewards.py"
