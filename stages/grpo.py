@@ -62,9 +62,6 @@ class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Reward
                 "weights per token or sequence; auto = sequence_mask when sampling with vLLM on a GPU, else none.")
     is_cap: float = opt(3.0, "Upper bound of the correction weights (truncated to it, or masked above it).")
     is_min: float | None = opt(None, "Lower bound of the correction weights (default: none).")
-    sync_check: int = opt(0, "Every N steps check that the sampler serves the current adapter and matches the "
-                             "trainer's log-probs on the sampled tokens (vllm backend); 0 = off.")
-    sync_threshold: float = opt(0.1, "Sync check: largest allowed mean |Δ log p| per sampled token, in nats.")
     epsilon: float = opt(0.2, "Lower clipping range of the ratio π/π_old.")
     epsilon_high: float | None = opt(None, "Upper clipping range (default: --epsilon).")
     num_iterations: int = opt(1, "Optimisation passes over each batch of rollouts.")
@@ -82,22 +79,11 @@ class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Reward
         if self.advantage == "reinforce_pp" and self.scale_rewards not in (None, "batch"):
             problems.add(f"--advantage reinforce_pp normalises over the batch by definition; --scale-rewards "
                          f"{self.scale_rewards} contradicts it (leave it unset, or use --advantage grpo/rloo).")
-        sampler_is_trainer = self.resolved_backend() == "hf"
-        if sampler_is_trainer and self.is_correction not in ("auto", "none"):
+        if self.resolved_backend() == "hf" and self.is_correction not in ("auto", "none"):
             problems.add(f"--is-correction {self.is_correction} needs the sampler's log-probs: the hf backend samples "
                          "from the trained model itself, so there is no mismatch to correct. Use --backend vllm.")
-        if sampler_is_trainer and self.sync_check:
-            problems.add("--sync-check compares the vllm sampler with the trainer; the hf backend samples from the "
-                         "trained model itself. Use --backend vllm, or drop --sync-check.")
-        if self.sync_check < 0 or self.sync_threshold <= 0 or self.is_cap <= 0:
-            problems.add("--sync-check must be >= 0, --sync-threshold and --is-cap > 0.")
-        if self.is_min is not None and not 0 <= self.is_min < self.is_cap:
-            problems.add(f"--is-min must be in [0, --is-cap), got {self.is_min}.")
-
-    def resolved_backend(self) -> str:
-        from align.stages.rollout import choose_backend
-
-        return "vllm" if self.vllm_server else choose_backend(self.backend)
+        if self.is_cap <= 0 or (self.is_min is not None and not 0 <= self.is_min < self.is_cap):
+            problems.add(f"--is-cap must be > 0 and --is-min in [0, --is-cap), got {self.is_cap} and {self.is_min}.")
 
     def resolved(self) -> dict:
         """The TRL/trainer settings the defaults stand for."""
@@ -140,7 +126,7 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
     engine = make_rollout_engine(cfg, policy, started.run.path)
     return AlignGRPOTrainer(
         engine=engine, advantage=cfg.advantage, scale_rewards=resolved["scale_rewards"],
-        is_correction=resolved["is_correction"], sync_check=cfg.sync_check, sync_threshold=cfg.sync_threshold,
+        is_correction=resolved["is_correction"], rollout=cfg,
         model=policy.model, reward_funcs=rewards, args=args, processing_class=policy.tokenizer,
         train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation),
         callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine),

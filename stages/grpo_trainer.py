@@ -6,9 +6,10 @@
   the trainer's log-probs only when it drives vLLM itself. align's rollout engine returns the sampler's log-probs
   through `rollout_func`, so the trainer turns TRL's correction on (`use_vllm`, with a no-op weight sync: the engine
   syncs the adapter itself) and logs the fraction of weights cut (`sampling/is_cut_frac`) beside TRL's ratio stats.
-- `--sync-check N`: every N steps the trainer scores the tokens the engine just sampled and stops with
-  SyncCheckError when the served adapter is not the current step's or the mean |Δ log p| over the sampled tokens
-  passes `--sync-threshold` ("rollouts silently use stale weights"). Logged as `sampling/sync_logp_diff`.
+- `--sync-check N`: every N steps the trainer scores the tokens the engine just sampled and stops
+  (align.stages.rollout.check_sync) when the served adapter is not the current step's or the mean |Δ log p| over
+  the sampled tokens passes `--sync-threshold` ("rollouts silently use stale weights"). Logged as
+  `sampling/sync_logp_diff`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,6 @@ from typing import Any
 
 import torch
 from trl import GRPOTrainer
-
-from align.errors import AlignError
-
-
-class SyncCheckError(AlignError):
-    """The rollout engine is not sampling from the policy being trained."""
 
 
 class _EngineSyncs:
@@ -33,11 +28,11 @@ class _EngineSyncs:
 
 
 class AlignGRPOTrainer(GRPOTrainer):
-    def __init__(self, *args, engine, advantage: str = "grpo", scale_rewards: str = "group",
-                 is_correction: str = "none", sync_check: int = 0, sync_threshold: float = 0.1, **kwargs):
+    def __init__(self, *args, engine, rollout, advantage: str = "grpo", scale_rewards: str = "group",
+                 is_correction: str = "none", **kwargs):
         super().__init__(*args, **kwargs)
-        self.engine, self.advantage, self.align_scale = engine, advantage, scale_rewards
-        self.is_correction, self.sync_check, self.sync_threshold = is_correction, sync_check, sync_threshold
+        self.engine, self.rollout = engine, rollout  # rollout: the RolloutOptions (sync check)
+        self.advantage, self.align_scale, self.is_correction = advantage, scale_rewards, is_correction
         if is_correction != "none":  # TRL's rollout correction, fed by the engine's log-probs
             self.use_vllm, self.vllm_mode = True, "align"
             self.vllm_generation, self._last_loaded_step = _EngineSyncs(), -1
@@ -56,7 +51,7 @@ class AlignGRPOTrainer(GRPOTrainer):
             output["advantages"] = self._advantages(len(output["advantages"]), mode)
         if self.is_correction != "none" and "sampling_per_token_logps" in output:
             self._log_cut_fraction(output, mode)
-        if self.sync_check and mode == "train" and self.state.global_step % self.sync_check == 0:
+        if mode == "train" and self.rollout.sync_check_due(self.state.global_step):
             self._check_sync(output)
         return output
 
@@ -83,29 +78,16 @@ class AlignGRPOTrainer(GRPOTrainer):
 
     # -- sync check --------------------------------------------------------------------------------------------
     def _check_sync(self, output: dict[str, Any]) -> None:
-        served = getattr(self.engine, "synced_step", None)
-        step = self.state.global_step
-        if served is not None and served != step:
-            raise SyncCheckError(
-                f"Sync check at step {step}: the rollout engine serves the adapter of step {served}, not the current "
-                "one, so completions come from stale weights. This is a bug in the engine's adapter sync; rerun with "
-                "--backend hf to train without it, and report it.")
+        from align.stages.rollout import check_sync
+
         sampled = output.get("sampling_per_token_logps")
-        if sampled is None:
-            return
         trainer = output.get("old_per_token_logps")
-        if trainer is None:
+        if sampled is not None and trainer is None:
             trainer = self._trainer_logps(output)
-        mask = output["completion_mask"].bool() & ~torch.isnan(sampled)
-        diff = self.accelerator.gather(((trainer - sampled).abs() * mask).sum() / mask.sum().clamp(min=1)).mean()
-        self._metrics["train"]["sampling/sync_logp_diff"].append(diff.item())
-        if diff.item() > self.sync_threshold:
-            raise SyncCheckError(
-                f"Sync check at step {step}: the trainer gives the tokens the {self.engine.name} engine just sampled "
-                f"log-probs differing by {diff.item():.4f} nats per token on average (threshold --sync-threshold "
-                f"{self.sync_threshold}). The sampler is not running the policy being trained (stale or wrong "
-                "adapter, another base model, or low-precision drift); check the engine, or raise the threshold if "
-                "this much drift is expected for your precision.")
+        diff = check_sync(self.engine, self.state.global_step, trainer, sampled, output["completion_mask"],
+                          self.rollout.sync_threshold)
+        if diff is not None:
+            self._metrics["train"]["sampling/sync_logp_diff"].append(diff)
 
     @torch.no_grad()
     def _trainer_logps(self, output: dict[str, Any]) -> torch.Tensor:

@@ -59,8 +59,25 @@ class RolloutOptions:
     vllm_server: str | None = opt(None, "Use this separately started vLLM server (URL) instead of a colocated "
                                         "engine; it must run the policy's base with --enable-lora and "
                                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.")
+    sync_check: int = opt(0, "Every N steps check that the sampler serves the current adapter and matches the "
+                             "trainer's log-probs on the sampled tokens (vllm backend); 0 = off.")
+    sync_threshold: float = opt(0.1, "Sync check: largest allowed mean |Δ log p| per sampled token, in nats.")
+
+    def resolved_backend(self) -> str:
+        from align.stages.rollout import choose_backend
+
+        return "vllm" if self.vllm_server else choose_backend(self.backend)
+
+    def sync_check_due(self, step: int) -> bool:
+        return bool(self.sync_check) and step % self.sync_check == 0
 
     def check(self, problems: Problems) -> None:
+        if self.sync_check and self.resolved_backend() == "hf":
+            problems.add("--sync-check compares the vllm sampler with the trainer; the hf backend samples from the "
+                         "trained model itself. Use --backend vllm, or drop --sync-check.")
+        if self.sync_check < 0 or self.sync_threshold <= 0:
+            problems.add(f"--sync-check must be >= 0 and --sync-threshold > 0, got {self.sync_check} and "
+                         f"{self.sync_threshold}.")
         if self.num_generations < 1:
             problems.add(f"--num-generations must be at least 1, got {self.num_generations}.")
         if self.max_completion_length <= 0:

@@ -272,14 +272,15 @@ class PPO:
             out.append(self.train_rows[int(self.orders[epoch][i])])
         return [row for row in out for _ in range(self.cfg.num_generations)]
 
-    def sample(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
+    def sample(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]], list[list[float]] | None]:
+        """(prompt ids, completion ids, the sampler's log-probs of the completion tokens or None)."""
         from align.stages.rollout import render_prompts
 
         model = self.actor()
         self.engine.sync(model, self.step)
         prompt_ids = render_prompts(self.tokenizer, [r["prompt"] for r in rows])
-        completion_ids, _ = self.engine.generate(model, prompt_ids)
-        return prompt_ids, completion_ids
+        completion_ids, logprobs = self.engine.generate(model, prompt_ids)
+        return prompt_ids, completion_ids, logprobs
 
     def score(self, rows, completion_ids) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """(scores, per-function means, truncated mask) of the completions, with clipping and EOS penalty."""
@@ -322,13 +323,14 @@ class PPO:
 
         cfg, t0 = self.cfg, time.perf_counter()
         rows = self.prompt_rows(self.step)
-        prompt_ids, completion_ids = self.sample(rows)
+        prompt_ids, completion_ids, sampler_logprobs = self.sample(rows)
         t1 = time.perf_counter()
         scores, reward_means, truncated = self.score(rows, completion_ids)
         t2 = time.perf_counter()
         device = next(self.model.parameters()).device
         batch = Batch.build(prompt_ids, completion_ids, self.tokenizer.pad_token_id, device)
         old = self.evaluate_rollout(batch)
+        sync = self.check_sync(batch, old["logprobs"], sampler_logprobs) if cfg.sync_check_due(self.step) else None
         rewards, kl = rlhf_token_rewards(scores.to(device), old["logprobs"], old["ref_logprobs"], batch.mask,
                                          self.kl.value)
         if cfg.whiten_rewards:
@@ -354,10 +356,22 @@ class PPO:
             "lr": self.scheduler.get_last_lr()[0],
             "timing/rollout_s": t1 - t0, "timing/scoring_s": t2 - t1, "timing/training_s": t3 - t2,
             **{name: sum(values) / len(values) for name, values in self.reward_logs.items()},
+            **({"sampling/sync_logp_diff": sync} if sync is not None else {}),
         }
         self.reward_logs.clear()
         self.kl.update(metrics["objective/kl"], len(scores))
         return metrics
+
+    def check_sync(self, batch: Batch, trainer_logprobs: torch.Tensor, sampled: list[list[float]] | None):
+        """`--sync-check`: the sampler's log-probs of the batch's completion tokens against the trainer's."""
+        from align.stages.rollout import check_sync
+
+        sampler = None
+        if sampled is not None:
+            sampler = torch.zeros_like(trainer_logprobs)
+            for i, row in enumerate(sampled):
+                sampler[i, : len(row)] = torch.tensor(row, dtype=sampler.dtype)
+        return check_sync(self.engine, self.step, trainer_logprobs, sampler, batch.mask, self.cfg.sync_threshold)
 
     def optimise(self, batch: Batch, old, advantages, returns) -> dict[str, float]:
         from align.stages.ppo_losses import policy_loss, value_loss
@@ -398,7 +412,7 @@ class PPO:
             torch.manual_seed(self.cfg.seed)
             for i in range(0, len(self.eval_rows), size):
                 rows = self.eval_rows[i : i + size]
-                _, completion_ids = self.sample(rows)
+                _, completion_ids, _ = self.sample(rows)
                 batch_scores, means, _ = self.score(rows, completion_ids)
                 scores.extend(batch_scores.tolist())
                 lengths.extend(len(c) for c in completion_ids)

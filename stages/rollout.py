@@ -19,6 +19,12 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
+from align.errors import AlignError
+
+
+class SyncCheckError(AlignError):
+    """The rollout engine is not sampling from the policy being trained (`--sync-check`)."""
+
 
 def choose_backend(requested: str) -> str:
     if requested != "auto":
@@ -134,3 +140,28 @@ def trl_rollout_func(engine):
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
 
     return rollout
+
+
+def check_sync(engine, step: int, trainer_logps, sampler_logps, mask, threshold: float) -> float | None:
+    """`--sync-check`: the engine must serve this step's adapter, and the trainer's log-probs of the tokens it just
+    sampled must agree with the sampler's (mean |Δ log p| over real tokens ≤ threshold). Returns that mean (None
+    when the engine gives no log-probs); raises SyncCheckError otherwise."""
+    import torch
+
+    served = getattr(engine, "synced_step", None)
+    if served is not None and served != step:
+        raise SyncCheckError(
+            f"Sync check at step {step}: the rollout engine serves the adapter of step {served}, not the current one, "
+            "so completions come from stale weights. This is a bug in the engine's adapter sync; rerun with "
+            "--backend hf to train without it, and report it.")
+    if sampler_logps is None:
+        return None
+    valid = mask.bool() & ~torch.isnan(sampler_logps)
+    diff = float(((trainer_logps - sampler_logps).abs() * valid).sum() / valid.sum().clamp(min=1))
+    if diff > threshold:
+        raise SyncCheckError(
+            f"Sync check at step {step}: the trainer gives the tokens the {engine.name} engine just sampled log-probs "
+            f"differing by {diff:.4f} nats per token on average (threshold --sync-threshold {threshold}). The sampler "
+            "is not running the policy being trained (stale or wrong adapter, another base model, or low-precision "
+            "drift); check the engine, or raise the threshold if this much drift is expected for your precision.")
+    return diff

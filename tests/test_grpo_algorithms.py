@@ -128,5 +128,5 @@ def test_algorithm_options_are_validated(cli, sft_run, tmp_path):
     assert "--advantage reinforce_pp normalises over the batch by definition" in err
     assert "--is-correction token_mask needs the sampler's log-probs: the hf backend samples from the trained model" in err
     assert "--sync-check compares the vllm sampler with the trainer" in err
-    assert "--is-min must be in [0, --is-cap), got 5.0" in err
+    assert "--is-cap must be > 0 and --is-min in [0, --is-cap), got 3.0 and 5.0" in err
     assert not (tmp_path / "x").exists()
