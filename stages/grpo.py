@@ -57,11 +57,6 @@ class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Reward
               "for rloo, batch for reinforce_pp.")
     importance_sampling_level: Literal["token", "sequence"] = opt(
         "token", "Policy ratio π/π_old per token, or per sequence (GSPO: exp of the mean token log-ratio).")
-    is_correction: Literal["auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = opt(
-        "auto", "Importance-sampling correction of the rollout/trainer mismatch: truncated (TIS) or masked (MIS) "
-                "weights per token or sequence; auto = sequence_mask when sampling with vLLM on a GPU, else none.")
-    is_cap: float = opt(3.0, "Upper bound of the correction weights (truncated to it, or masked above it).")
-    is_min: float | None = opt(None, "Lower bound of the correction weights (default: none).")
     epsilon: float = opt(0.2, "Lower clipping range of the ratio π/π_old.")
     epsilon_high: float | None = opt(None, "Upper clipping range (default: --epsilon).")
     num_iterations: int = opt(1, "Optimisation passes over each batch of rollouts.")
@@ -79,22 +74,12 @@ class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Reward
         if self.advantage == "reinforce_pp" and self.scale_rewards not in (None, "batch"):
             problems.add(f"--advantage reinforce_pp normalises over the batch by definition; --scale-rewards "
                          f"{self.scale_rewards} contradicts it (leave it unset, or use --advantage grpo/rloo).")
-        if self.resolved_backend() == "hf" and self.is_correction not in ("auto", "none"):
-            problems.add(f"--is-correction {self.is_correction} needs the sampler's log-probs: the hf backend samples "
-                         "from the trained model itself, so there is no mismatch to correct. Use --backend vllm.")
-        if self.is_cap <= 0 or (self.is_min is not None and not 0 <= self.is_min < self.is_cap):
-            problems.add(f"--is-cap must be > 0 and --is-min in [0, --is-cap), got {self.is_cap} and {self.is_min}.")
 
     def resolved(self) -> dict:
         """The TRL/trainer settings the defaults stand for."""
-        import torch
-
-        correction = self.is_correction
-        if correction == "auto":
-            correction = "sequence_mask" if self.resolved_backend() == "vllm" and torch.cuda.is_available() else "none"
         scale = self.scale_rewards or {"grpo": "group", "rloo": "none", "reinforce_pp": "batch"}[self.advantage]
         loss = self.loss or ("grpo" if self.importance_sampling_level == "sequence" else "dapo")
-        return {"is_correction": correction, "scale_rewards": scale, "loss": loss}
+        return {"is_correction": self.correction(), "scale_rewards": scale, "loss": loss}
 
 
 def build_trainer(cfg: GRPOConfig, started, callbacks):

@@ -59,6 +59,11 @@ class RolloutOptions:
     vllm_server: str | None = opt(None, "Use this separately started vLLM server (URL) instead of a colocated "
                                         "engine; it must run the policy's base with --enable-lora and "
                                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.")
+    is_correction: Literal["auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = opt(
+        "auto", "Importance-sampling correction of the rollout/trainer mismatch: truncated (TIS) or masked (MIS) "
+                "weights per token or sequence; auto = sequence_mask when sampling with vLLM on a GPU, else none.")
+    is_cap: float = opt(3.0, "Upper bound of the correction weights (truncated to it, or masked above it).")
+    is_min: float | None = opt(None, "Lower bound of the correction weights (default: none).")
     sync_check: int = opt(0, "Every N steps check that the sampler serves the current adapter and matches the "
                              "trainer's log-probs on the sampled tokens (vllm backend); 0 = off.")
     sync_threshold: float = opt(0.1, "Sync check: largest allowed mean |Δ log p| per sampled token, in nats.")
@@ -68,10 +73,23 @@ class RolloutOptions:
 
         return "vllm" if self.vllm_server else choose_backend(self.backend)
 
+    def correction(self) -> str:
+        """The --is-correction mode in force (auto resolved)."""
+        import torch
+
+        if self.is_correction != "auto":
+            return self.is_correction
+        return "sequence_mask" if self.resolved_backend() == "vllm" and torch.cuda.is_available() else "none"
+
     def sync_check_due(self, step: int) -> bool:
         return bool(self.sync_check) and step % self.sync_check == 0
 
     def check(self, problems: Problems) -> None:
+        if self.resolved_backend() == "hf" and self.is_correction not in ("auto", "none"):
+            problems.add(f"--is-correction {self.is_correction} needs the sampler's log-probs: the hf backend samples "
+                         "from the trained model itself, so there is no mismatch to correct. Use --backend vllm.")
+        if self.is_cap <= 0 or (self.is_min is not None and not 0 <= self.is_min < self.is_cap):
+            problems.add(f"--is-cap must be > 0 and --is-min in [0, --is-cap), got {self.is_cap} and {self.is_min}.")
         if self.sync_check and self.resolved_backend() == "hf":
             problems.add("--sync-check compares the vllm sampler with the trainer; the hf backend samples from the "
                          "trained model itself. Use --backend vllm, or drop --sync-check.")

@@ -23,7 +23,9 @@ TRL PPOTrainer that 1.16 removed): per-token KL penalty in the reward with the k
 token; value model initialised from the reward model (align.stages.critic); whitened advantages; optional reward
 whitening; clipped value loss; adaptive KL option; logits divided by the sampling temperature when computing
 log-probs; dropout off (so π = π_ref exactly at step 1: KL 0); no penalty for truncation unless asked. π_old and
-V_old are recomputed by the trainer after sampling, so a vLLM sampler's numerical mismatch never enters ρ. Actor
+V_old are recomputed by the trainer after sampling, so a vLLM sampler's numerical mismatch never enters ρ; the
+samples themselves are then slightly off-policy, which `--is-correction` reweights (w = π_old/π_sampler per token
+or sequence, truncated or masked at `--is-cap`; auto = on for vLLM on a GPU) and `--sync-check N` bounds. Actor
 and critic losses are backpropagated one after the other per micro-batch (the same gradients as their sum, one
 graph in memory at a time). Entropy is logged, not optimised.
 
@@ -166,6 +168,16 @@ class Batch:
         return cls(ids.to(device), attention.to(device), attention[:, width:].float().to(device), width)
 
 
+def _padded(rows: list[list[float]] | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The sampler's per-token log-probs (a list per completion) as a tensor shaped like the trainer's."""
+    if rows is None:
+        return None
+    out = torch.zeros_like(like)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=out.dtype)
+    return out
+
+
 def completion_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
     """log π(a_t|s_t) of the completion tokens (B × L, float32), and the mean entropy over them if asked."""
     from align.stages.ppo_losses import entropy
@@ -207,6 +219,7 @@ class PPO:
         for model in {id(self.model): self.model, id(self.critic.model): self.critic.model}.values():
             disable_dropout(model)  # after every adapter is added: π = π_ref at step 1, deterministic scores
         self.engine = make_rollout_engine(cfg, self.policy, self.run.path)
+        self.correction = cfg.correction()
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.prompts_per_step = cfg.batch_size // cfg.num_generations
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
@@ -318,8 +331,9 @@ class PPO:
 
     def train_step(self) -> dict[str, float]:
         """One rollout step: sample, score, estimate advantages, optimise. Returns its metrics."""
-        from align.stages.advantages import gae, masked_mean, rlhf_token_rewards, whiten
+        from align.stages.advantages import gae, importance_weights, masked_mean, rlhf_token_rewards, whiten
         from align.stages.ppo_losses import explained_variance
+        from align.stages.rollout import check_sync
 
         cfg, t0 = self.cfg, time.perf_counter()
         rows = self.prompt_rows(self.step)
@@ -330,7 +344,15 @@ class PPO:
         device = next(self.model.parameters()).device
         batch = Batch.build(prompt_ids, completion_ids, self.tokenizer.pad_token_id, device)
         old = self.evaluate_rollout(batch)
-        sync = self.check_sync(batch, old["logprobs"], sampler_logprobs) if cfg.sync_check_due(self.step) else None
+        sampler = _padded(sampler_logprobs, old["logprobs"])
+        sync = check_sync(self.engine, self.step, old["logprobs"], sampler, batch.mask, cfg.sync_threshold) \
+            if cfg.sync_check_due(self.step) else None
+        correction = {}
+        if self.correction != "none" and sampler is not None:
+            old["is_weights"], cut = importance_weights(old["logprobs"], sampler, batch.mask, self.correction,
+                                                        cfg.is_cap, cfg.is_min)
+            correction = {"sampling/is_ratio_mean": masked_mean(old["is_weights"].expand_as(batch.mask),
+                                                                batch.mask).item(), "sampling/is_cut_frac": cut.item()}
         rewards, kl = rlhf_token_rewards(scores.to(device), old["logprobs"], old["ref_logprobs"], batch.mask,
                                          self.kl.value)
         if cfg.whiten_rewards:
@@ -356,22 +378,11 @@ class PPO:
             "lr": self.scheduler.get_last_lr()[0],
             "timing/rollout_s": t1 - t0, "timing/scoring_s": t2 - t1, "timing/training_s": t3 - t2,
             **{name: sum(values) / len(values) for name, values in self.reward_logs.items()},
-            **({"sampling/sync_logp_diff": sync} if sync is not None else {}),
+            **({"sampling/sync_logp_diff": sync} if sync is not None else {}), **correction,
         }
         self.reward_logs.clear()
         self.kl.update(metrics["objective/kl"], len(scores))
         return metrics
-
-    def check_sync(self, batch: Batch, trainer_logprobs: torch.Tensor, sampled: list[list[float]] | None):
-        """`--sync-check`: the sampler's log-probs of the batch's completion tokens against the trainer's."""
-        from align.stages.rollout import check_sync
-
-        sampler = None
-        if sampled is not None:
-            sampler = torch.zeros_like(trainer_logprobs)
-            for i, row in enumerate(sampled):
-                sampler[i, : len(row)] = torch.tensor(row, dtype=sampler.dtype)
-        return check_sync(self.engine, self.step, trainer_logprobs, sampler, batch.mask, self.cfg.sync_threshold)
 
     def optimise(self, batch: Batch, old, advantages, returns) -> dict[str, float]:
         from align.stages.ppo_losses import policy_loss, value_loss
@@ -384,7 +395,9 @@ class PPO:
                 for index in torch.chunk(minibatch, cfg.grad_accum):
                     part, mask = batch.rows(index), batch.mask[index]
                     logprobs, ent = completion_logprobs(self.actor(), part, cfg.temperature, with_entropy=True)
-                    pg, pg_stats = policy_loss(logprobs, old["logprobs"][index], advantages[index], mask, cfg.cliprange)
+                    weights = old["is_weights"][index] if "is_weights" in old else None
+                    pg, pg_stats = policy_loss(logprobs, old["logprobs"][index], advantages[index], mask, cfg.cliprange,
+                                               weights)
                     (pg / cfg.grad_accum).backward()
                     values = self.critic.values(part.input_ids, part.attention_mask, part.position_ids, part.start)
                     vf, vf_stats = value_loss(values, old["values"][index], returns[index], mask, cfg.cliprange_value)
@@ -536,7 +549,7 @@ def main(cfg: PPOConfig) -> Path:
     run = started.run
     with run.lifecycle(**stage_manifest("ppo", "causal-lm", cfg, ppo.policy, started.datasets),
                        rewards=cfg.reward_manifest(), reference="parent policy (frozen)", critic=ppo.critic.describe(),
-                       reward_models=ppo.reward_models):
+                       reward_models=ppo.reward_models, is_correction=ppo.correction):
         metrics = ppo.train(started.resume_from)
         with run.artifact("adapter") as tmp:
             save_policy(ppo.model, ppo.tokenizer, tmp)

@@ -3,7 +3,9 @@
 
 Policy (clipped surrogate), with ratio ρ_t = exp(log π(a_t) − log π_old(a_t)):
 
-    L_π = E[ max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε, 1+ε)) ]
+    L_π = E[ w_t·max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε, 1+ε)) ]
+
+where w_t are the rollout-correction weights π_old/π_sampler (truncated or masked, `--is-correction`; 1 without).
 
 Value (clipped, detail #3 of "N implementation details of RLHF with PPO"), with V_clip = V_old + clip(V − V_old,
 −ε_v, ε_v):
@@ -26,12 +28,13 @@ from align.stages.advantages import masked_mean
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                cliprange: float = 0.2, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask)
     stats = {
         "clipfrac": masked_mean((torch.abs(ratio - 1) > cliprange).float(), mask),
         "approx_kl": masked_mean(0.5 * log_ratio**2, mask),

@@ -69,6 +69,17 @@ def test_clipped_policy_loss_by_hand(ratio, adv, expected):
     assert stats["clipfrac"].item() == 1.0 and stats["approx_kl"].item() == pytest.approx(0.5 * math.log(ratio) ** 2)
 
 
+def test_rollout_correction_weights_scale_each_tokens_policy_loss():
+    old = torch.zeros(2, 2)
+    new = torch.tensor([[math.log(1.1), math.log(0.5)], [0.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    weights = torch.tensor([[0.5, 2.0], [0.0, 1.0]])  # e.g. truncated, and one token masked (MIS)
+    loss, _ = policy_loss(new, old, adv, mask, cliprange=0.2, weights=weights)
+    per_token = [-1.1, -0.5, -2.0]  # max(-A·ρ, -A·clip(ρ)) on the 3 real tokens
+    assert loss.item() == pytest.approx((0.5 * per_token[0] + 2.0 * per_token[1] + 0.0 * per_token[2]) / 3)
+
+
 def test_clipped_value_loss_by_hand():
     values, old, ret = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 0.0]])
     loss, stats = value_loss(values, old, ret, torch.tensor([[1, 0]]), cliprange_value=0.2)

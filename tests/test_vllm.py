@@ -42,7 +42,7 @@ def test_ppo_with_the_vllm_backend(sft_run, tmp_path):
         [sys.executable, "-m", "align", "ppo", "--from", str(sft_run), "--data", "arith-prompts", "--reward",
          "closeness(scale=50)", "--output", str(out), "--max-steps", "3", "--batch-size", "8",
          "--max-completion-length", "6", "--backend", "vllm", "--vllm-memory", "0.2", "--kl-coef", "0.2",
-         "--no-tensorboard", "--sync-check", "1"],
+         "--no-tensorboard", "--sync-check", "1", "--is-correction", "token_truncate"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,6 +51,8 @@ def test_ppo_with_the_vllm_backend(sft_run, tmp_path):
     assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # actor = reference on the sampled tokens
     assert metrics[1]["objective/kl"] != 0.0  # the actor moved; vLLM now samples from the synced adapter
     assert all(m["sampling/sync_logp_diff"] < 1e-3 for m in metrics)  # ... as the sync check confirms
+    assert all(m["sampling/is_ratio_mean"] == pytest.approx(1.0, abs=1e-3) and m["sampling/is_cut_frac"] == 0.0
+               for m in metrics)  # fp32 on CPU: nothing to correct
     assert not (out / ".rollout").exists(), "per-step adapters are cleaned up"
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
 
