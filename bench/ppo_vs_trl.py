@@ -42,6 +42,7 @@ one thread per process degrades gracefully, and both sides get the same). Result
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -86,6 +87,7 @@ DIFFERENCES = [
 
 
 # -- setup ---------------------------------------------------------------------------------------------------------
+@functools.cache
 def trl_python() -> Path:
     """Python of the TRL 0.13 venv, created and installed on first use."""
     python = TRL_VENV / "bin" / "python"
