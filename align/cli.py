@@ -58,11 +58,23 @@ def build() -> tuple[argparse.ArgumentParser, dict[str, tuple[argparse.ArgumentP
         from transformers import HfArgumentParser
 
         action._parser_class = HfArgumentParser
-        parser = action.add_parser(words[-1], dataclass_types=cls, help=help_text, description=help_text,
+        positional = getattr(cls, "positional", None)
+        usage = f"align {name}{f' {positional.upper()}' if positional else ''} [OPTIONS]  (align {name} --help lists them)"
+        parser = action.add_parser(words[-1], dataclass_types=cls, help=help_text, description=help_text, usage=usage,
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         parser.set_defaults(_name=name)
         parsers[name] = (build_parser(cls, parser), cls)
     return top, parsers
+
+
+def unknown_arguments(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """"unrecognized arguments: ..." naming the closest known flag for each unknown one."""
+    from align.errors import did_you_mean
+
+    known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    hints = [f"{flag}:{did_you_mean(flag, known) or ' no such option'}"
+             for flag in (e.split("=")[0] for e in extras if e.startswith("-"))]
+    return f"unrecognized arguments: {' '.join(extras)} ({' '.join(hints) or 'see --help'})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["rm-score", *argv[2:]]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     top, parsers = build()
-    namespace = top.parse_args(argv)
+    namespace, extras = top.parse_known_args(argv)
+    if extras and getattr(namespace, "_name", None):  # the command's own usage, with a did-you-mean per flag
+        parsers[namespace._name][0].error(unknown_arguments(extras, parsers[namespace._name][0]))
+    if extras:
+        top.parse_args(argv)  # argparse's own error for the top level
     if not namespace._command:
         top.print_help()
         return 0

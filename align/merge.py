@@ -24,6 +24,8 @@ class MergeConfig(Config):
     def check(self, problems: Problems) -> None:
         if not self.run:
             problems.add("Give the run to merge: align merge RUN --output DIR.")
+        elif not Path(self.run).is_dir():
+            problems.add(f"{self.run}: no such directory. Give a run directory (the --output of a finished stage).")
         if not self.output:
             problems.add("--output is required: the directory for the merged model.")
         elif Path(self.output).exists() and any(Path(self.output).iterdir()) and not self.overwrite:

@@ -67,9 +67,17 @@ def _load(loader, name: str, what: str, **kwargs: Any):
         ) from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from config.json alone and training would go on with it
+        raise AlignError(f"{name} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])} missing). Save the model's "
+                         "tokenizer into that directory (tokenizer.save_pretrained(DIR)), or pass a complete model "
+                         "directory.")
     tokenizer = _load(AutoTokenizer.from_pretrained, name, "tokenizer", trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -147,6 +155,14 @@ def check_target_modules(model, targets) -> None:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__})
         raise AlignError(f"--target-modules {' '.join(missing)}: not in this model. Its linear layers are: "
                          f"{', '.join(linear)} (or use all-linear).")
+
+
+def check_positions(model, max_length: int | None) -> None:
+    """--max-length may not exceed the positions the model has (it would index past its position embeddings)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_length and isinstance(limit, int) and max_length > limit:
+        raise AlignError(f"--max-length {max_length} exceeds the model's {limit} positions (max_position_embeddings "
+                         f"in its config.json). Use --max-length {limit} or less.")
 
 
 def backbone(model):

@@ -38,11 +38,14 @@ class InspectConfig(Config):
 def _tokenizer_for(model: str):
     from pathlib import Path
 
-    from align.models import load_tokenizer
+    from align.errors import AlignError
+    from align.models import check_model_path, load_tokenizer
 
     path = Path(model)
     if (path / "run.json").is_file():  # a run: its saved tokenizer
         path = path / ("model" if (path / "model").is_dir() else "adapter")
+    elif problem := check_model_path(model):
+        raise AlignError(problem.replace("Pass a model directory", "Pass a model or run directory"))
     return load_tokenizer(str(path))
 
 

@@ -89,11 +89,15 @@ def _per_sample(column: str, matches: Callable[[Any, Any], float | None], name: 
 
     def reward(prompts: list, completions: list, **columns: Any) -> list[float | None]:
         if column not in columns:
-            raise KeyError(f"{name.removesuffix('_reward')} needs a '{column}' column in the data (columns: "
-                           f"{', '.join(sorted(columns))}); set {name.removesuffix('_reward')}(column=...) to use another")
+            from align.rewards.call import data_columns
+
+            raise KeyError(f"{name.removesuffix('_reward')} needs a '{column}' column in the data (its columns: "
+                           f"{', '.join(data_columns(columns)) or 'none besides the prompt'}); set "
+                           f"{name.removesuffix('_reward')}(column=...) to use another")
         return [matches(c, ref) for c, ref in zip(completions, columns[column], strict=True)]
 
     reward.__name__ = name
+    reward.columns = (column,)  # checked against the data before training (align.rewards.call.missing_columns)
     return reward
 
 

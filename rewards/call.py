@@ -26,6 +26,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RESERVED = ("prompt", "completion", "completion_ids")  # columns the call provides itself (TRL drops them too)
+PROVIDED = ("completion_ids", "trainer_state", "log_metric", "log_extra", "environments")  # keywords besides columns
+
+
+def data_columns(kwargs: dict[str, Any]) -> list[str]:
+    """The data's columns among a reward call's keyword arguments."""
+    return sorted(k for k in kwargs if k not in PROVIDED)
+
+
+def missing_columns(rewards: list, row: dict[str, Any]) -> list[str]:
+    """Problems for rewards that declare the data columns they read (`fn.columns`) which `row` lacks."""
+    return [f"reward '{r.name}' reads the '{c}' column, which the data lacks (columns: "
+            f"{', '.join(k for k in row if k != 'prompt') or 'none besides the prompt'}); add it, rename one with "
+            f"--columns {c}=COLUMN, or set {r.name}(column=...)"
+            for r in rewards for c in getattr(r.fn, "columns", ()) if c not in row]
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:

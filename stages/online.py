@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from align.config import opt
-from align.errors import Problems
+from align.errors import AlignError, Problems
 from align.stages.common import load_train_eval
 
 
@@ -98,6 +98,10 @@ class RolloutOptions:
                          f"{self.sync_threshold}.")
         if self.num_generations < 1:
             problems.add(f"--num-generations must be at least 1, got {self.num_generations}.")
+        if self.temperature <= 0:
+            problems.add(f"--temperature must be > 0 (online RL samples its completions), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            problems.add(f"--top-p must be in (0, 1], got {self.top_p}.")
         if self.max_completion_length <= 0:
             problems.add(f"--max-completion-length must be positive, got {self.max_completion_length}.")
 
@@ -106,9 +110,25 @@ def load_prompt_data(cfg):
     from align.data.prompts import load_prompts
 
     def load(spec: str):
-        return load_prompts(spec, split=cfg.split, columns=cfg.columns, system_prompt=cfg.system_prompt)
+        rows, records = load_prompts(spec, split=cfg.split, columns=cfg.columns, system_prompt=cfg.system_prompt)
+        check_reward_columns(cfg, rows, records.source)
+        return rows, records
 
     return load_train_eval(cfg, load)
+
+
+def check_reward_columns(cfg, rows: list[dict], source: str) -> None:
+    """Rewards that read a data column (accuracy, closeness: `answer`) fail here, not after the first rollout."""
+    from align.rewards import resolve_rewards
+    from align.rewards.call import missing_columns
+
+    try:
+        rewards = resolve_rewards(cfg.reward_specs())
+    except AlignError:  # bad specs are reported by RewardOptions.check
+        return
+    problems = missing_columns(rewards, rows[0]) if rows else []
+    if problems:
+        raise AlignError(f"{source}: " + "; ".join(problems) + ".")
 
 
 def make_rollout_engine(cfg, policy, run_dir):

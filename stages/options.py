@@ -89,7 +89,14 @@ class TrainOptions:
             problems.add(f"--epochs must be positive, got {self.epochs}.")
         if self.lr <= 0:
             problems.add(f"--lr must be positive, got {self.lr}.")
+        from transformers import SchedulerType
+
+        from align.errors import unknown_name
         from align.trackers import check_report_to
+
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            problems.add("--lr-scheduler: " + unknown_name("schedule", self.lr_scheduler, schedulers))
 
         check_report_to(self.report_to, problems)
         if self.resume and self.overwrite:

@@ -95,7 +95,10 @@ class HFEngine:
         was_training = model.training
         model.eval()
         s = self.sampling
-        sample = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p) if s.temperature > 0 else dict(do_sample=False)
+        # top_k=0: no top-k cut (transformers' default generation config keeps the 50 likeliest tokens), so the
+        # samples come from the distribution the trainer scores — as with vLLM, whose default is no cut either
+        sample = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0) if s.temperature > 0 \
+            else dict(do_sample=False)
         with torch.no_grad():
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  max_new_tokens=s.max_new_tokens, pad_token_id=pad, use_cache=True, **sample)

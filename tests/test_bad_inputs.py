@@ -1,0 +1,243 @@
+"""The bad-input catalogue: a user's mistake, on every command, ends in exit 2 with one message naming the file /
+line / field and the fix — never a traceback, never a run that starts. Each row is (case, command line, expected
+message). With ALIGN_CATALOGUE_JSON=FILE the outcomes are written there; docs/make_bad_inputs.py renders them as
+docs/BAD_INPUTS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+OUTCOMES: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_model, sft_run, tmp_path_factory) -> dict:
+    """A workspace: the tiny model, an sft run, an rm run and files with the mistakes users make."""
+    import align
+
+    w = tmp_path_factory.mktemp("bad")
+    rm = align.rm(from_run=str(sft_run), data="arith-prefs", output=str(w / "rm"), max_steps=1, tensorboard=False)
+    (w / "bad.parquet").write_text("not parquet")
+    (w / "syntax.py").write_text("def f(prompts, completions, **kw):\n    return [1.0 for c in completions\n")
+    (w / "kto.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "yo", "label": False}) + "\n")
+    (w / "noanswer.jsonl").write_text(json.dumps({"prompt": "What is 1 + 1?"}) + "\n")
+    notok = w / "notok"
+    notok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_model) / name, notok / name)
+    stage = "model: {t}\noutput: {w}/p\nstages:\n"
+    (w / "typo.yaml").write_text(stage + "  - {{name: sft, kind: sft, data: arith, lrr: 0.1}}\n")
+    (w / "kind.yaml").write_text(stage + "  - {{name: sft, kind: sfft, data: arith}}\n")
+    (w / "syntax.yaml").write_text("model: x\nstages:\n  - {name: sft, kind: sft\n")
+    (w / "dup.yaml").write_text(stage + "  - {{name: a, kind: sft, data: arith}}\n  - {{name: a, kind: dpo, data: arith-prefs}}\n")
+    (w / "fwd.yaml").write_text(stage + "  - {{name: a, kind: dpo, from: b, data: arith-prefs}}\n  - {{name: b, kind: sft, data: arith}}\n")
+    for name in ("typo", "kind", "dup", "fwd"):
+        path = w / f"{name}.yaml"
+        path.write_text(path.read_text().format(t=tiny_model, w=w))
+    trunc = w / "trunc"
+    shutil.copytree(sft_run, trunc)
+    weights = trunc / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return {"T": str(tiny_model), "S": str(sft_run), "R": str(rm), "W": w}
+
+
+def cases(T, S, R, W):
+    D = str(HERE / "data")
+
+    def O(name):  # noqa: E743 - a fresh output directory per case
+        return str(W / "out" / name)
+
+    return [
+        ("sft-no-data", ["sft", "--model", T, "-o", O("a")],
+         '--data is required'),
+        ("sft-missing-data", ["sft", "--model", T, "--data", "missing.jsonl", "-o", O("a")],
+         'Dataset not found: missing.jsonl'),
+        ("sft-malformed", ["sft", "--model", T, "--data", f"{D}/malformed.jsonl", "-o", O("a")],
+         'malformed.jsonl:3: malformed JSON'),
+        ("sft-empty", ["sft", "--model", T, "--data", f"{D}/empty.jsonl", "-o", O("a")],
+         'the dataset is empty'),
+        ("sft-unknown-format", ["sft", "--model", T, "--data", f"{D}/unknown_format.jsonl", "-o", O("a")],
+         'cannot detect the dataset format. Columns found: foo, bar'),
+        ("sft-nonstring", ["sft", "--model", T, "--data", f"{D}/nonstring.jsonl", "-o", O("a")],
+         "nonstring.jsonl:2: field 'messages[1].content' must be a string"),
+        ("sft-bad-parquet", ["sft", "--model", T, "--data", str(W / "bad.parquet"), "-o", O("a")],
+         'bad.parquet: not a readable parquet file'),
+        ("sft-neg-lr", ["sft", "--model", T, "--data", "arith", "--lr", "-1", "-o", O("a")],
+         '--lr must be positive, got -1.0'),
+        ("sft-adapter-typo", ["sft", "--model", T, "--data", "arith", "--adapter", "lorra", "-o", O("a")],
+         "Unknown adapter kind 'lorra'. Did you mean 'lora'?"),
+        ("sft-unknown-flag", ["sft", "--model", T, "--data", "arith", "--lora-rank", "8", "-o", O("a")],
+         "unrecognized arguments: --lora-rank 8 (--lora-rank: Did you mean '--lora-r'?)"),
+        ("sft-bad-choice", ["sft", "--model", T, "--data", "arith", "--lr-scheduler", "cosinus", "-o", O("a")],
+         "Unknown schedule 'cosinus'. Did you mean 'cosine'?"),
+        ("sft-not-int", ["sft", "--model", T, "--data", "arith", "--max-steps", "ten", "-o", O("a")],
+         "argument --max-steps/--max_steps: invalid int value: 'ten'"),
+        ("sft-missing-model", ["sft", "--model", "./nope", "--data", "arith", "-o", O("a")],
+         '--model ./nope: no such directory'),
+        ("sft-target-modules", ["sft", "--model", T, "--data", "arith", "--target-modules", "nope_proj", "-o", O("a")],
+         '--target-modules nope_proj: not in this model'),
+        ("sft-kto", ["sft", "--model", T, "--data", str(W / "kto.jsonl"), "-o", O("a")],
+         "unpaired preference data (TRL's KTO format)"),
+        ("sft-from-missing", ["sft", "--from", str(W / "nope"), "--data", "arith", "-o", O("a")],
+         'no such directory. Pass the --output directory of a finished stage'),
+        ("sft-resume-missing", ["sft", "--model", T, "--data", "arith", "-o", O("never"), "--resume"],
+         'holds no align run (no run.json); nothing to resume'),
+        ("sft-output-exists", ["sft", "--model", T, "--data", "arith", "-o", S],
+         'already exists and is not empty. Pass --resume to continue that run, --overwrite'),
+        ("sft-resume-completed", ["sft", "--model", T, "--data", "arith", "-o", S, "--resume"],
+         'is a completed run, and a finished run is never modified'),
+        ("sft-dropout", ["sft", "--model", T, "--data", "arith", "--lora-dropout", "1.5", "-o", O("a")],
+         '--lora-dropout must be in [0, 1), got 1.5'),
+        ("sft-batch0", ["sft", "--model", T, "--data", "arith", "--batch-size", "0", "-o", O("a")],
+         '--batch-size must be positive, got 0'),
+        ("sft-no-tokenizer", ["sft", "--model", str(W / "notok"), "--data", "arith", "-o", O("a")],
+         'has no tokenizer (tokenizer.json, tokenizer_config.json missing)'),
+        ("sft-max-length", ["sft", "--model", T, "--data", "arith", "--max-length", "100000", "-o", O("a")],
+         "--max-length 100000 exceeds the model's 1024 positions"),
+        ("sft-report-to", ["sft", "--model", T, "--data", "arith", "--report-to", "nosuch", "-o", O("a")],
+         '--report-to nosuch: unknown tracker'),
+        ("sft-no-model", ["sft", "--data", "arith", "-o", O("a")],
+         '--model is required'),
+        ("sft-no-output", ["sft", "--model", T, "--data", "arith"],
+         '--output is required'),
+        ("rm-prompts", ["rm", "--from", S, "--data", "arith-prompts", "-o", O("b")],
+         'not a preference dataset. Columns found: prompt, answer'),
+        ("rm-no-data", ["rm", "--from", S, "-o", O("b")],
+         '--data is required'),
+        ("dpo-sft-data", ["dpo", "--from", S, "--data", "arith", "-o", O("c")],
+         'not a preference dataset. Columns found: messages'),
+        ("dpo-beta", ["dpo", "--from", S, "--data", "arith-prefs", "--beta", "-1", "-o", O("c")],
+         '--beta must be positive, got -1.0'),
+        ("dpo-from-rm", ["dpo", "--from", R, "--data", "arith-prefs", "-o", O("c")],
+         "a 'rm' run cannot be the policy parent of dpo"),
+        ("dpo-from-file", ["dpo", "--from", f"{D}/alpaca.json", "--data", "arith-prefs", "-o", O("c")],
+         'no such directory. Pass the --output directory of a finished stage'),
+        ("dpo-from-truncated", ["dpo", "--from", str(W / "trunc"), "--data", "arith-prefs", "-o", O("c")],
+         'the adapter weights cannot be read'),
+        ("grpo-no-reward", ["grpo", "--from", S, "--data", "arith-prompts", "-o", O("d")],
+         'Give at least one reward'),
+        ("grpo-reward-typo", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "acuracy", "-o", O("d")],
+         "Unknown reward 'acuracy'. Did you mean 'accuracy'?"),
+        ("grpo-one-gen", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--num-generations", "1", "-o", O("d")],
+         '--num-generations must be at least 2'),
+        ("grpo-batch-multiple", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--batch-size", "7", "-o", O("d")],
+         '--batch-size 7 must be a multiple of --num-generations 4'),
+        ("grpo-reward-syntax", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", f"{W}/syntax.py:f", "-o", O("d")],
+         'syntax.py:2: syntax error in reward file'),
+        ("grpo-weight", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy@heavy", "-o", O("d")],
+         "the weight after '@' must be a number, got 'heavy'"),
+        ("grpo-settings", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "length(max_length=2, cache=5)", "-o", O("d")],
+         "bad settings for 'length'"),
+        ("grpo-no-answer", ["grpo", "--from", S, "--data", str(W / "noanswer.jsonl"), "--reward", "accuracy", "-o", O("d"), "--max-steps", "1", "--batch-size", "4"],
+         "reward 'accuracy' reads the 'answer' column, which the data lacks"),
+        ("grpo-factory-no-parens", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "reward_plugins:make_constant", "-o", O("d")],
+         "call it: 'reward_plugins:make_constant()'"),
+        ("grpo-is-hf", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--backend", "hf", "--is-correction", "token_mask", "-o", O("d")],
+         "--is-correction token_mask needs the sampler's log-probs"),
+        ("grpo-sync-hf", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--backend", "hf", "--sync-check", "2", "-o", O("d")],
+         '--sync-check compares the vllm sampler with the trainer'),
+        ("grpo-temperature", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--temperature", "-1", "-o", O("d")],
+         '--temperature'),
+        ("ppo-no-reward", ["ppo", "--from", S, "--data", "arith-prompts", "-o", O("e")],
+         'Give at least one reward'),
+        ("ppo-rm-not-rm", ["ppo", "--from", S, "--data", "arith-prompts", "--reward-model", S, "-o", O("e")],
+         "is a 'sft' run, not a reward model (align rm)"),
+        ("ppo-prompt-adapter", ["ppo", "--model", T, "--adapter", "prompt", "--data", "arith-prompts", "--reward", "accuracy", "-o", O("e")],
+         '--adapter prompt: align ppo trains'),
+        ("ppo-critic-init", ["ppo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--critic-init", "reward_model", "-o", O("e")],
+         '--critic-init reward_model needs --reward-model RM_RUN'),
+        ("pairs-one-gen", ["pairs", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--num-generations", "1", "-o", O("f")],
+         '--num-generations must be at least 2 (a pair needs two completions)'),
+        ("pairs-greedy", ["pairs", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--temperature", "0", "-o", O("f")],
+         '--temperature must be > 0'),
+        ("pairs-no-source", ["pairs", "--data", "arith-prompts", "--reward", "accuracy", "-o", O("f")],
+         'Give the policy to sample from: --from RUN'),
+        ("eval-no-data", ["eval", S],
+         '--data is required'),
+        ("eval-missing", ["eval", "./nope", "--data", "arith-prompts-eval"],
+         './nope: no such directory'),
+        ("eval-greedy-k", ["eval", S, "--data", "arith-prompts-eval", "--num-samples", "4"],
+         '--num-samples 4 with greedy decoding gives identical samples'),
+        ("eval-top-p", ["eval", S, "--data", "arith-prompts-eval", "--top-p", "2"],
+         '--top-p must be in (0, 1], got 2.0'),
+        ("eval-rm-on-prompts", ["eval", R, "--data", "arith-prompts-eval"],
+         'is a reward model: evaluate it on preference pairs'),
+        ("generate-temperature", ["generate", S, "--prompt", "hi", "--temperature", "-1"],
+         '--temperature must be >= 0'),
+        ("generate-rm", ["generate", R, "--prompt", "hi"],
+         'is a reward model (align rm): it scores text, it does not generate'),
+        ("generate-missing", ["generate", "./nope", "--prompt", "hi"],
+         './nope: no such directory'),
+        ("generate-truncated", ["generate", str(W / "trunc"), "--prompt", "hi"],
+         'the adapter weights cannot be read'),
+        ("merge-missing", ["merge", "./nope", "-o", O("m")],
+         './nope: no such directory. Give a run directory'),
+        ("merge-truncated", ["merge", str(W / "trunc"), "-o", O("m")],
+         'the adapter weights cannot be read'),
+        ("run-missing", ["run", str(W / "missing.yaml")],
+         'Pipeline file not found'),
+        ("run-typo", ["run", str(W / "typo.yaml")],
+         "stage 'sft': unknown option 'lrr'. Did you mean 'lr'?"),
+        ("run-kind", ["run", str(W / "kind.yaml")],
+         "Unknown stage kind 'sfft'. Did you mean 'sft'?"),
+        ("run-syntax", ["run", str(W / "syntax.yaml")],
+         'syntax.yaml:4: invalid YAML'),
+        ("run-dup", ["run", str(W / "dup.yaml")],
+         "stage name 'a' is used twice"),
+        ("run-forward", ["run", str(W / "fwd.yaml")],
+         "from 'b' refers to a stage that comes later"),
+        ("report-missing", ["report", str(W / "nope")],
+         'no such directory'),
+        ("check-no-spec", ["rewards", "check", "--data", "arith-prompts"],
+         'Give at least one reward spec'),
+        ("check-gens-no-from", ["rewards", "check", "accuracy", "--data", "arith-prompts", "--num-generations", "4"],
+         '--num-generations needs --from RUN'),
+        ("inspect-missing", ["data", "inspect", str(W / "nope.jsonl")],
+         'Dataset not found'),
+        ("inspect-model-missing", ["data", "inspect", "arith", "--model", str(W / "nomodel")],
+         '--model'),
+        ("tiny-heads", ["tiny-model", "-o", O("t"), "--hidden-size", "30", "--num-heads", "4"],
+         '--hidden-size 30 must be divisible by --num-heads 4'),
+        ("rm-score-sft", ["rm-score", S, "--data", "arith-prefs"],
+         "is a 'sft' run, not a reward model (align rm)"),
+        ("unknown-command", ["sftt"],
+         "invalid choice: 'sftt'"),
+    ]
+
+
+CASE_NAMES = [c[0] for c in cases("T", "S", "R", Path("W"))]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_bad_input_gives_one_clear_error(cli, ws, name):
+    (case,) = [c for c in cases(**ws) if c[0] == name]
+    _, args, expected = case
+    code, out, err = cli(*args)
+    OUTCOMES[name] = {"command": "align " + " ".join(_short(a, ws) for a in args), "exit": code,
+                      "message": _short(err.strip().splitlines()[-1].strip(" -"), ws) if err.strip() else ""}
+    assert code == 2, (code, err[-2000:])
+    assert expected in err, err[-2000:]
+    assert "Traceback" not in err and "Traceback" not in out
+    assert err.count(" error: ") == 1, err  # one message, not printed twice
+    written = [p for p in (ws["W"] / "out").glob("*") if any(p.iterdir())] if (ws["W"] / "out").exists() else []
+    assert not written, f"a refused command wrote {written}"
+
+
+def _short(arg: str, ws: dict) -> str:
+    """Case arguments with the workspace paths as names a reader recognises."""
+    for key, label in (("R", "RM_RUN"), ("S", "SFT_RUN"), ("T", "MODEL")):
+        arg = arg.replace(ws[key], label)
+    root = str(HERE.parent) + "/"
+    return arg.replace(str(ws["W"]) + "/", "").replace(root, "")
+
+
+def teardown_module() -> None:
+    target = os.environ.get("ALIGN_CATALOGUE_JSON")
+    if target and OUTCOMES:
+        Path(target).write_text(json.dumps(OUTCOMES, indent=1) + "\n")
