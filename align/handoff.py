@@ -147,7 +147,13 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool):
     try:
         if trainable and PeftConfig.from_pretrained(str(adapter_dir)).is_prompt_learning:
             return _trainable_prompt(PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False))
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        if not hasattr(model.base_model, "trainable_adapter_name") and type(model.base_model).__name__ == "AdaLoraModel":
+            # PEFT's AdaLoRA forward needs it even frozen, and adds its orthogonality regulariser (a training term)
+            # to any loss computed with labels: a frozen adapter's loss is the model's own
+            model.base_model.trainable_adapter_name = "default"
+            model.peft_config["default"].orth_reg_weight = 0.0
+        return model
     except SafetensorError as e:
         raise AlignError(f"{adapter_dir}: the adapter weights cannot be read ({str(e)[:200]}); the file is damaged "
                          "or truncated. Restore the run, or retrain it.") from None
@@ -247,6 +253,11 @@ def check_adapter(cfg, stage: str, task: str = "causal-lm") -> None:
         else:
             import importlib.util
 
+            from align.models import has_cuda
+
+            if cfg.full_optimizer == "adalomo" and not has_cuda():
+                problems.append("--full-optimizer adalomo: lomo-optim's AdaLOMO allocates its state on a CUDA GPU, and "
+                                "there is none here. Use --full-optimizer lomo (works on CPU) or adamw.")
             if importlib.util.find_spec("lomo_optim") is None:
                 problems.append(f"--full-optimizer {cfg.full_optimizer} needs the lomo-optim package: "
                                 "pip install lomo-optim.")

@@ -112,8 +112,9 @@ def one_trainable_adalora(model) -> Iterator[None]:
 
 def sync_reference_adapter(model) -> None:
     """Make TRL's frozen "ref" adapter an exact copy of the starting "default" adapter. TRL copies only parameters
-    named `.default.`; LoHa/LoKr/IA3/BOFT keep theirs in ParameterDicts (`hada_w1_a.default`, `boft_R.default`) and
-    VeRA/BOFT hold buffers, which it misses, so its reference would be a fresh adapter, not the parent."""
+    named `.default.` and of the same shape; LoHa/LoKr/IA3/BOFT/AdaLoRA keep theirs in ParameterDicts
+    (`hada_w1_a.default`, `boft_R.default`, `lora_E.default`), VeRA/BOFT hold buffers, and a loaded AdaLoRA adapter
+    is pruned to its rank pattern while the copy is not: TRL's reference would be a fresh adapter, not the parent."""
     import torch
 
     from align.models import is_adapter_weight
@@ -125,8 +126,8 @@ def sync_reference_adapter(model) -> None:
         for name, value in tensors.items():
             if is_adapter_weight(name, "default"):
                 ref = name.replace(".default.", ".ref.") if ".default." in name else name[: -len("default")] + "ref"
-                if ref in tensors and tensors[ref].shape == value.shape:
-                    tensors[ref].copy_(value)
+                if ref in tensors:  # AdaLoRA's loaded adapter is resized to its rank pattern, its "ref" copy is not
+                    tensors[ref].data = value.detach().clone()
 
 
 def adapt_trainer(trainer, policy, cfg) -> None:
