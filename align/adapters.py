@@ -108,11 +108,6 @@ class AdapterKind:
         return self.build is None
 
     @property
-    def identity(self) -> bool:
-        """Starts equal to the model it is attached to."""
-        return not self.prompt_learning
-
-    @property
     def mergeable(self) -> bool:
         """Can be merged into the base (in memory for native kinds; see native_adapters.merge_problem)."""
         return not self.full and not self.prompt_learning

@@ -233,7 +233,7 @@ def check_adapter(cfg, stage: str, task: str = "causal-lm") -> None:
             problems.append(f"--from {parent.path}: {why}its '{parent.adapter}' adapter adds virtual tokens and cannot "
                             "be merged into the base" + (" (use --handoff continue)." if not why else "."))
         native = [a for a in [*parent.merged_adapters, str(parent.weights_dir)] if is_native_dir(a)]
-        if native and ADAPTERS[kind].full or native and ADAPTERS[kind].quantize_4bit:
+        if native and (ADAPTERS[kind].full or ADAPTERS[kind].quantize_4bit):
             problems.append(f"--adapter {kind} on --from {parent.path}: its bitfit/bottleneck adapter is merged in "
                             f"memory, and a {kind} child " + ("saves a plain model directory" if kind == "full" else
                                                               "re-quantises the merged base through one") +

@@ -59,16 +59,16 @@ def matrix_table(outcomes: dict) -> str:
 
 
 def bench_table(results: dict) -> str:
-    head = ["kind", "trainable params", "%", "adapter on disk", "peak RSS", "step time", "held-out loss",
+    head = ["kind", "lr", "trainable params", "% of base", "adapter on disk", "peak RSS", "step time", "held-out loss",
             "held-out accuracy"]
     lines = [f"Command: `{results['command']}`  ", f"Setting: {results['setting']}  ", "Machine: {cpu}, {cores} cores, torch {torch}, transformers {transformers}, trl {trl}".format(
                  **{k: results["machine"].get(k, "?") for k in ("cpu", "cores", "torch", "transformers", "trl")}),
              "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for row in results["rows"]:
         lines.append(
-            f"| {row['kind']} | {row['trainable']:,} | {100 * row['trainable_fraction']:.3f} | "
+            f"| {row['kind']} | {row['lr']:g} | {row['trainable']:,} | {100 * row['trainable_fraction']:.3f} | "
             f"{row['disk_bytes'] / 1024:,.0f} KiB | {row['peak_rss_mib']:,.0f} MiB | {1000 * row['step_s']:.0f} ms | "
-            f"{row['eval_loss']:.3f} | {100 * row['accuracy']:.1f}% |")
+            f"{row['eval_loss']:.3f} | {100 * row['accuracy']:.0f}% |")
     return "\n".join(lines)
 
 

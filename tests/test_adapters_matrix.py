@@ -2,7 +2,8 @@
 
 One SFT parent per kind (two steps on 8 examples, a high learning rate so it moves) is shared by all cells. Cells:
 
-- sft: finite loss; the saved adapter reloads to the model that was trained (its eval loss equals the trainer's);
+- sft: finite loss; the saved adapter reloads to the model that was trained (its eval loss equals the trainer's),
+  and `align generate` / `align eval` read it;
   only the adapter moved (adapters disabled — or the non-adapter weights — equal the base; full moves the base);
   `align merge` gives the same logits (1e-4) where the kind is mergeable, and is refused (exit 2) where not.
 - rm (from the base), dpo from the parent with `--handoff continue` and with `--handoff merge`, grpo and ppo
@@ -106,7 +107,7 @@ def _logits(model) -> torch.Tensor:
 def _record(kind: str, stage: str, outcome: str, detail: str = "", run: Path | None = None) -> None:
     if outcome == "refused":  # the reason, without the command's prefix and this session's paths
         detail = detail.strip().splitlines()[-1].lstrip(" -").split("error: ", 1)[-1]
-        detail = detail.replace(f"--from {run}: ", "").replace(f"{run}: ", "") if run else detail
+        detail = detail.replace(str(run), "RUN") if run else detail
     OUTCOMES[f"{kind}|{stage}"] = {"kind": kind, "stage": stage, "outcome": outcome, "detail": detail}
 
 
@@ -136,6 +137,13 @@ def test_sft(kind, matrix, tiny_model, cli, tmp_path):
         for name, value in model.named_parameters():
             if name in base_weights and name not in trained_names:
                 assert torch.equal(value, base_weights[name]), f"{name} changed"
+
+    # align generate and align eval read the saved directory
+    code, _, err = cli("generate", run, "--prompt", "What is 1 + 1?", "--max-new-tokens", "2")
+    assert code == 0, err
+    code, _, err = cli("eval", run, "--data", matrix["prompts"], "--max-samples", "2", "--max-new-tokens", "2",
+                       "--backend", "hf")
+    assert code == 0, err
 
     # merge where mergeable, refused (exit 2, naming the kind and the reason) where not
     code, _, err = cli("merge", run, "--output", tmp_path / "merged")
