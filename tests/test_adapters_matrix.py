@@ -203,6 +203,23 @@ def test_stage(kind, stage, matrix, tiny_model, cli):
     _record(kind, stage, "ok", detail)
 
 
+@pytest.mark.parametrize("variant", [["prompt", "--prompt-init-text", "What is the answer"],
+                                     ["prefix", "--prefix-projection"], ["ptuning", "--encoder-type", "lstm"]])
+def test_prompt_learning_variants_continue_exactly(variant, matrix, tiny_model, cli, tmp_path):
+    """Text-initialised prompts, the P-tuning v2 prefix MLP and the LSTM prompt encoder: the continued child trains the
+    saved virtual tokens and starts at its parent (DPO's first loss ln 2)."""
+    kind, *options = variant
+    code, _, err = cli("sft", "--model", tiny_model, "--data", matrix["sft"], "--output", tmp_path / "sft", "--adapter",
+                       kind, *options, "--lr", "2e-2", *COMMON)
+    assert code == 0, err
+    code, _, err = cli("dpo", "--from", tmp_path / "sft", "--data", matrix["prefs"], "--output", tmp_path / "dpo",
+                       *COMMON)
+    assert code == 0, err
+    first = _metrics(tmp_path / "dpo")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-3) and abs(first["rewards/margins"]) <= 2e-4, first
+    assert not torch.allclose(_logits(load_run_policy(tmp_path / "dpo")[0]), _logits(load_run_policy(tmp_path / "sft")[0]))
+
+
 def test_lomo_trains_full_fine_tuning_and_is_refused_with_an_adapter(matrix, tiny_model, cli, tmp_path):
     pytest.importorskip("lomo_optim")
     out = tmp_path / "lomo"
