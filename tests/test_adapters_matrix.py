@@ -106,7 +106,7 @@ def _logits(model) -> torch.Tensor:
 
 def _record(kind: str, stage: str, outcome: str, detail: str = "", run: Path | None = None) -> None:
     if outcome == "refused":  # the reason, without the command's prefix and this session's paths
-        detail = detail.strip().splitlines()[-1].lstrip(" -").split("error: ", 1)[-1]
+        detail = detail.strip().splitlines()[-1].strip().removeprefix("- ").split("error: ", 1)[-1]
         detail = detail.replace(str(run), "RUN") if run else detail
     OUTCOMES[f"{kind}|{stage}"] = {"kind": kind, "stage": stage, "outcome": outcome, "detail": detail}
 
