@@ -15,6 +15,12 @@ merged parent (its head is new), so `align rm --from` always merges.
 The frozen reference model of dpo/grpo/ppo is the parent policy: TRL's trainers copy the starting adapter into
 a frozen "ref" adapter of the same PeftModel (no second model copy); for full fine-tuning TRL keeps a copy.
 
+Adapter kinds (align.adapters): a continued prompt-learning adapter (prompt, ptuning) trains its saved virtual-token
+embeddings directly; bitfit and bottleneck parents (align.native_adapters) are merged in memory for `--handoff
+merge`. `check_adapter` refuses, at validation, every kind × stage × hand-off combination that cannot work, naming
+the kind and the reason (align.adapters.STAGE_LIMITS, prompt-learning parents with merge, bitfit/bottleneck parents
+under a 4-bit or fully fine-tuned child, adalora without --max-steps, LOMO with an adapter).
+
 Refused with AlignError (exit 2): a directory that is not a run, a run that is not `completed`, a reward-model
 run as the policy parent of dpo/grpo/ppo, a `--model` that is not the parent's base, a base whose config.json
 changed since the parent was trained, missing weights.
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.adapters import ADAPTERS
+from align.adapters import ADAPTERS, stage_limit
 from align.errors import AlignError
 from align.runs import read_manifest, sha256_path
 
@@ -109,8 +115,16 @@ def materialize_base(base_model: str, merged_adapters: list[str], *, quantize_4b
     kwargs = dict(task=task, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     if not merged_adapters:
         return load_base_model(base_model, quantize_4bit=quantize_4bit, **kwargs)
+    from align.native_adapters import is_native_dir, load
+
+    if quantize_4bit and any(is_native_dir(a) for a in merged_adapters):
+        raise AlignError("A bitfit/bottleneck adapter in the merged chain cannot be re-quantised to 4-bit (a saved "
+                         "transformers model cannot hold it). Train a full-precision adapter on top instead of qlora.")
     model = load_base_model(base_model, quantize_4bit=False, **kwargs)
     for adapter in merged_adapters:
+        if is_native_dir(adapter):
+            load(model, adapter, trainable=False, top=False)
+            continue
         config = PeftConfig.from_pretrained(adapter)
         config.task_type = None  # merging needs no task head; lets a causal-LM adapter merge into a seq-cls model
         model = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()
@@ -122,17 +136,38 @@ def materialize_base(base_model: str, merged_adapters: list[str], *, quantize_4b
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool):
-    from peft import PeftModel
+    """`model` with the saved adapter of `adapter_dir` (PEFT or align.native_adapters format)."""
+    from peft import PeftConfig, PeftModel
     from safetensors import SafetensorError
 
+    from align import native_adapters
+
+    if native_adapters.is_native_dir(adapter_dir):
+        return native_adapters.load(model, adapter_dir, trainable=trainable)
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        if trainable and PeftConfig.from_pretrained(str(adapter_dir)).is_prompt_learning:
+            return _trainable_prompt(PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False))
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        if not hasattr(model.base_model, "trainable_adapter_name") and type(model.base_model).__name__ == "AdaLoraModel":
+            # PEFT's AdaLoRA forward needs it even frozen, and adds its orthogonality regulariser (a training term)
+            # to any loss computed with labels: a frozen adapter's loss is the model's own
+            model.base_model.trainable_adapter_name = "default"
+            model.peft_config["default"].orth_reg_weight = 0.0
+        return model
     except SafetensorError as e:
         raise AlignError(f"{adapter_dir}: the adapter weights cannot be read ({str(e)[:200]}); the file is damaged "
                          "or truncated. Restore the run, or retrain it.") from None
     except (RuntimeError, ValueError, KeyError) as e:
         raise AlignError(f"Base/adapter mismatch: the adapter in {adapter_dir} does not fit its base model "
                          f"({str(e).splitlines()[0][:200]}).") from None
+
+
+def _trainable_prompt(model):
+    """A loaded prompt-learning adapter made trainable: PEFT saves only the virtual tokens' final embeddings (not
+    the MLP/LSTM/prefix-projection weights) and refuses to load them trainable, so they are trained directly, as
+    prompt tuning does (the adapter stays in PEFT's inference mode, which uses exactly these embeddings)."""
+    model.prompt_encoder["default"].embedding.weight.requires_grad_(True)
+    return model
 
 
 def load_run_policy(run_path: str | Path, *, dequantize: bool = False, trainable: bool = False):
@@ -166,14 +201,81 @@ class Policy:
     manifest: dict[str, Any]
 
 
+def plan(cfg, stage: str, task: str = "causal-lm") -> tuple[Parent | None, str | None, str]:
+    """(parent run or None, hand-off or None, adapter kind the child trains) for a stage's config."""
+    if not cfg.from_run:
+        return None, None, cfg.adapter or "lora"
+    parent = resolve_parent(cfg.from_run, stage, cfg.model)
+    handoff = "merge" if (task != parent.manifest.get("task", "causal-lm") or parent.full) else cfg.handoff
+    if handoff == "continue":
+        return parent, handoff, parent.adapter
+    return parent, handoff, cfg.adapter or ("qlora" if parent.quantized_4bit else "lora")
+
+
+def check_adapter(cfg, stage: str, task: str = "causal-lm") -> None:
+    """Refuse (AlignError listing every reason) an adapter kind × stage × hand-off combination that cannot work."""
+    from align.native_adapters import is_native_dir
+
+    parent, handoff, kind = plan(cfg, stage, task)
+    if kind not in ADAPTERS:
+        return  # reported by AdapterOptions.check
+    problems = []
+    who = f"--adapter {kind}" if cfg.adapter else f"the '{kind}' adapter" + (
+        f" of --from {parent.path}" if handoff == "continue" else "")
+    if limit := stage_limit(kind, stage):
+        problems.append(f"{who}: {limit}.")
+    if parent and handoff == "continue" and cfg.adapter not in (None, parent.adapter):
+        problems.append(f"--adapter {cfg.adapter}: with --handoff continue the child keeps training the parent's "
+                        f"'{parent.adapter}' adapter. Use --handoff merge to train a new '{cfg.adapter}' adapter.")
+    if parent and handoff == "merge" and not parent.full:
+        why = "rm always merges its parent (its head is new), and " if cfg.handoff == "continue" else ""
+        if ADAPTERS[parent.adapter].prompt_learning:
+            problems.append(f"--from {parent.path}: {why}its '{parent.adapter}' adapter adds virtual tokens and cannot "
+                            "be merged into the base" + (" (use --handoff continue)." if not why else "."))
+        native = [a for a in [*parent.merged_adapters, str(parent.weights_dir)] if is_native_dir(a)]
+        if native and (ADAPTERS[kind].full or ADAPTERS[kind].quantize_4bit):
+            problems.append(f"--adapter {kind} on --from {parent.path}: its bitfit/bottleneck adapter is merged in "
+                            f"memory, and a {kind} child " + ("saves a plain model directory" if kind == "full" else
+                                                              "re-quantises the merged base through one") +
+                            ", which cannot hold it. Train a full-precision adapter (e.g. lora) on top.")
+    if kind == "adalora" and handoff != "continue":
+        steps = getattr(cfg, "max_steps", -1)
+        if steps <= 0:
+            problems.append(f"{who}: its rank schedule needs the total step count; give --max-steps N.")
+        elif cfg.adalora_tinit + cfg.adalora_tfinal >= steps:
+            problems.append(f"{who}: --adalora-tinit {cfg.adalora_tinit} + --adalora-tfinal "
+                            f"{cfg.adalora_tfinal} leave no pruning phase in --max-steps {steps}.")
+    if cfg.full_optimizer != "adamw":
+        if kind != "full":
+            problems.append(f"--full-optimizer {cfg.full_optimizer}: LOMO/AdaLOMO update every weight inside backward "
+                            f"(full fine-tuning only); the '{kind}' adapter trains with AdamW. Drop the flag or use "
+                            "--adapter full.")
+        else:
+            import importlib.util
+
+            from align.models import has_cuda
+
+            if cfg.full_optimizer == "adalomo" and not has_cuda():
+                problems.append("--full-optimizer adalomo: lomo-optim's AdaLOMO allocates its state on a CUDA GPU, and "
+                                "there is none here. Use --full-optimizer lomo (works on CPU) or adamw.")
+            if importlib.util.find_spec("lomo_optim") is None:
+                problems.append(f"--full-optimizer {cfg.full_optimizer} needs the lomo-optim package: "
+                                "pip install lomo-optim.")
+    if problems:
+        raise AlignError(problems[0], problems[1:]) if len(problems) == 1 else AlignError(
+            "The adapter cannot train here:", problems)
+
+
 def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "CAUSAL_LM") -> Policy:
     """The trainable model a stage starts from: a base + fresh adapter, or the parent policy (`cfg.from_run`)."""
     from align.adapters import peft_config
     from align.models import attach_adapter, load_tokenizer
 
     opts = dict(dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
-    if not cfg.from_run:
-        kind = ADAPTERS[cfg.adapter or "lora"]
+    check_adapter(cfg, stage, task)
+    parent, handoff, kind_name = plan(cfg, stage, task)
+    kind = ADAPTERS[kind_name]
+    if parent is None:
         model = materialize_base(cfg.model, [], quantize_4bit=kind.quantize_4bit, task=task, **opts)
         model = attach_adapter(model, peft_config(_with_kind(cfg, kind.name), peft_task, cfg.model),
                                gradient_checkpointing=cfg.gradient_checkpointing)
@@ -181,17 +283,12 @@ def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "
                       dict(base_model=_ref(cfg.model), merged_adapters=[], parent=None, lineage=[], handoff=None,
                            base_config_sha256=base_fingerprint(cfg.model)))
 
-    parent = resolve_parent(cfg.from_run, stage, cfg.model)
     tokenizer = load_tokenizer(str(parent.weights_dir), cfg.trust_remote_code)
-    handoff = "merge" if (task != parent.manifest.get("task", "causal-lm") or parent.full) else cfg.handoff
     common = dict(parent=str(parent.path.resolve()), lineage=parent.lineage(), handoff=handoff,
                   # a full fine-tuning parent is itself the child's base: fingerprint its model directory
                   base_config_sha256=base_fingerprint(parent.base_model) if parent.full
                   else parent.manifest.get("base_config_sha256"))
     if handoff == "continue":
-        if cfg.adapter not in (None, parent.adapter):
-            raise AlignError(f"--adapter {cfg.adapter}: with --handoff continue the child keeps training the parent's "
-                             f"'{parent.adapter}' adapter. Use --handoff merge to train a new '{cfg.adapter}' adapter.")
         base = materialize_base(parent.base_model, parent.merged_adapters, quantize_4bit=parent.quantized_4bit,
                                 task=task, **opts)
         model = load_adapter(base, parent.weights_dir, trainable=True)
@@ -199,11 +296,7 @@ def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "
                       dict(base_model=parent.base_model, merged_adapters=parent.merged_adapters, **common))
 
     # merge: the parent's adapter (if any) joins the merged chain; a fresh adapter goes on top
-    kind = ADAPTERS[cfg.adapter or ("qlora" if parent.quantized_4bit else "lora")]
     merged = parent.merged_adapters if parent.full else [*parent.merged_adapters, str(parent.weights_dir.resolve())]
-    if not parent.full and ADAPTERS[parent.adapter].prompt_learning:
-        raise AlignError(f"--from {parent.path}: its '{parent.adapter}' adapter cannot be merged into the base. "
-                         "Use --handoff continue.")
     base = materialize_base(parent.base_model, merged, quantize_4bit=kind.quantize_4bit, task=task, **opts)
     model = attach_adapter(base, peft_config(_with_kind(cfg, kind.name), peft_task, parent.base_model),
                            gradient_checkpointing=cfg.gradient_checkpointing)

@@ -1,7 +1,10 @@
 """`align merge RUN --output DIR`: the run's adapter merged into its base, written as a plain HF model
 directory (loads with transformers alone). A QLoRA run is merged into the full-precision base (the 4-bit
 base's dequantised values are not used), so the merged model matches the adapter applied to the original
-weights. Prompt-learning adapters (prompt, prefix, ptuning) cannot be merged; full fine-tuning runs are copied.
+weights. Prompt-learning adapters (prompt, prefix, ptuning) cannot be merged; full fine-tuning runs are copied. A bitfit
+adapter merges when it added no bias (the biases are then ordinary weights of the model); a bitfit adapter that
+added biases, and a bottleneck adapter, are refused (a plain model directory cannot hold them; the run itself
+loads with `--from`, `align generate` and `align eval`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ def merge(run: str | Path, output: str | Path) -> Path:
     if not parent.full and ADAPTERS[parent.adapter].prompt_learning:
         raise AlignError(f"{run}: a '{parent.adapter}' adapter adds virtual tokens and cannot be merged into the "
                          "base. Use the run directly (align generate RUN) or train a weight adapter such as lora.")
+    from align.native_adapters import is_native_dir, merge_problem
+
+    problem = merge_problem(parent.weights_dir) if not parent.full and is_native_dir(parent.weights_dir) else None
+    if problem:
+        raise AlignError(f"{run}: its '{parent.adapter}' adapter cannot be merged: {problem}. Use the run directly "
+                         "(align generate / eval RUN, --from RUN), or train a PEFT adapter such as lora.")
     tmp = output.with_name(f".{output.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -48,7 +57,7 @@ def merge(run: str | Path, output: str | Path) -> Path:
         shutil.copytree(parent.weights_dir, tmp)
     else:
         model, tokenizer, _ = load_run_policy(run, dequantize=True)
-        merged = model.merge_and_unload()
+        merged = model.merge_and_unload() if hasattr(model, "peft_config") else model
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     if output.exists():

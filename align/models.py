@@ -133,15 +133,24 @@ def keep_4bit_kernel_fixed(model) -> None:
 
 
 def attach_adapter(model, config, *, gradient_checkpointing: bool = False):
-    """Wrap `model` with a fresh trainable PEFT adapter (`config`); None means full fine-tuning."""
+    """Wrap `model` with a fresh trainable PEFT adapter (`config`), or add a native one (a NativeConfig: bitfit,
+    bottleneck); None means full fine-tuning."""
     from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from align import native_adapters
 
     if config is None:
         model.requires_grad_(True)
         return model
+    if isinstance(config, native_adapters.NativeConfig):
+        check_target_modules(model, config.targets)
+        return native_adapters.attach(model, config)
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     check_target_modules(model, getattr(config, "target_modules", None))
+    if hasattr(config, "exclude_modules") and not config.exclude_modules and any(
+            "align_bottleneck" in n for n, _ in model.named_modules()):
+        config.exclude_modules = native_adapters.EXCLUDE_FROM_PEFT  # a merged-in bottleneck's layers stay as they are
     return get_peft_model(model, config)
 
 
@@ -193,7 +202,7 @@ def disable_dropout(model) -> None:
     import torch
 
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.Dropout) or type(module).__name__ == "MultiplicativeDropoutLayer":  # BOFT's
             module.p = 0.0
         for name in ("module_dropout", "rank_dropout"):
             rates = getattr(module, name, None)
@@ -203,10 +212,14 @@ def disable_dropout(model) -> None:
 
 
 def save_policy(model, tokenizer, directory: Path) -> None:
-    """Save the trained adapter (PEFT format; only "default", not TRL's frozen "ref" copy) or the full model,
-    with the tokenizer alongside."""
+    """Save the trained adapter (PEFT format; only "default", not TRL's frozen "ref" copy; align's own format for
+    bitfit/bottleneck) or the full model, with the tokenizer alongside."""
+    from align import native_adapters
+
     if hasattr(model, "peft_config"):
         model.save_pretrained(directory, selected_adapters=["default"])
+    elif hasattr(model, "align_adapter"):
+        native_adapters.save(model, directory)
     else:
         model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -64,13 +64,87 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
     from align.adapters import ADAPTERS
 
     run, policy = started.run, started.policy
-    with exact_adapter_precision(policy.model):
-        trainer = make_trainer(callbacks(run, uses_tensorboard(cfg)))
+    with exact_adapter_precision(policy.model), one_trainable_adalora(policy.model):
+        trainer = make_trainer(callbacks(run, uses_tensorboard(cfg)) + adapter_callbacks(policy))
+    adapt_trainer(trainer, policy, cfg)
+    if stage in ("dpo", "grpo"):
+        from align.models import disable_dropout
+
+        # after TRL added its "ref" adapter: PEFT's per-adapter dropouts (LoHa/LoKr module dropout, BOFT's
+        # multiplicative dropout, the ref copy's LoRA dropout) are off too, so the policy equals its reference at step 1
+        disable_dropout(policy.model)
     with run.lifecycle(**stage_manifest(stage, task, cfg, policy, started.datasets), **manifest):
         metrics = train_and_save(trainer, run, resume_from=started.resume_from, tokenizer=policy.tokenizer,
                                  full=ADAPTERS[policy.adapter].full)
         run.update_manifest(metrics=metrics)
     return run.path
+
+
+def adapter_callbacks(policy) -> list:
+    """AdaLoRA's rank allocation after every optimizer step (a fresh adapter; a continued one keeps its ranks)."""
+    from peft import AdaLoraConfig
+    from transformers import TrainerCallback
+
+    config = getattr(policy.model, "peft_config", {}).get("default")
+    if not isinstance(config, AdaLoraConfig) or policy.manifest.get("handoff") == "continue":
+        return []
+
+    class AdaLoraAllocation(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            policy.model.base_model.update_and_allocate(state.global_step)
+
+    return [AdaLoraAllocation()]
+
+
+@contextmanager
+def one_trainable_adalora(model) -> Iterator[None]:
+    """AdaLoRA allows one adapter not in inference mode, and TRL's DPO/GRPO add their frozen "ref" copy with the
+    trained adapter's own config: mark that config as inference mode while the trainer is built (the trained
+    adapter's weights stay trainable; AdaLoRA's rank allocation uses the adapter it recorded as trainable)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if type(config).__name__ != "AdaLoraConfig" or config.inference_mode:
+        yield
+        return
+    config.inference_mode = True
+    try:
+        yield
+    finally:
+        config.inference_mode = False
+
+
+def sync_reference_adapter(model) -> None:
+    """Make TRL's frozen "ref" adapter an exact copy of the starting "default" adapter. TRL copies only parameters
+    named `.default.` and of the same shape; LoHa/LoKr/IA3/BOFT/AdaLoRA keep theirs in ParameterDicts
+    (`hada_w1_a.default`, `boft_R.default`, `lora_E.default`), VeRA/BOFT hold buffers, and a loaded AdaLoRA adapter
+    is pruned to its rank pattern while the copy is not: TRL's reference would be a fresh adapter, not the parent."""
+    import torch
+
+    from align.models import is_adapter_weight
+
+    if "ref" not in getattr(model, "peft_config", {}):
+        return
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if is_adapter_weight(name, "default"):
+                ref = name.replace(".default.", ".ref.") if ".default." in name else name[: -len("default")] + "ref"
+                if ref in tensors:  # AdaLoRA's loaded adapter is resized to its rank pattern, its "ref" copy is not
+                    tensors[ref].data = value.detach().clone()
+
+
+def adapt_trainer(trainer, policy, cfg) -> None:
+    """What a kind needs from a TRL trainer after it is built: LoRA+'s optimizer; and for a policy that is not a
+    PEFT model (full, bitfit, bottleneck) a reference that is a frozen copy of the starting policy — TRL would
+    reload the bare model from its config path, which is not the parent when adapters were merged in or added."""
+    from align.adapters import make_optimizer
+    from align.native_adapters import frozen_copy
+
+    sync_reference_adapter(policy.model)
+    optimizer = make_optimizer(policy.adapter, policy.model, cfg)
+    if optimizer is not None:
+        trainer.optimizer = optimizer
+    if getattr(trainer, "ref_model", None) is not None and not hasattr(policy.model, "peft_config"):
+        trainer.ref_model = trainer.accelerator.prepare_model(frozen_copy(policy.model), evaluation_mode=True)
 
 
 def as_dataset(rows: list | None):
@@ -100,10 +174,13 @@ def collect(problems: Problems, fn, *args, **kwargs):
 
 
 def check_parent(cfg, stage: str) -> None:
-    """Validate --from (if given) so parent problems are reported with the config and data problems."""
-    if cfg.from_run:
-        from align.handoff import resolve_parent
+    """Validate --from (if given) and the adapter kind for this stage and hand-off, so these problems are reported
+    with the config and data problems."""
+    from align.handoff import check_adapter, resolve_parent
 
+    if hasattr(cfg, "adapter"):
+        check_adapter(cfg, stage, task="seq-cls" if stage == "rm" else "causal-lm")
+    elif cfg.from_run:
         resolve_parent(cfg.from_run, stage, cfg.model)
 
 
@@ -171,6 +248,7 @@ def trainer_arguments(cfg, run: Run, has_eval: bool) -> dict[str, Any]:
         warmup_steps=cfg.warmup,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
+        **({"optim": cfg.full_optimizer} if getattr(cfg, "full_optimizer", "adamw") != "adamw" else {}),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
