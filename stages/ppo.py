@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 import torch
 
-from align.adapters import ADAPTERS, AdapterOptions
+from align.adapters import AdapterOptions, stage_limit
 from align.config import Config, opt
 from align.errors import AlignError, Problems
 from align.stages.online import RewardOptions, RolloutOptions, load_prompt_data, make_rollout_engine
@@ -117,23 +117,11 @@ class PPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardO
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.add(f"--{name} must be in [0, 1], got {getattr(self, name)}.")
-        if self.adapter is not None and self.adapter in ADAPTERS and not supported(self.adapter):
-            problems.add(unsupported_message(self.adapter))
         if self.critic_init == "reward_model" and not self.reward_model:
             problems.add("--critic-init reward_model needs --reward-model RM_RUN (or use --critic-init policy).")
         if self.vllm_server and self.from_run and self.handoff == "merge":
             problems.add("--vllm-server holds the plain base, so it cannot serve a merged parent: add --handoff "
                          "continue (ppo's default is merge) or use the colocated --backend vllm.")
-
-
-def supported(adapter: str) -> bool:
-    kind = ADAPTERS[adapter]
-    return not (kind.full or kind.prompt_learning)
-
-
-def unsupported_message(adapter: str) -> str:
-    return (f"--adapter {adapter}: align ppo trains LoRA-family adapters and ia3 (lora, qlora, dora, rslora, loha, "
-            "lokr, vera, ia3); full fine-tuning and prompt-learning adapters are not supported by ppo yet.")
 
 
 # -- rollout batches ---------------------------------------------------------------------------------------------
@@ -204,8 +192,8 @@ class PPO:
 
         self.cfg, self.run, self.policy = cfg, started.run, started.policy
         self.train_rows, self.eval_rows = started.train, started.evaluation
-        if not supported(self.policy.adapter):
-            raise AlignError(unsupported_message(self.policy.adapter))
+        if limit := stage_limit(self.policy.adapter, "ppo"):  # refused at validation (align.handoff.check_adapter)
+            raise AlignError(f"--adapter {self.policy.adapter}: {limit}.")
         self.model = self.policy.model
         self.tokenizer = self.policy.tokenizer
         actor_params = [p for p in self.model.parameters() if p.requires_grad]

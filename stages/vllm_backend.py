@@ -22,7 +22,7 @@ from pathlib import Path
 
 from align.errors import AlignError
 
-SERVED = ("lora", "qlora", "rslora")
+SERVED = ("lora", "qlora", "rslora", "loraplus")  # loraplus is saved as plain LoRA
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 

@@ -149,7 +149,7 @@ def cases(T, S, R, W):
         ("ppo-rm-not-rm", ["ppo", "--from", S, "--data", "arith-prompts", "--reward-model", S, "-o", O("e")],
          "is a 'sft' run, not a reward model (align rm)"),
         ("ppo-prompt-adapter", ["ppo", "--model", T, "--adapter", "prompt", "--data", "arith-prompts", "--reward", "accuracy", "-o", O("e")],
-         '--adapter prompt: align ppo trains'),
+         '--adapter prompt: ppo keeps actor, frozen reference and critic as adapters of one PEFT model'),
         ("ppo-critic-init", ["ppo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--critic-init", "reward_model", "-o", O("e")],
          '--critic-init reward_model needs --reward-model RM_RUN'),
         ("pairs-one-gen", ["pairs", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--num-generations", "1", "-o", O("f")],
