@@ -45,19 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import offline, write_results  # noqa: E402
+from _common import TRL_TEMPLATE, offline, write_results  # noqa: E402
 
-# The tiny model's ChatML template (align.tiny.CHAT_TEMPLATE) with TRL's generation markers (assistant-only loss).
-TRL_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\n' }}{% generation %}{{- message['content'] + '<|im_end|>\n' }}{% endgeneration %}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
 LR = {"prompt": 3e-2, "prefix": 3e-2, "ptuning": 3e-2, "full": 3e-4, "loraplus": 1.5e-3}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 

@@ -47,23 +47,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PipeBaton, StepProbe, install_probe, offline, table, use_probe, wait_quiet, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    TRL_TEMPLATE,
+    PipeBaton,
+    StepProbe,
+    install_probe,
+    offline,
+    table,
+    use_probe,
+    wait_quiet,
+    write_results,
+)
 
 GOAL = 0.97
 MODEL = dict(hidden_size=256, num_layers=4, num_heads=4)
 
-# The tiny model's ChatML template (align.tiny.CHAT_TEMPLATE) with TRL's generation markers around what the
-# assistant turn adds: its content and the end-of-turn marker.
-TRL_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\n' }}{% generation %}{{- message['content'] + '<|im_end|>\n' }}{% endgeneration %}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
 
 
 def arith_path() -> Path:
