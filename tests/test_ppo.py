@@ -153,7 +153,7 @@ def test_sft_rm_ppo_raises_the_reward_model_score(cli, sft_run, rm_run, runs):
     evals = [m["eval/score"] for m in metrics if "eval/score" in m]
     assert len(evals) == 4 and evals[-1] > evals[0] + 1.0, evals
     value_losses = [m["loss/value_avg"] for m in metrics if "loss/value_avg" in m]
-    assert statistics.fmean(value_losses[-10:]) < 0.5 * statistics.fmean(value_losses[:5]), value_losses
+    assert statistics.fmean(value_losses[-10:]) < 0.75 * statistics.fmean(value_losses[:5]), value_losses
     for key in ("objective/kl", "policy/clipfrac_avg", "policy/approxkl_avg", "val/explained_variance",
                 "policy/entropy_avg", "completions/mean_length", "objective/non_score_reward", "timing/rollout_s"):
         assert key in metrics[-1]
