@@ -220,7 +220,7 @@ def test_bad_input_gives_one_clear_error(cli, ws, name):
     _, args, expected = case
     code, out, err = cli(*args)
     OUTCOMES[name] = {"command": "align " + " ".join(_short(a, ws) for a in args), "exit": code,
-                      "message": _short(err.strip().splitlines()[-1].strip(" -"), ws) if err.strip() else ""}
+                      "message": _short(err.strip().splitlines()[-1].strip().removeprefix("- "), ws) if err.strip() else ""}
     assert code == 2, (code, err[-2000:])
     assert expected in err, err[-2000:]
     assert "Traceback" not in err and "Traceback" not in out
