@@ -184,7 +184,7 @@ def _mean(values: list[float | None]) -> float | None:
 def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg: EvalConfig,
                      reference=None) -> dict[str, Any]:
     """Metrics of the module docstring on prompt rows ({"prompt": messages, **columns})."""
-    from align.rewards import GuardedReward, resolve_rewards, weighted_total
+    from align.rewards import guard_all, weighted_total
     from align.rewards.builtin import accuracy
     from align.rewards.call import build_call
 
@@ -207,7 +207,7 @@ def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg
             metrics[f"pass@{k}"] = sum(any(v for v in g if v) for g in groups) / len(groups)
     specs = [*cfg.reward, *([cfg.reward_model] if cfg.reward_model else [])]
     if specs:
-        guarded = [GuardedReward(r) for r in resolve_rewards(specs)]
+        guarded = guard_all(specs)
         scores = call.score(guarded)
         for g, s in zip(guarded, scores, strict=True):
             metrics[f"reward/{g.__name__}"] = _mean(s)

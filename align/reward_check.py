@@ -116,7 +116,6 @@ def score_all(rewards, call, batch_size: int) -> list[Scored]:
     import time
 
     from align.rewards import RewardError
-    from align.rewards.call import RewardCall
 
     out = []
     n = len(call)
@@ -125,9 +124,7 @@ def score_all(rewards, call, batch_size: int) -> list[Scored]:
         latencies: list[float] = []
         fault = None
         for i in range(0, n, batch_size):
-            part = RewardCall(call.prompts[i : i + batch_size], call.completions[i : i + batch_size],
-                              {k: v[i : i + batch_size] if isinstance(v, list) and len(v) == n else v
-                               for k, v in call.kwargs.items()})
+            part = call.part(i, i + batch_size)
             start = time.perf_counter()
             try:
                 values.extend(part.score([g])[0])
@@ -236,9 +233,9 @@ def report(cfg: RewardsCheckConfig, call, k: int, note: str, scored: list[Scored
 
 def main(cfg: RewardsCheckConfig) -> str:
     cfg.validate()
-    from align.rewards import GuardedReward, resolve_rewards, weighted_total
+    from align.rewards import guard_all, weighted_total
 
-    rewards = [GuardedReward(r, timeout=cfg.timeout) for r in resolve_rewards(cfg.reward)]
+    rewards = guard_all(cfg.reward, timeout=cfg.timeout)
     call, k, note = samples(cfg)
     scored = score_all(rewards, call, cfg.batch_size)
     totals = weighted_total([s.values for s in scored], [s.weight for s in scored])

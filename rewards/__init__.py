@@ -8,7 +8,7 @@ Specs (align.rewards.registry): a built-in name, an `align.rewards` entry point,
 the sample.
 """
 
-from align.rewards.guard import GuardedReward, RewardError, weighted_total
+from align.rewards.guard import GuardedReward, RewardError, guard_all, weighted_total
 from align.rewards.registry import Reward, available, resolve_rewards
 
-__all__ = ["GuardedReward", "Reward", "RewardError", "available", "resolve_rewards", "weighted_total"]
+__all__ = ["GuardedReward", "Reward", "RewardError", "available", "guard_all", "resolve_rewards", "weighted_total"]

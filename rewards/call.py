@@ -46,6 +46,11 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
     """A logging hook outside training: accepted, nothing to log to."""
 
 
+def per_sample(kwargs: dict[str, Any], n: int, start: int, stop: int) -> dict[str, Any]:
+    """Keyword arguments for samples start..stop of n: lists of one value per sample are cut, the rest kept."""
+    return {k: v[start:stop] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
+
+
 def as_completion(prompt: Any, text: str) -> Any:
     """A completion in its prompt's form: a one-message conversation for a conversational prompt, else the text."""
     return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
@@ -59,6 +64,11 @@ class RewardCall:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def part(self, start: int, stop: int) -> RewardCall:
+        """The call for completions start..stop (per-sample keyword arguments cut alike, the rest shared)."""
+        return RewardCall(self.prompts[start:stop], self.completions[start:stop],
+                          per_sample(self.kwargs, len(self), start, stop))
 
     def score(self, rewards: list) -> list[list[float | None]]:
         """Each (guarded) reward's scores for every completion."""

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from align.errors import AlignError
+from align.rewards.call import per_sample
 from align.rewards.registry import Reward
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class GuardedReward:
         """Re-run each sample alone; return per-sample results with None where it fails (or raise)."""
         out = []
         for i in range(len(prompts)):
-            one = {k: (v[i : i + 1] if isinstance(v, list) and len(v) == len(prompts) else v) for k, v in columns.items()}
+            one = per_sample(columns, len(prompts), i, i + 1)
             try:
                 out.extend(self._invoke(prompts[i : i + 1], completions[i : i + 1], one))
             except Exception as e:  # noqa: BLE001 - reported with its sample, or skipped by the user's choice
@@ -125,6 +126,13 @@ class GuardedReward:
         if skipped:
             logger.warning("Reward '%s': %d invalid value(s) skipped.", self.__name__, skipped)
         return out
+
+
+def guard_all(specs: list[str], timeout: float | None = 60.0, on_fault: str = "raise") -> list[GuardedReward]:
+    """Resolve reward specs (align.rewards.registry) and guard each one."""
+    from align.rewards.registry import resolve_rewards
+
+    return [GuardedReward(r, timeout=timeout, on_fault=on_fault) for r in resolve_rewards(specs)]
 
 
 def weighted_total(scores: list[list[float | None]], weights: list[float]) -> list[float]:

@@ -42,10 +42,9 @@ class RewardOptions:
         return [r.describe() for r in resolve_rewards(self.reward_specs())]
 
     def guarded_rewards(self):
-        from align.rewards import GuardedReward, resolve_rewards
+        from align.rewards import guard_all
 
-        return [GuardedReward(r, timeout=self.reward_timeout, on_fault=self.reward_faults)
-                for r in resolve_rewards(self.reward_specs())]
+        return guard_all(self.reward_specs(), timeout=self.reward_timeout, on_fault=self.reward_faults)
 
 
 @dataclass
