@@ -17,6 +17,7 @@ import concurrent.futures
 import inspect
 import logging
 import math
+import threading
 import time
 from typing import Any
 
@@ -53,11 +54,7 @@ class GuardedReward:
             return asyncio.run(asyncio.wait_for(coro, self.timeout) if self.timeout else coro)
         if not self.timeout:
             return fn(prompts=prompts, completions=completions, **columns)
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        try:
-            return pool.submit(fn, prompts=prompts, completions=completions, **columns).result(self.timeout)
-        finally:
-            pool.shutdown(wait=False)
+        return call_with_timeout(fn, self.timeout, prompts=prompts, completions=completions, **columns)
 
     def _fault(self, message: str, cause: BaseException | None = None) -> None:
         error = RewardError(f"Reward function '{self.__name__}' {message}")
@@ -126,6 +123,22 @@ class GuardedReward:
         if skipped:
             logger.warning("Reward '%s': %d invalid value(s) skipped.", self.__name__, skipped)
         return out
+
+
+def call_with_timeout(fn, timeout: float, **kwargs: Any) -> Any:
+    """`fn(**kwargs)` in a daemon thread; TimeoutError after `timeout` seconds. A thread cannot be stopped, but a
+    daemon thread does not keep the process alive: a hung reward ends with the run, not when it returns (a
+    ThreadPoolExecutor's worker is joined at exit)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            future.set_result(fn(**kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            future.set_exception(e)
+
+    threading.Thread(target=work, name="align-reward", daemon=True).start()
+    return future.result(timeout)
 
 
 def guard_all(specs: list[str], timeout: float | None = 60.0, on_fault: str = "raise") -> list[GuardedReward]:

@@ -85,3 +85,8 @@ def make_constant(value=0.5):
         return [value] * len(completions)
 
     return constant
+
+
+def hangs(prompts, completions, **columns):
+    time.sleep(600)
+    return [0.0] * len(completions)

@@ -3,6 +3,11 @@ the sample; `align rewards check`."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from align.errors import AlignError
@@ -91,6 +96,15 @@ def test_timeout_and_skip_policy():
         score("reward_plugins:slow", timeout=0.2)
     assert score("reward_plugins:breaks_on_boom", on_fault="skip") == [1.0, 1.0, None]
     assert score("reward_plugins:nan_on_third", on_fault="skip") == [0.0, 0.0, None]
+
+
+def test_a_hung_reward_does_not_hang_the_process():
+    """The timeout fault ends the command at once: the hung call's thread does not keep the process alive."""
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "align", "rewards", "check", "reward_plugins:hangs", "--data", "arith",
+                           "--timeout", "1"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "'hangs' timed out after 1.0s" in done.stdout + done.stderr
+    assert time.monotonic() - start < 120, "the process waited for the hung reward (it sleeps 600 s)"
 
 
 def test_bad_specs_are_reported_together():
