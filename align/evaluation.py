@@ -41,7 +41,7 @@ class EvalConfig(Config):
     positional = "target"
     target: str | None = opt(None, "A run directory (any stage) or a model directory / hub id to evaluate.")
     data: str | None = opt(None, "Held-out data: prompts (with an answer column for accuracy) or preference pairs.")
-    split: str = opt("train", "Split of a DatasetDict directory or hub dataset.")
+    split: str | None = opt(None, "Split of a DatasetDict directory or hub dataset (default: the first of test, validation, eval, dev it has).")
     answer_column: str = opt("answer", "Column holding the reference answer (task accuracy).")
     reward: list[str] = opt(factory=list, help="Reward specs to average over the completions (as in align grpo).")
     reward_model: str | None = opt(None, "A reward-model run (align rm) to score the completions with.")
@@ -264,11 +264,11 @@ def evaluate_pairs(model, tokenizer, manifest, pairs: list[dict[str, Any]], cfg:
 
 def load_eval_data(cfg: EvalConfig) -> tuple[str, list[dict[str, Any]]]:
     """("prompts" | "pairs", rows) of --data, cut to --max-samples."""
-    from align.data.loading import load_records
+    from align.data.loading import HELD_OUT, Split, load_records
     from align.data.preference import normalize_preferences
     from align.data.prompts import normalize_prompts
 
-    records = load_records(cfg.data, cfg.split)
+    records = load_records(cfg.data, Split(cfg.split, HELD_OUT))
     if {"chosen", "rejected"} <= set(records.columns()):
         kind, rows = "pairs", normalize_preferences(records)
     else:

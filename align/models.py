@@ -104,6 +104,9 @@ def load_base_model(
     """The base model for `task` ("causal-lm" or "seq-cls" with a `num_labels` head)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if task == "causal-lm":
+        check_causal(name, trust_remote_code)
+
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -117,6 +120,22 @@ def load_base_model(
     if quantize_4bit:
         keep_4bit_kernel_fixed(model)
     return model
+
+
+def check_causal(name: str, trust_remote_code: bool = False) -> None:
+    """Causal-LM stages need a decoder. transformers maps encoder configs (BERT, RoBERTa, ...) to a causal-LM class
+    too: it loads, attends in both directions (each token sees the ones it should predict) and trains garbage."""
+    from transformers import AutoConfig
+
+    config = _load(AutoConfig.from_pretrained, name, "model config", trust_remote_code=trust_remote_code)
+    if getattr(config, "is_encoder_decoder", False):
+        raise AlignError(f"{name} is an encoder-decoder model ({config.model_type}); align trains decoder-only causal "
+                         "LMs. Pass a decoder model (Llama, Qwen, Mistral, ... or one made by `align tiny-model`).")
+    if getattr(config, "is_decoder", None) is False:  # set only on encoder configs, False unless made a decoder
+        raise AlignError(f"{name} is an encoder model ({config.model_type}: it attends in both directions), not a "
+                         "causal LM: it cannot be trained or sampled token by token. Pass a decoder model (Llama, "
+                         "Qwen, Mistral, ... or one made by `align tiny-model`); an encoder can be a reward model "
+                         "(align rm).")
 
 
 def keep_4bit_kernel_fixed(model) -> None:
@@ -172,6 +191,15 @@ def check_positions(model, max_length: int | None) -> None:
     if max_length and isinstance(limit, int) and max_length > limit:
         raise AlignError(f"--max-length {max_length} exceeds the model's {limit} positions (max_position_embeddings "
                          f"in its config.json). Use --max-length {limit} or less.")
+
+
+def check_vocabulary(model, tokenizer) -> None:
+    """Every token id the tokenizer can produce must have a row in the model's embedding."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise AlignError(f"The tokenizer has {len(tokenizer)} tokens, but the model embeds only {rows} "
+                         "(vocab_size in its config.json): they do not belong together. Use the tokenizer saved with "
+                         "the model.")
 
 
 def backbone(model):

@@ -34,7 +34,7 @@ class RewardsCheckConfig(Config):
     data: str | None = opt(None, "Prompts (as for grpo/ppo), with completions or generate them with --from.")
     from_run: str | None = opt(None, "Sample completions from this run's policy.", aliases=["--from"])
     model: str | None = opt(None, "Sample completions from this model (instead of --from).")
-    split: str = opt("train", "Split of a DatasetDict directory or hub dataset.")
+    split: str | None = opt(None, "Split of a DatasetDict directory or hub dataset (default: train).")
     columns: list[str] = opt(factory=list, help="Rename columns: target=source (e.g. prompt=query), as in grpo.")
     system_prompt: str | None = opt(None, "System message prepended to every prompt, as in grpo.")
     num_samples: int = opt(8, "How many prompts (data rows) to use.")

@@ -9,7 +9,7 @@ from align.data.formats import normalize
 from align.data.loading import Records, load_records
 
 
-def load_examples(spec: str, *, split: str = "train", fmt: str = "auto", columns=(), system_prompt=None):
+def load_examples(spec: str, *, split=None, fmt: str = "auto", columns=(), system_prompt=None):
     """(normalised examples, detected format, Records) for a dataset spec."""
     records = load_records(spec, split)
     examples, fmt = normalize(records, fmt, columns, system_prompt)

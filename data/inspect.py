@@ -21,7 +21,7 @@ class InspectConfig(Config):
     positional = "data"
     data: str | None = opt(None, "Dataset: a file, a save_to_disk directory, a bundled sample name or a hub id.")
     model: str | None = opt(None, "Model or run whose tokenizer and chat template to use (for token statistics).")
-    split: str = opt("train", "Split of a DatasetDict directory or hub dataset.")
+    split: str | None = opt(None, "Split of a DatasetDict directory or hub dataset (default: train).")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "qa", "prompt_completion", "text"] = opt(
         "auto", "Dataset format; auto detects it from the columns.")
     columns: list[str] = opt(factory=list, help="Column renames NAME=COLUMN, e.g. --columns prompt=query.")

@@ -4,7 +4,7 @@ Accepted sources (tried in this order):
 - a bundled sample name (`arith`, see align.data.samples)
 - a local file: .jsonl/.ndjson (one object per line), .json (an array of objects, an object of equal-length
   lists, or an object with one key holding such an array), .csv (header row), .parquet
-- a local directory written by `datasets.Dataset.save_to_disk` (or a DatasetDict: pick `split`)
+- a local directory written by `datasets.Dataset.save_to_disk` (or a DatasetDict: see `Split`)
 - a hub dataset id (`org/name`, or `org/name:config` for a named configuration), only when online; offline (HF_HUB_OFFLINE=1 or no network) is a clear error
 """
 
@@ -22,6 +22,38 @@ from align.errors import AlignError
 from align.runs import sha256_path
 
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
+
+
+HELD_OUT = ("test", "validation", "eval", "dev")  # what a held-out DatasetDict split is usually called
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which split of a DatasetDict directory or hub dataset to read: `name`, or else the first of `defaults` that
+    exists. A file or a plain saved Dataset has no splits: naming one there is refused, not ignored. `flag` is the
+    option that sets it, for messages."""
+
+    name: str | None = None
+    defaults: tuple[str, ...] = ("train",)
+    flag: str = "--split"
+
+    def pick(self, available: list[str], source: str) -> str:
+        if self.name is not None:
+            if self.name not in available:
+                raise AlignError(f"{source}: no split '{self.name}'. Available splits: {', '.join(available)}. "
+                                 f"Set {self.flag}.")
+            return self.name
+        found = [s for s in self.defaults if s in available]
+        if not found:
+            raise AlignError(f"{source} has the splits {', '.join(available)}, none of them {' or '.join(self.defaults)}"
+                             f". Choose one with {self.flag} NAME.")
+        return found[0]
+
+    def refuse(self, source: str, what: str) -> None:
+        """A source without splits: a split named for it would be silently ignored."""
+        if self.name is not None:
+            raise AlignError(f"{self.flag} {self.name}: {source} is {what} with no splits. Drop {self.flag} (it "
+                             "applies to DatasetDict directories and hub datasets).")
 
 
 @dataclass
@@ -53,8 +85,10 @@ def looks_like_path(spec: str) -> bool:
     return spec.endswith(FILE_SUFFIXES) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
-def load_records(spec: str, split: str = "train") -> Records:
-    """Load the dataset named by `spec` (see module docstring); AlignError on any problem."""
+def load_records(spec: str, split: str | Split | None = None) -> Records:
+    """Load the dataset named by `spec` (see module docstring); AlignError on any problem. `split`: a split name
+    (or None: train) or a Split."""
+    split = split if isinstance(split, Split) else Split(split)
     bundled = bundled_path(spec)
     path = Path(spec).expanduser() if bundled is None else bundled
     if path.exists():
@@ -68,10 +102,11 @@ def load_records(spec: str, split: str = "train") -> Records:
     return records
 
 
-def _load_local(path: Path, split: str) -> Records:
+def _load_local(path: Path, split: Split) -> Records:
     source = str(path)
     if path.is_dir():
         return _load_saved_dataset(path, split)
+    split.refuse(source, "a single file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         rows, locations = _read_jsonl(path)
@@ -149,7 +184,7 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
     return rows, locations
 
 
-def _load_saved_dataset(path: Path, split: str) -> Records:
+def _load_saved_dataset(path: Path, split: Split) -> Records:
     import datasets
 
     try:
@@ -157,13 +192,15 @@ def _load_saved_dataset(path: Path, split: str) -> Records:
     except FileNotFoundError:
         raise AlignError(f"{path}: a directory, but not one saved with datasets' save_to_disk "
                          "(no dataset_info.json/state.json). Point --data at a data file instead.") from None
+    extra = {}
     if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise AlignError(f"{path}: no split '{split}'. Available splits: {', '.join(data)}. Set --split.")
-        data = data[split]
+        extra["split"] = split.pick(list(data), str(path))
+        data = data[extra["split"]]
+    else:
+        split.refuse(str(path), "a saved Dataset")
     rows = data.to_list()
     return Records(str(path), rows, [f"{path} row {i + 1}" for i in range(len(rows))],
-                   path=str(path.resolve()), sha256=sha256_path(path))
+                   path=str(path.resolve()), sha256=sha256_path(path), extra=extra)
 
 
 def hub_offline() -> bool:
@@ -171,7 +208,7 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
 
 
-def _load_hub(spec: str, split: str) -> Records:
+def _load_hub(spec: str, split: Split) -> Records:
     hint = f"Bundled samples: {', '.join(BUNDLED)}."
     if hub_offline():
         raise AlignError(f"Dataset '{spec}' is not a local file or directory, and the hub is offline "
@@ -179,12 +216,13 @@ def _load_hub(spec: str, split: str) -> Records:
     import datasets
 
     name, _, config = spec.partition(":")  # `org/name:config`, e.g. openai/gsm8k:main
+    chosen = split.name or split.defaults[0]
     try:
-        data = datasets.load_dataset(name, config or None, split=split)
+        data = datasets.load_dataset(name, config or None, split=chosen)
     except Exception as e:  # the hub client raises many types; all mean "could not get it"
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise AlignError(f"Dataset '{spec}' is not a local file or directory and could not be loaded from the hub "
                          f"({first}). Pass a local file. {hint}") from None
     rows = data.to_list()
-    return Records(spec, rows, [f"{spec}[{split}] row {i + 1}" for i in range(len(rows))],
-                   sha256=getattr(data, "_fingerprint", None))
+    return Records(spec, rows, [f"{spec}[{chosen}] row {i + 1}" for i in range(len(rows))],
+                   sha256=getattr(data, "_fingerprint", None), extra={"split": chosen})

@@ -83,6 +83,6 @@ def normalize_preferences(records: Records, columns=(), system_prompt: str | Non
     return out
 
 
-def load_preferences(spec: str, *, split: str = "train", columns=(), system_prompt=None) -> tuple[list[dict], Records]:
+def load_preferences(spec: str, *, split=None, columns=(), system_prompt=None) -> tuple[list[dict], Records]:
     records = load_records(spec, split)
     return normalize_preferences(records, columns, system_prompt), records

@@ -53,6 +53,6 @@ def normalize_prompts(records: Records, columns=(), system_prompt: str | None = 
     return out
 
 
-def load_prompts(spec: str, *, split: str = "train", columns=(), system_prompt=None) -> tuple[list[dict], Records]:
+def load_prompts(spec: str, *, split=None, columns=(), system_prompt=None) -> tuple[list[dict], Records]:
     records = load_records(spec, split)
     return normalize_prompts(records, columns, system_prompt), records

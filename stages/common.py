@@ -36,7 +36,7 @@ def start_stage(cfg, stage: str, load_data, **policy_kwargs) -> Started:
     """Validate config, data and parent (every problem at once, before any model loads), then claim the run
     directory (clear with --overwrite, find the checkpoint with --resume), seed, and build the policy."""
     from align.handoff import build_policy
-    from align.models import check_positions
+    from align.models import check_positions, check_vocabulary
 
     run, data = validate_stage(cfg, stage, load_data)
     seed_everything(cfg.seed)
@@ -44,6 +44,7 @@ def start_stage(cfg, stage: str, load_data, **policy_kwargs) -> Started:
     # --overwrite removes the old run
     policy = build_policy(cfg, stage=stage, **policy_kwargs)
     check_positions(policy.model, getattr(cfg, "max_length", None))
+    check_vocabulary(policy.model, policy.tokenizer)
     resume_from = start_run(run, cfg)
     return Started(run, resume_from, policy, *data)
 
@@ -353,15 +354,16 @@ def stage_manifest(stage: str, task: str, cfg, policy, datasets: dict[str, Any])
 def load_train_eval(cfg, load) -> tuple[list, list | None, dict[str, Any]]:
     """(train, eval or None, datasets manifest) from --data / --eval-data / --eval-split.
 
-    `load(spec)` returns (examples, Records) for one dataset spec.
+    `load(spec, split)` returns (examples, Records) for one dataset spec (split: align.data.loading.Split).
     """
     from align.data import holdout
+    from align.data.loading import HELD_OUT, Split
 
-    train, records = load(cfg.data)
+    train, records = load(cfg.data, Split(cfg.split))
     datasets = {"train": records.describe()}
     evaluation = None
     if cfg.eval_data:
-        evaluation, eval_records = load(cfg.eval_data)
+        evaluation, eval_records = load(cfg.eval_data, Split(cfg.eval_data_split, HELD_OUT, "--eval-data-split"))
         datasets["eval"] = eval_records.describe()
     elif cfg.eval_split > 0:
         train, evaluation = holdout(train, cfg.eval_split, cfg.seed)

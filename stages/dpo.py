@@ -55,8 +55,8 @@ class DPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config)
 def load_preference_data(cfg):
     from align.data.preference import load_preferences
 
-    def load(spec: str):
-        return load_preferences(spec, split=cfg.split, columns=cfg.columns, system_prompt=cfg.system_prompt)
+    def load(spec: str, split):
+        return load_preferences(spec, split=split, columns=cfg.columns, system_prompt=cfg.system_prompt)
 
     return load_train_eval(cfg, load)
 

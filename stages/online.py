@@ -108,8 +108,8 @@ class RolloutOptions:
 def load_prompt_data(cfg):
     from align.data.prompts import load_prompts
 
-    def load(spec: str):
-        rows, records = load_prompts(spec, split=cfg.split, columns=cfg.columns, system_prompt=cfg.system_prompt)
+    def load(spec: str, split):
+        rows, records = load_prompts(spec, split=split, columns=cfg.columns, system_prompt=cfg.system_prompt)
         check_reward_columns(cfg, rows, records.source)
         return rows, records
 

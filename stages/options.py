@@ -36,7 +36,10 @@ class DataOptions:
                                  "bundled sample name (arith) or a hub dataset id.")
     eval_data: str | None = opt(None, "Held-out data for evaluation (same formats as --data).")
     eval_split: float = opt(0.0, "Fraction of --data held out for evaluation when --eval-data is not given (0 = none).")
-    split: str = opt("train", "Split to read from a DatasetDict directory or a hub dataset.")
+    split: str | None = opt(None, "Split of --data when it is a DatasetDict directory or a hub dataset (default: train).")
+    eval_data_split: str | None = opt(
+        None, "Split of --eval-data when it is a DatasetDict directory or a hub dataset (default: the first of test, "
+              "validation, eval, dev it has).")
     columns: list[str] = opt(factory=list, help="Column renames NAME=COLUMN, e.g. --columns prompt=query completion=response.")
     system_prompt: str | None = opt(None, "System message added to conversations that have none.")
     max_length: int = opt(1024, "Maximum tokens per example; longer examples are truncated.")

@@ -34,7 +34,7 @@ class PairsConfig(RewardOptions, Config):
     model: str | None = opt(None, "Sample from this model (a directory or hub id) instead of a run.")
     from_run: str | None = opt(None, "Sample from this finished run's policy.", aliases=["--from"])
     data: str | None = opt(None, "Prompts (a prompt/messages/question column; other columns go to the rewards).")
-    split: str = opt("train", "Split to read from a DatasetDict directory or a hub dataset.")
+    split: str | None = opt(None, "Split of a DatasetDict directory or hub dataset (default: train).")
     columns: list[str] = opt(factory=list, help="Column renames NAME=COLUMN, e.g. --columns prompt=query.")
     system_prompt: str | None = opt(None, "System message added to prompts that have none.")
     output: str | None = opt(None, "Run directory to write (pairs.jsonl, run.json).", aliases=["-o"])

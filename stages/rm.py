@@ -54,7 +54,7 @@ class ScoreConfig(Config):
     positional = "run"
     run: str | None = opt(None, "The reward-model run (align rm --output).")
     data: str | None = opt(None, "Pairs to score: preference data (chosen/rejected) or prompt/completion data.")
-    split: str = opt("train", "Split of a DatasetDict directory or hub dataset.")
+    split: str | None = opt(None, "Split of a DatasetDict directory or hub dataset (default: train).")
     columns: list[str] = opt(factory=list, help="Column renames NAME=COLUMN.")
     output: str | None = opt(None, "Write one JSON object per example here (default: print them).", aliases=["-o"])
     batch_size: int = opt(16, "Examples per forward pass.")

@@ -39,8 +39,8 @@ class SFTConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config)
 def load_sft_data(cfg: SFTConfig):
     from align.data import load_examples
 
-    def load(spec: str):
-        examples, _, records = load_examples(spec, split=cfg.split, fmt=cfg.format, columns=cfg.columns,
+    def load(spec: str, split):
+        examples, _, records = load_examples(spec, split=split, fmt=cfg.format, columns=cfg.columns,
                                              system_prompt=cfg.system_prompt)
         return examples, records
 

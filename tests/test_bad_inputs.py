@@ -31,6 +31,16 @@ def ws(tiny_model, sft_run, tmp_path_factory) -> dict:
     notok.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(Path(tiny_model) / name, notok / name)
+    from align.tiny import build_tiny_model
+
+    build_tiny_model(w / "bert", arch="bert")  # an encoder checkpoint
+    build_tiny_model(w / "small-vocab", vocab_size=256)  # ... given a tokenizer with more tokens than it embeds
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tiny_model) / name, w / "small-vocab" / name)
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "1 + 1?", "completion": "2"}])}).save_to_disk(
+        str(w / "only-train"))
     stage = "model: {t}\noutput: {w}/p\nstages:\n"
     (w / "typo.yaml").write_text(stage + "  - {{name: sft, kind: sft, data: arith, lrr: 0.1}}\n")
     (w / "kind.yaml").write_text(stage + "  - {{name: sft, kind: sfft, data: arith}}\n")
@@ -84,6 +94,14 @@ def cases(T, S, R, W):
          '--target-modules nope_proj: not in this model'),
         ("sft-kto", ["sft", "--model", T, "--data", str(W / "kto.jsonl"), "-o", O("a")],
          "unpaired preference data (TRL's KTO format)"),
+        ("sft-encoder", ["sft", "--model", str(W / "bert"), "--data", "arith", "-o", O("a")],
+         "is an encoder model (bert: it attends in both directions), not a causal LM"),
+        ("sft-vocab", ["sft", "--model", str(W / "small-vocab"), "--data", "arith", "-o", O("a")],
+         "The tokenizer has 1024 tokens, but the model embeds only 259"),
+        ("sft-split-on-file", ["sft", "--model", T, "--data", "arith", "--split", "test", "-o", O("a")],
+         "is a single file with no splits. Drop --split"),
+        ("sft-eval-split", ["sft", "--model", T, "--data", "arith", "--eval-data", str(W / "only-train"), "-o", O("a")],
+         "has the splits train, none of them test or validation or eval or dev. Choose one with --eval-data-split NAME"),
         ("sft-from-missing", ["sft", "--from", str(W / "nope"), "--data", "arith", "-o", O("a")],
          'no such directory. Pass the --output directory of a finished stage'),
         ("sft-resume-missing", ["sft", "--model", T, "--data", "arith", "-o", O("never"), "--resume"],
@@ -114,6 +132,8 @@ def cases(T, S, R, W):
          'not a preference dataset. Columns found: messages'),
         ("dpo-beta", ["dpo", "--from", S, "--data", "arith-prefs", "--beta", "-1", "-o", O("c")],
          '--beta must be positive, got -1.0'),
+        ("dpo-encoder", ["dpo", "--model", str(W / "bert"), "--data", "arith-prefs", "-o", O("c")],
+         "is an encoder model (bert"),
         ("dpo-from-rm", ["dpo", "--from", R, "--data", "arith-prefs", "-o", O("c")],
          "a 'rm' run cannot be the policy parent of dpo"),
         ("dpo-from-file", ["dpo", "--from", f"{D}/alpaca.json", "--data", "arith-prefs", "-o", O("c")],
@@ -172,6 +192,8 @@ def cases(T, S, R, W):
          '--temperature must be >= 0'),
         ("generate-rm", ["generate", R, "--prompt", "hi"],
          'is a reward model (align rm): it scores text, it does not generate'),
+        ("generate-encoder", ["generate", str(W / "bert"), "--prompt", "hi"],
+         "is an encoder model (bert"),
         ("generate-missing", ["generate", "./nope", "--prompt", "hi"],
          './nope: no such directory'),
         ("generate-truncated", ["generate", str(W / "trunc"), "--prompt", "hi"],

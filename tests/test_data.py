@@ -64,6 +64,38 @@ def test_parquet_and_save_to_disk(tmp_path, data_dir):
         load_examples(str(tmp_path / "dict"), split="validation")
 
 
+def test_splits_are_chosen_recorded_or_refused_never_ignored(tmp_path, cli, tiny_model, data_dir):
+    """--data reads `train` of a DatasetDict, --eval-data its held-out split (not --split); a split named for a
+    file or a plain saved Dataset is refused; run.json records the split each one read."""
+    import datasets
+
+    from align.data.loading import HELD_OUT, Split
+
+    def rows(tag):
+        return [{"prompt": f"{tag} {i}?", "completion": str(i)} for i in range(4)]
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows("train")),
+                          "validation": datasets.Dataset.from_list(rows("validation"))}).save_to_disk(str(tmp_path / "dict"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows("train"))}).save_to_disk(str(tmp_path / "only"))
+    datasets.Dataset.from_list(rows("plain")).save_to_disk(str(tmp_path / "plain"))
+    held_out = Split(None, HELD_OUT, "--eval-data-split")
+    _, _, records = load_examples(str(tmp_path / "dict"), split=held_out)
+    assert records.rows[0]["prompt"] == "validation 0?" and records.describe()["split"] == "validation"
+    with pytest.raises(AlignError, match="has the splits train, none of them test or validation or eval or dev. "
+                                         "Choose one with --eval-data-split NAME"):
+        load_examples(str(tmp_path / "only"), split=held_out)
+    with pytest.raises(AlignError, match="--split test: .*plain is a saved Dataset with no splits. Drop --split"):
+        load_examples(str(tmp_path / "plain"), split="test")
+    with pytest.raises(AlignError, match="--split test: .*prompt_completion.jsonl is a single file with no splits"):
+        load_examples(str(data_dir / "prompt_completion.jsonl"), split="test")
+
+    code, _, err = cli("sft", "--model", tiny_model, "--data", tmp_path / "dict", "--eval-data", tmp_path / "dict",
+                       "--output", tmp_path / "run", "--max-steps", "1", "--no-tensorboard")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["datasets"]["train"]["split"] == "train" and manifest["datasets"]["eval"]["split"] == "validation"
+
+
 def test_bundled_sample_is_valid():
     examples, fmt, _ = load_examples("arith")
     assert fmt == "messages" and len(examples) == 2000
