@@ -271,10 +271,13 @@ def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "
     from align.adapters import peft_config
     from align.models import attach_adapter, load_tokenizer
 
-    opts = dict(dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     check_adapter(cfg, stage, task)
     parent, handoff, kind_name = plan(cfg, stage, task)
     kind = ADAPTERS[kind_name]
+    # --dtype auto loads bf16 on a GPU; a model trained whole keeps float32 master weights there (the trainer's
+    # autocast computes in bf16): an AdamW step below 1/256 of a bf16 weight would be rounded away
+    dtype = "float32" if kind.full and cfg.dtype == "auto" else cfg.dtype
+    opts = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     if parent is None:
         model = materialize_base(cfg.model, [], quantize_4bit=kind.quantize_4bit, task=task, **opts)
         model = attach_adapter(model, peft_config(_with_kind(cfg, kind.name), peft_task, cfg.model),

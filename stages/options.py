@@ -21,7 +21,8 @@ class ModelOptions:
                     "fresh adapter on top.")
     trust_remote_code: bool = opt(False, "Allow model code from the model directory / hub repo to run.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "Weights dtype: auto = float32 on CPU, bfloat16 on a GPU that supports it.")
+        "auto", "Weights dtype: auto = float32 on CPU, bfloat16 on a GPU that supports it (--adapter full: float32 "
+                "weights, computing in bf16); bfloat16/float16 train in that dtype throughout.")
     attn_implementation: str | None = opt(None, "Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice.")
 
     def check(self, problems: Problems) -> None:
