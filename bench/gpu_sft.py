@@ -17,7 +17,9 @@ one step's end to the next: collation, forward, backward, optimizer, callbacks):
   LoRA/QLoRA the figure overstates the work done by up to a third. Attention FLOPs are left out (rows of 512);
 - peak GPU memory: torch.cuda.max_memory_allocated after training (weights, adapter, optimizer, activations);
 - trainable parameters and the final training loss.
-Results: bench/results/gpu_sft.json (with the GPU's name).
+`--size large` (hidden 2048, 16 layers, MLP 5504, ~0.8B parameters) with `--gradient-checkpointing` and a smaller
+batch is the memory setting: there the weights, not the activations, decide the peak.
+Results: bench/results/gpu_sft_SIZE.json (with the GPU's name).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from _common import offline, write_results  # noqa: E402
 SIZES = {
     "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256),
     "medium": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=2816),
+    "large": dict(hidden_size=2048, num_layers=16, num_heads=16, intermediate_size=5504),
 }
 
 
@@ -67,7 +70,8 @@ def worker(args) -> None:
     cuda = torch.cuda.is_available()
     run = align.sft(model=args.model, data="arith", adapter=args.kinds, output=args.output, max_steps=args.steps,
                     batch_size=args.batch_size, max_length=args.max_length, lr=2e-4 if args.kinds == "full" else 2e-3,
-                    logging_steps=10, save_steps=10_000, tensorboard=False, seed=0)
+                    logging_steps=10, save_steps=10_000, tensorboard=False, seed=0,
+                    gradient_checkpointing=args.gradient_checkpointing)
     steady = probe.steady(warmup=args.warmup)
     manifest = json.loads((Path(run) / "run.json").read_text())
     params = count(Path(args.model))
@@ -95,6 +99,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,7 +115,8 @@ def main() -> None:
         for kind in args.kinds.split(","):
             cmd = [sys.executable, __file__, "--kinds", kind, "--model", str(model), "--output", f"{tmp}/{kind}",
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                   "--max-length", str(args.max_length), "--peak-tflops", str(args.peak_tflops)]
+                   "--max-length", str(args.max_length), "--peak-tflops", str(args.peak_tflops),
+                   *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
             done = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode or not lines:
@@ -120,7 +126,7 @@ def main() -> None:
             result = json.loads(lines[-1].removeprefix("RESULT "))
             results.append(result)
             print(json.dumps(result), flush=True)
-    write_results("gpu_sft", {"args": vars(args), "results": results})
+    write_results(f"gpu_sft_{args.size}", {"args": vars(args), "results": results})
     if any("failed" in r for r in results):
         sys.exit(1)
 
