@@ -76,6 +76,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def not_writable(path: Path) -> Path | None:
+    """The directory that stops `path` from being created or written (itself or its nearest existing ancestor), or
+    None. os.access reports a read-only file system even to root."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return None if os.access(existing, os.W_OK | os.X_OK) else existing
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the run at `path`; AlignError if it is not a run directory."""
     path = Path(path)
@@ -106,6 +115,10 @@ class Run:
     def open(cls, path: str | Path, *, resume: bool = False, overwrite: bool = False) -> Run:
         """Check that `path` may be written; with `overwrite`, clear it. Does not create anything yet."""
         run = cls(path)
+        unwritable = not_writable(run.path)
+        if unwritable:
+            raise AlignError(f"--output {run.path}: {unwritable} is not writable (a read-only file system, or no "
+                             "permission). Choose a writable location.")
         if resume and overwrite:
             raise AlignError("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it.")
         if run.path.exists() and not run.path.is_dir():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -54,10 +55,15 @@ def ws(tiny_model, sft_run, tmp_path_factory) -> dict:
     shutil.copytree(sft_run, trunc)
     weights = trunc / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    return {"T": str(tiny_model), "S": str(sft_run), "R": str(rm), "W": w}
+    (w / "ro").mkdir()  # a read-only file system, where this test may mount one (root); else that case skips
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(w / "ro")],
+                             capture_output=True).returncode == 0 if shutil.which("mount") else False
+    yield {"T": str(tiny_model), "S": str(sft_run), "R": str(rm), "W": w, "mounted": mounted}
+    if mounted:
+        subprocess.run(["umount", str(w / "ro")], capture_output=True)
 
 
-def cases(T, S, R, W):
+def cases(T, S, R, W, mounted=False):
     D = str(HERE / "data")
 
     def O(name):  # noqa: E743 - a fresh output directory per case
@@ -102,6 +108,8 @@ def cases(T, S, R, W):
          "is a single file with no splits. Drop --split"),
         ("sft-eval-split", ["sft", "--model", T, "--data", "arith", "--eval-data", str(W / "only-train"), "-o", O("a")],
          "has the splits train, none of them test or validation or eval or dev. Choose one with --eval-data-split NAME"),
+        ("sft-read-only", ["sft", "--model", T, "--data", "arith", "-o", str(W / "ro" / "run")],
+         "ro is not writable (a read-only file system, or no permission)"),
         ("sft-from-missing", ["sft", "--from", str(W / "nope"), "--data", "arith", "-o", O("a")],
          'no such directory. Pass the --output directory of a finished stage'),
         ("sft-resume-missing", ["sft", "--model", T, "--data", "arith", "-o", O("never"), "--resume"],
@@ -238,6 +246,8 @@ CASE_NAMES = [c[0] for c in cases("T", "S", "R", Path("W"))]
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_bad_input_gives_one_clear_error(cli, ws, name):
+    if name == "sft-read-only" and not ws["mounted"]:
+        pytest.skip("no read-only file system could be mounted here (needs root)")
     (case,) = [c for c in cases(**ws) if c[0] == name]
     _, args, expected = case
     code, out, err = cli(*args)
