@@ -211,15 +211,17 @@ def disable_dropout(model) -> None:
                     rates[adapter] = 0.0
 
 
-def save_policy(model, tokenizer, directory: Path) -> None:
+def save_policy(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """Save the trained adapter (PEFT format; only "default", not TRL's frozen "ref" copy; align's own format for
-    bitfit/bottleneck) or the full model, with the tokenizer alongside."""
+    bitfit/bottleneck) or the full model, with the tokenizer alongside. `state_dict`: the full weights gathered from
+    sharded processes (FSDP, DeepSpeed), instead of the model's own."""
     from align import native_adapters
 
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
     if hasattr(model, "peft_config"):
-        model.save_pretrained(directory, selected_adapters=["default"])
+        model.save_pretrained(directory, selected_adapters=["default"], **extra)
     elif hasattr(model, "align_adapter"):
         native_adapters.save(model, directory)
     else:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, **extra)
     tokenizer.save_pretrained(directory)

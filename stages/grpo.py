@@ -37,7 +37,7 @@ from typing import Literal
 from align.adapters import AdapterOptions
 from align.config import Config, opt
 from align.errors import Problems
-from align.stages.common import as_dataset, finish_stage, start_stage, trainer_arguments
+from align.stages.common import as_dataset, finish_stage, launch_or_join, start_stage, trainer_arguments
 from align.stages.online import RewardOptions, RolloutOptions, load_prompt_data, make_rollout_engine
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
@@ -120,6 +120,8 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
 
 def main(cfg: GRPOConfig) -> Path:
     """Run GRPO as configured; returns the run directory."""
+    if (workers_run := launch_or_join(cfg, "grpo", load_prompt_data)) is not None:
+        return workers_run  # --num-processes: the launched processes trained
     started = start_stage(cfg, "grpo", load_prompt_data)
     return finish_stage(started, cfg, stage="grpo", task="causal-lm", rewards=cfg.reward_manifest(),
                         resolved=cfg.resolved(), reference="parent policy (frozen)" if cfg.beta > 0 else None,

@@ -530,8 +530,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def main(cfg: PPOConfig) -> Path:
     """Run PPO as configured; returns the run directory."""
     from align.models import save_policy
-    from align.stages.common import stage_manifest, start_stage
+    from align.stages.common import launch_or_join, stage_manifest, start_stage
 
+    if (workers_run := launch_or_join(cfg, "ppo", load_prompt_data)) is not None:
+        return workers_run  # --num-processes: the launched processes trained
     started = start_stage(cfg, "ppo", load_prompt_data)
     ppo = PPO(cfg, started)
     run = started.run
