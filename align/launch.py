@@ -68,6 +68,16 @@ def distributed_type(accelerate_config: str | None) -> str | None:
         return None
 
 
+def sharded_launch(accelerate_config: str | None) -> str | None:
+    """'DeepSpeed' or 'FSDP' when this config (or the launcher that started this process) shards the model."""
+    kind = distributed_type(accelerate_config)
+    if kind == "DEEPSPEED" or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "DeepSpeed"
+    if kind == "FSDP" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    return None
+
+
 def check_options(num_processes: int | None, accelerate_config: str | None, problems: Problems) -> None:
     """--num-processes and --accelerate-config problems (collected with every other config problem)."""
     if num_processes is not None and num_processes < 1:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ def load_base_model(
         kwargs["attn_implementation"] = attn_implementation
     if quantize_4bit:
         kwargs["quantization_config"] = quantization_config()
-        kwargs["device_map"] = {"": 0} if has_cuda() else "cpu"
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if has_cuda() else "cpu"  # this process's GPU
     if task == "seq-cls":
         model = _load(AutoModelForSequenceClassification.from_pretrained, name, "model", num_labels=num_labels, **kwargs)
     else:

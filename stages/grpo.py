@@ -114,7 +114,7 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
         is_correction=resolved["is_correction"], rollout=cfg,
         model=policy.model, reward_funcs=rewards, args=args, processing_class=policy.tokenizer,
         train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation),
-        callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine),
+        callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine, seed=cfg.seed if cfg.num_processes is not None else None),
     )
 
 
