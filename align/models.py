@@ -92,9 +92,15 @@ def quantization_config():
     import torch
     from transformers import BitsAndBytesConfig
 
+    from align.launch import sharded_launch
+
+    compute = torch.bfloat16 if has_cuda() else torch.float32
+    # FSDP and DeepSpeed ZeRO-3 shard only float tensors: the packed 4-bit weights are stored in the model's dtype
+    # (PEFT's FSDP/DeepSpeed QLoRA guides); bitsandbytes' default uint8 storage otherwise
+    storage = {"bnb_4bit_quant_storage": compute} if has_cuda() and sharded_launch(None) else {}
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if has_cuda() else torch.float32,
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+        **storage,
     )
 
 
