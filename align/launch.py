@@ -111,41 +111,40 @@ def launch_arguments(cfg) -> list[str]:
     return [*args, "--mixed_precision", "no", "--dynamo_backend", "no", *(["--multi_gpu"] if n > 1 else [])]
 
 
-def stage_arguments(cfg, stage: str) -> list[str]:
-    """The worker's `align STAGE` arguments: the command line as given, or (Python API, pipelines) a YAML file with
-    the resolved config."""
+def stage_arguments(cfg, stage: str, scratch: Path) -> list[str]:
+    """The workers' `align STAGE` arguments: the command line as given, or (Python API, pipelines) a YAML file in
+    `scratch` with the resolved config."""
     argv = getattr(cfg, "launch_argv", None)
     if argv is not None:
         return [stage, *argv]
-    import tempfile
-
     import yaml
 
-    values = {k: v for k, v in cfg.to_dict().items() if k != "config"}
-    handle = tempfile.NamedTemporaryFile("w", prefix=f"align-{stage}-", suffix=".yaml", delete=False)
-    with handle:
-        yaml.safe_dump(values, handle)
-    return [stage, "--config", handle.name]
+    path = scratch / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "config"}))
+    return [stage, "--config", str(path)]
 
 
 def run(stage: str, cfg) -> None:
     """Start the workers through accelerate's launcher and wait; AlignError (exit 2) or RuntimeError when they fail.
     A user error that only the workers can see was printed by rank 0 and exits 2 here too, silently."""
+    import tempfile
+
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    command = [*launch_arguments(cfg), "--module", "align", *stage_arguments(cfg, stage)]
-    logger.info("Launching: accelerate launch %s", " ".join(command))
-    args = launch_command_parser().parse_args(command)
-    code = 0
-    os.environ[LAUNCHED_BY_ALIGN] = "1"  # the launchers copy this process's environment into the workers
-    try:
-        launch_command(args)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except Exception as e:  # the launchers raise CalledProcessError / torch's ChildFailedError with the exit codes
-        code = worker_exit_code(e)
-    finally:
-        os.environ.pop(LAUNCHED_BY_ALIGN, None)
+    with tempfile.TemporaryDirectory(prefix="align-launch-") as scratch:
+        command = [*launch_arguments(cfg), "--module", "align", *stage_arguments(cfg, stage, Path(scratch))]
+        logger.info("Launching: accelerate launch %s", " ".join(command))
+        args = launch_command_parser().parse_args(command)
+        code = 0
+        os.environ[LAUNCHED_BY_ALIGN] = "1"  # the launchers copy this process's environment into the workers
+        try:
+            launch_command(args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception as e:  # the launchers raise CalledProcessError / torch's ChildFailedError with the exit codes
+            code = worker_exit_code(e)
+        finally:
+            os.environ.pop(LAUNCHED_BY_ALIGN, None)
     if code == 2:
         raise WorkersRefused()
     if code:
@@ -164,7 +163,7 @@ class WorkersRefused(AlignError):
     silent = True
 
     def __init__(self):
-        super().__init__("")
+        super().__init__("the launched processes refused the configuration; their error is printed above.")
 
 
 def wait_for_everyone() -> None:

@@ -397,18 +397,21 @@ class PPO:
                 self.optimizer.zero_grad(set_to_none=True)
                 for index in torch.chunk(minibatch, cfg.grad_accum):
                     part, mask = batch.rows(index), batch.mask[index]
+                    share = self.processes.token_share(mask)  # several processes: per-token means over all of them
                     logprobs, ent = completion_logprobs(self.actor(), part, cfg.temperature, with_entropy=True)
                     weights = old["is_weights"][index] if "is_weights" in old else None
                     pg, pg_stats = policy_loss(logprobs, old["logprobs"][index], advantages[index], mask, cfg.cliprange,
                                                weights)
+                    pg = pg * share
                     (pg / cfg.grad_accum).backward()
                     values = self.critic.values(part.input_ids, part.attention_mask, part.position_ids, part.start)
                     vf, vf_stats = value_loss(values, old["values"][index], returns[index], mask, cfg.cliprange_value)
+                    vf = vf * share
                     (cfg.vf_coef * vf / cfg.grad_accum).backward()
-                    for key, value in {"loss/policy_avg": pg, "loss/value_avg": vf, "policy/entropy_avg": ent,
-                                       "policy/approxkl_avg": pg_stats["approx_kl"],
-                                       "policy/clipfrac_avg": pg_stats["clipfrac"],
-                                       "val/clipfrac_avg": vf_stats["value_clipfrac"]}.items():
+                    for key, value in {"loss/policy_avg": pg, "loss/value_avg": vf, "policy/entropy_avg": ent * share,
+                                       "policy/approxkl_avg": pg_stats["approx_kl"] * share,
+                                       "policy/clipfrac_avg": pg_stats["clipfrac"] * share,
+                                       "val/clipfrac_avg": vf_stats["value_clipfrac"] * share}.items():
                         sums[key] = sums.get(key, 0.0) + float(value.detach())
                     count += 1
                 self.processes.average_gradients(self.params)  # what DDP does: every process steps with the mean
@@ -534,7 +537,10 @@ class Processes:
     Actor and critic are adapters of one model, switched between forwards, so the loop does not hand the model to
     DDP (one forward, one backward per step): it averages the trainable gradients itself, once per optimizer step
     — the same all-reduce DDP does. Rollouts are sharded (each process samples its share of a step's prompts);
-    whitening uses sums over every process, and logged metrics are averaged over the processes.
+    whitening uses sums over every process, each process's per-token losses are weighted by its share of the
+    micro-batch's tokens (so the averaged gradient is that of the per-token mean over all processes), and logged
+    metrics are averaged over the processes. Minibatches are shuffled within each process: with
+    --num-minibatches > 1 their composition differs from a 1-process run's (the same data, other splits).
     """
 
     def __init__(self):
@@ -558,6 +564,14 @@ class Processes:
         flat = self._total(torch.cat([g.float().flatten() for g in grads])) / self.count
         for p, piece in zip(params, flat.split([g.numel() for g in grads]), strict=True):
             p.grad = piece.view_as(p).to(p.dtype)
+
+    def token_share(self, mask: torch.Tensor) -> float:
+        """n_k·N/Σn (n_k: this process's completion tokens in the micro-batch): a per-token mean times this share,
+        averaged over the N processes, is the per-token mean over all their tokens — the 1-process loss. 1.0 alone."""
+        if self.count == 1:
+            return 1.0
+        local = mask.sum()
+        return float(local * self.count / self._total(local).clamp(min=1))
 
     def gather(self, items: list) -> list:
         """Every process's list, concatenated in process order."""
