@@ -20,6 +20,8 @@ import pytest
 
 STEPS = 3
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "align"]
 
 # stage -> (extra arguments, the 1-process --batch-size, logged loss keys compared)
 STAGES = {
@@ -90,23 +92,27 @@ def test_accelerate_launch_runs_align_as_a_module(start, tmp_path):
     out = tmp_path / "run"
     args = command("sft", start("sft"), out, 4, 2)
     args = args[: args.index("--num-processes")] + args[args.index("--num-processes") + 2 :]
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "-m", "align", *args], env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*ACCELERATE, *args], env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_finished_once(out, 2)  # the launcher's process count is recorded
     curves(out, ["loss"])
 
 
-def test_a_user_error_in_the_workers_is_printed_once_and_every_process_exits_2(sft_run, tmp_path):
-    """Under `accelerate launch` each process validates; rank 0 alone prints, and the launch fails with exit 2."""
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "-m", "align", "sft", "--from", str(sft_run), "--data", "arith", "--lr", "-1",
-                           "-o", str(tmp_path / "run")], env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
+@pytest.mark.parametrize("launcher, mistake, message", [
+    ("accelerate", ["--lr", "-1"], "--lr must be positive"),  # every process validates
+    ("align", ["--target-modules", "nope_proj"], "--target-modules nope_proj: not in this model"),  # seen on loading
+])
+def test_a_user_error_in_the_workers_is_printed_once_and_every_process_exits_2(tiny_model, tmp_path, launcher,
+                                                                                mistake, message):
+    args = ["sft", "--model", tiny_model, "--data", "arith", "-o", str(tmp_path / "run"), *mistake]
+    argv = [*ACCELERATE, *args] if launcher == "accelerate" else \
+        [sys.executable, "-m", "align", *args, "--num-processes", "2"]
+    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == (2 if launcher == "align" else 1), proc.stderr[-3000:]  # torchrun exits 1
     assert proc.stderr.count("align sft: error:") == 1, proc.stderr[-3000:]
-    assert "--lr must be positive" in proc.stderr
+    assert message in proc.stderr
+    if launcher == "align":  # (accelerate's own launcher shows the ChildFailedError's traceback)
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 
 
