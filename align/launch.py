@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 PRESETS = ("ddp", "zero2", "zero3", "fsdp2")
 PRESET_DIR = Path(__file__).parent / "accelerate"
 LAUNCHED_BY_ALIGN = "ALIGN_LAUNCHED"  # set in the workers that `--num-processes` starts
+SCRATCH_PREFIX = "align-launch-"  # the temporary folder of a launch (the config handed to the workers)
 
 
 def launched() -> bool:
@@ -131,7 +132,7 @@ def run(stage: str, cfg) -> None:
 
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    with tempfile.TemporaryDirectory(prefix="align-launch-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as scratch:
         command = [*launch_arguments(cfg), "--module", "align", *stage_arguments(cfg, stage, Path(scratch))]
         logger.info("Launching: accelerate launch %s", " ".join(command))
         args = launch_command_parser().parse_args(command)

@@ -54,11 +54,13 @@ def launch_or_join(cfg, stage: str, load_data) -> Path | None:
     """Call first in a stage's `main`. In a launched worker: record the number of processes and return None (train
     here). Asked to scale out: validate everything once, launch the workers, wait, and return the run directory they
     wrote. Otherwise None (train in this process)."""
-    from align.launch import launched, needs_launch, run, world_size
+    from align.launch import SCRATCH_PREFIX, launched, needs_launch, run, world_size
 
     if launched():
         if cfg.num_processes is None and world_size() > 1:  # recorded in run.json (a mismatch is refused)
             cfg.num_processes = world_size()
+        if cfg.config and Path(cfg.config).parent.name.startswith(SCRATCH_PREFIX):
+            cfg.config = None  # the launcher's copy of a Python-API / pipeline config: every option is recorded itself
         return None
     if not needs_launch(cfg):
         return None
