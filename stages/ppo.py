@@ -199,14 +199,13 @@ class PPO:
         if limit := stage_limit(self.policy.adapter, "ppo"):  # refused at validation (align.handoff.check_adapter)
             raise AlignError(f"--adapter {self.policy.adapter}: {limit}.")
         self.processes = Processes()
-        self.model = self.policy.model
-        if torch.cuda.is_available() and not self.policy.quantized_4bit:  # 4-bit bases are loaded on their GPU
-            self.model.to(self.processes.device)
+        self.model = self.processes.place(self.policy.model)
         self.tokenizer = self.policy.tokenizer
         actor_params = [p for p in self.model.parameters() if p.requires_grad]
         self.reference = self._add_reference()
         self.critic = build_critic(self.policy, init=cfg.critic_init, placement=cfg.critic_placement,
                                    reward_model=cfg.reward_model)
+        self.processes.place(self.critic.model)  # a separate critic model too (a shared one is the actor's)
         self.trainable = ("default", CRITIC) if self.critic.placement == "shared" else ("default",)
         self.rewards = cfg.guarded_rewards()
         self.reward_logs: dict[str, list[float]] = {}  # log_metric(name, value) calls of the reward functions
@@ -551,6 +550,12 @@ class Processes:
         self.index = self.state.process_index if self.state else 0
         self.device = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.total = self._total if self.count > 1 else None  # sum over processes (align.stages.advantages.whiten)
+
+    def place(self, model):
+        """`model` on this process's GPU (4-bit models are loaded there); unchanged on CPU."""
+        if torch.cuda.is_available() and not getattr(model, "is_loaded_in_4bit", False):
+            model.to(self.device)
+        return model
 
     def _total(self, tensor: torch.Tensor) -> torch.Tensor:
         from accelerate.utils import reduce
