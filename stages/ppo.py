@@ -35,6 +35,11 @@ the base and the actor is a fresh adapter on top, so the reference is the same m
 default because the reward model of `sft → rm` is trained on exactly that merged base, so the critic can share the
 actor's base weights (see align.stages.critic for the memory choice).
 
+Several processes (`--num-processes N`, align.launch; DDP only): each process samples `--batch-size` completions for
+its share of the step's prompts; whitening, the per-token loss normalisation and the metrics use every process's
+batch, and the gradients are averaged before each optimizer step (`Processes` below) — N processes with batch B/N
+follow the 1-process run with batch B.
+
 Run directory: adapter/ (the actor; a policy for the next stage), critic/ (critic.safetensors: the critic's adapter
 and value head; critic.json), metrics.jsonl, logs/, checkpoints/checkpoint-N (actor, critic, optimizer, scheduler,
 KL coefficient, RNG states: `--resume` continues exactly where it stopped).
