@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"align {name}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 2 = user error; align run's gate failure has its own code
     except KeyboardInterrupt:
-        print(f"align {name}: interrupted", file=sys.stderr)
+        if is_main_process() and not os.environ.get(LAUNCHED_BY_ALIGN):
+            print(f"align {name}: interrupted", file=sys.stderr)
         return 130
     if result is not None and is_main_process() and not os.environ.get(LAUNCHED_BY_ALIGN):
         print(result)  # once: by rank 0, or by the `align` process that launched the workers

@@ -143,6 +143,8 @@ def run(stage: str, cfg) -> None:
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except Exception as e:  # the launchers raise CalledProcessError / torch's ChildFailedError with the exit codes
+            if type(e).__name__ == "SignalException":  # torchrun's agent, interrupted (Ctrl-C): it stopped the workers
+                raise KeyboardInterrupt from None
             code = worker_exit_code(e)
         finally:
             os.environ.pop(LAUNCHED_BY_ALIGN, None)
