@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from align.config import build_parser, parse_args
 from align.errors import AlignError
+from align.launch import LAUNCHED_BY_ALIGN, is_main_process
 
 # name -> (help, "module:ConfigClass", "module:function"); "data inspect" is a nested command
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -95,15 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     parser, cls = parsers[name]
     try:
         cfg = parse_args(cls, top, argv, sub=parser)
+        cfg.launch_argv = argv[len(name.split()):]  # what --num-processes hands to the launched processes
         result = _load(COMMANDS[name][2])(cfg)
     except AlignError as e:
-        print(f"align {name}: error: {e}", file=sys.stderr)
+        if is_main_process() and not getattr(e, "silent", False):  # launched processes: rank 0 speaks for all
+            print(f"align {name}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 2 = user error; align run's gate failure has its own code
     except KeyboardInterrupt:
-        print(f"align {name}: interrupted", file=sys.stderr)
+        if is_main_process() and not os.environ.get(LAUNCHED_BY_ALIGN):
+            print(f"align {name}: interrupted", file=sys.stderr)
         return 130
-    if result is not None:
-        print(result)
+    if result is not None and is_main_process() and not os.environ.get(LAUNCHED_BY_ALIGN):
+        print(result)  # once: by rank 0, or by the `align` process that launched the workers
     return 0
 
 

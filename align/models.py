@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,15 @@ def quantization_config():
     import torch
     from transformers import BitsAndBytesConfig
 
+    from align.launch import sharded_launch
+
+    compute = torch.bfloat16 if has_cuda() else torch.float32
+    # FSDP and DeepSpeed ZeRO-3 shard only float tensors: the packed 4-bit weights are stored in the model's dtype
+    # (PEFT's FSDP/DeepSpeed QLoRA guides); bitsandbytes' default uint8 storage otherwise
+    storage = {"bnb_4bit_quant_storage": compute} if has_cuda() and sharded_launch(None) else {}
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if has_cuda() else torch.float32,
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+        **storage,
     )
 
 
@@ -112,7 +119,7 @@ def load_base_model(
         kwargs["attn_implementation"] = attn_implementation
     if quantize_4bit:
         kwargs["quantization_config"] = quantization_config()
-        kwargs["device_map"] = {"": 0} if has_cuda() else "cpu"
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if has_cuda() else "cpu"  # this process's GPU
     if task == "seq-cls":
         model = _load(AutoModelForSequenceClassification.from_pretrained, name, "model", num_labels=num_labels, **kwargs)
     else:
@@ -242,15 +249,17 @@ def disable_dropout(model) -> None:
                     rates[adapter] = 0.0
 
 
-def save_policy(model, tokenizer, directory: Path) -> None:
+def save_policy(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """Save the trained adapter (PEFT format; only "default", not TRL's frozen "ref" copy; align's own format for
-    bitfit/bottleneck) or the full model, with the tokenizer alongside."""
+    bitfit/bottleneck) or the full model, with the tokenizer alongside. `state_dict`: the full weights gathered from
+    sharded processes (FSDP, DeepSpeed), instead of the model's own."""
     from align import native_adapters
 
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
     if hasattr(model, "peft_config"):
-        model.save_pretrained(directory, selected_adapters=["default"])
+        model.save_pretrained(directory, selected_adapters=["default"], **extra)
     elif hasattr(model, "align_adapter"):
         native_adapters.save(model, directory)
     else:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, **extra)
     tokenizer.save_pretrained(directory)

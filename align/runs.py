@@ -11,6 +11,9 @@
 Artifacts are written to a temporary sibling and renamed into place, and `run.json` is replaced atomically,
 so a run is `completed` only once everything it names is on disk. A run directory that already holds a run
 is refused unless `resume` (continue it) or `overwrite` (replace it) is given.
+
+In a multi-process run (align.launch) only the main process writes: on the others (`writer` False) clearing, the
+manifest, metrics and the lifecycle are no-ops, and artifacts are written by the caller on the main process only.
 """
 
 from __future__ import annotations
@@ -101,7 +104,10 @@ class Run:
     """A run directory being written by a stage."""
 
     def __init__(self, path: str | Path):
+        from align.launch import is_main_process
+
         self.path = Path(path)
+        self.writer = is_main_process()
 
     adapter_dir = property(lambda self: self.path / "adapter")
     model_dir = property(lambda self: self.path / "model")
@@ -138,7 +144,7 @@ class Run:
         return run
 
     def clear(self) -> None:
-        if self.path.is_dir():
+        if self.writer and self.path.is_dir():
             shutil.rmtree(self.path)
 
     def last_checkpoint(self) -> Path | None:
@@ -155,6 +161,8 @@ class Run:
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
         data = self.manifest()
         data.update(fields)
+        if not self.writer:
+            return data
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.manifest_path, data)
         return data
@@ -182,6 +190,8 @@ class Run:
     @contextmanager
     def artifact(self, name: str) -> Iterator[Path]:
         """Write into a temporary sibling directory, then rename it to RUN/name in one step."""
+        if not self.writer:
+            raise RuntimeError(f"{self.path}: only the main process writes artifacts ({name})")
         final = self.path / name
         tmp = self.path / f".{name}.partial"
         if tmp.exists():
@@ -197,12 +207,14 @@ class Run:
 
     # -- metrics -----------------------------------------------------------------------------------------
     def log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop logged steps beyond `after_step` (resuming from a checkpoint replays them)."""
-        if not self.metrics_path.is_file():
+        if not self.writer or not self.metrics_path.is_file():
             return
         kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
         tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")

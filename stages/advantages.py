@@ -20,25 +20,30 @@ from __future__ import annotations
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, total=None) -> torch.Tensor:
+    """Mean of x over mask (per row with `dim`); `total` sums a tensor over processes (a mean over all of them)."""
     mask = mask.to(x.dtype)
     if dim is None:
+        if total is not None:
+            return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, total=None) -> torch.Tensor:
+    mean = masked_mean(x, mask, total=total)
+    var = masked_mean((x - mean) ** 2, mask, total=total)
+    n = mask.sum() if total is None else total(mask.sum())
     if unbiased and n > 1:
         var = var * n / (n - 1)
     return var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean)/std over masked entries (mean kept when shift_mean=False); masked-out entries become 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           total=None) -> torch.Tensor:
+    """(x − mean)/std over masked entries (mean kept when shift_mean=False); masked-out entries become 0. `total`
+    (several processes): a function summing a tensor over them, so mean and std are those of the global batch."""
+    mean, var = masked_mean(x, mask, total=total), masked_var(x, mask, total=total)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

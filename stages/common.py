@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError, Problems
+from align.launch import wait_for_everyone
 from align.runs import Run
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,27 @@ def start_stage(cfg, stage: str, load_data, **policy_kwargs) -> Started:
     check_positions(policy.model, getattr(cfg, "max_length", None))
     check_vocabulary(policy.model, policy.tokenizer)
     resume_from = start_run(run, cfg)
+    wait_for_everyone()  # launched processes: the main process has cleared (--overwrite) or checked the run directory
     return Started(run, resume_from, policy, *data)
+
+
+def launch_or_join(cfg, stage: str, load_data) -> Path | None:
+    """Call first in a stage's `main`. In a launched worker: record the number of processes and return None (train
+    here). Asked to scale out: validate everything once, launch the workers, wait, and return the run directory they
+    wrote. Otherwise None (train in this process)."""
+    from align.launch import SCRATCH_PREFIX, launched, needs_launch, run, world_size
+
+    if launched():
+        if cfg.num_processes is None and world_size() > 1:  # recorded in run.json (a mismatch is refused)
+            cfg.num_processes = world_size()
+        if cfg.config and Path(cfg.config).parent.name.startswith(SCRATCH_PREFIX):
+            cfg.config = None  # the launcher's copy of a Python-API / pipeline config: every option is recorded itself
+        return None
+    if not needs_launch(cfg):
+        return None
+    validate_stage(cfg, stage, load_data)  # every problem once, here, before any process starts
+    run(stage, cfg)
+    return Path(cfg.output)
 
 
 def validate_stage(cfg, stage: str, load_data) -> tuple[Run, Any]:
@@ -296,8 +317,8 @@ def uses_tensorboard(cfg) -> bool:
 
 
 def tensorboard_writer(run: Run, enabled: bool):
-    """A SummaryWriter on RUN/logs, or None (disabled, or tensorboard not installed)."""
-    if not enabled:
+    """A SummaryWriter on RUN/logs, or None (disabled, tensorboard not installed, or not the main process)."""
+    if not enabled or not run.writer:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -335,11 +356,17 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    if trainer.accelerator.is_main_process:
-        from align.models import save_policy
+    from accelerate.utils import DistributedType
 
+    from align.models import save_policy
+
+    accelerator = trainer.accelerator
+    # sharded weights (FSDP, DeepSpeed ZeRO) are gathered by every process; only the main process writes
+    state_dict = accelerator.get_state_dict(trainer.model) if accelerator.distributed_type in (
+        DistributedType.FSDP, DistributedType.DEEPSPEED) else None
+    if accelerator.is_main_process:
         with run.artifact("model" if full else "adapter") as tmp:
-            save_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, tmp)
+            save_policy(accelerator.unwrap_model(trainer.model), tokenizer, tmp, state_dict=state_dict)
     return metrics
 
 

@@ -24,7 +24,14 @@ from pathlib import Path
 from align.adapters import AdapterOptions
 from align.config import Config, opt
 from align.errors import Problems, unknown_name
-from align.stages.common import as_dataset, finish_stage, load_train_eval, start_stage, trainer_arguments
+from align.stages.common import (
+    as_dataset,
+    finish_stage,
+    launch_or_join,
+    load_train_eval,
+    start_stage,
+    trainer_arguments,
+)
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -66,6 +73,8 @@ def main(cfg: DPOConfig) -> Path:
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
+    if (workers_run := launch_or_join(cfg, "dpo", load_preference_data)) is not None:
+        return workers_run  # --num-processes: the launched processes trained
     started = start_stage(cfg, "dpo", load_preference_data)
     args = TRLDPOConfig(
         **trainer_arguments(cfg, started.run, started.evaluation is not None), max_length=cfg.max_length,

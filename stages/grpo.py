@@ -37,7 +37,7 @@ from typing import Literal
 from align.adapters import AdapterOptions
 from align.config import Config, opt
 from align.errors import Problems
-from align.stages.common import as_dataset, finish_stage, start_stage, trainer_arguments
+from align.stages.common import as_dataset, finish_stage, launch_or_join, start_stage, trainer_arguments
 from align.stages.online import RewardOptions, RolloutOptions, load_prompt_data, make_rollout_engine
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
@@ -114,12 +114,14 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
         is_correction=resolved["is_correction"], rollout=cfg,
         model=policy.model, reward_funcs=rewards, args=args, processing_class=policy.tokenizer,
         train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation),
-        callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine),
+        callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine, seed=cfg.seed if cfg.num_processes is not None else None),
     )
 
 
 def main(cfg: GRPOConfig) -> Path:
     """Run GRPO as configured; returns the run directory."""
+    if (workers_run := launch_or_join(cfg, "grpo", load_prompt_data)) is not None:
+        return workers_run  # --num-processes: the launched processes trained
     started = start_stage(cfg, "grpo", load_prompt_data)
     return finish_stage(started, cfg, stage="grpo", task="causal-lm", rewards=cfg.reward_manifest(),
                         resolved=cfg.resolved(), reference="parent policy (frozen)" if cfg.beta > 0 else None,

@@ -70,7 +70,15 @@ class RolloutOptions:
     def resolved_backend(self) -> str:
         from align.stages.rollout import choose_backend
 
-        return "vllm" if self.vllm_server else choose_backend(self.backend)
+        if self.vllm_server:
+            return "vllm"
+        return "hf" if self.backend == "auto" and self.several_processes() else choose_backend(self.backend)
+
+    def several_processes(self) -> bool:
+        """Trained by more than one process (--num-processes, or started by a launcher)."""
+        from align.launch import launched, world_size
+
+        return (getattr(self, "num_processes", None) or 1) > 1 or (launched() and world_size() > 1)
 
     def correction(self) -> str:
         """The --is-correction mode in force (auto resolved)."""
@@ -95,6 +103,9 @@ class RolloutOptions:
         if self.sync_check < 0 or self.sync_threshold <= 0:
             problems.add(f"--sync-check must be >= 0 and --sync-threshold > 0, got {self.sync_check} and "
                          f"{self.sync_threshold}.")
+        if self.resolved_backend() == "vllm" and self.several_processes():
+            problems.add("--backend vllm / --vllm-server with several processes is not supported yet (each process "
+                         "would start or drive its own sampler). Use --backend hf, or one process.")
         if self.num_generations < 1:
             problems.add(f"--num-generations must be at least 1, got {self.num_generations}.")
         if self.temperature <= 0:

@@ -78,6 +78,11 @@ class TrainOptions:
     tensorboard: bool = opt(True, "Write TensorBoard logs to RUN/logs (when --report-to includes tensorboard).")
     report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="Trackers for the metrics: tensorboard, wandb, "
                                "trackio, mlflow (several allowed), or none. Every value is also in metrics.jsonl.")
+    num_processes: int | None = opt(None, "Train in N processes launched through accelerate (data parallel: one step's "
+                                          "global batch is --batch-size × N × --grad-accum). Default: 1, or as many as "
+                                          "`accelerate launch` started. See docs/DISTRIBUTED.md.")
+    accelerate_config: str | None = opt(None, "accelerate config for the launch: a preset (ddp; for GPUs also zero2, "
+                                              "zero3 = DeepSpeed, fsdp2) or an accelerate config YAML file.")
 
     def check(self, problems: Problems) -> None:
         if not self.output:
@@ -103,5 +108,8 @@ class TrainOptions:
             problems.add("--lr-scheduler: " + unknown_name("schedule", self.lr_scheduler, schedulers))
 
         check_report_to(self.report_to, problems)
+        from align.launch import check_options
+
+        check_options(self.num_processes, self.accelerate_config, problems)
         if self.resume and self.overwrite:
             problems.add("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it.")

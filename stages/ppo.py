@@ -35,6 +35,11 @@ the base and the actor is a fresh adapter on top, so the reference is the same m
 default because the reward model of `sft → rm` is trained on exactly that merged base, so the critic can share the
 actor's base weights (see align.stages.critic for the memory choice).
 
+Several processes (`--num-processes N`, align.launch; DDP only): each process samples `--batch-size` completions for
+its share of the step's prompts; whitening, the per-token loss normalisation and the metrics use every process's
+batch, and the gradients are averaged before each optimizer step (`Processes` below) — N processes with batch B/N
+follow the 1-process run with batch B.
+
 Run directory: adapter/ (the actor; a policy for the next stage), critic/ (critic.safetensors: the critic's adapter
 and value head; critic.json), metrics.jsonl, logs/, checkpoints/checkpoint-N (actor, critic, optimizer, scheduler,
 KL coefficient, RNG states: `--resume` continues exactly where it stopped).
@@ -58,6 +63,7 @@ import torch
 from align.adapters import AdapterOptions, stage_limit
 from align.config import Config, opt
 from align.errors import AlignError, Problems
+from align.launch import sharded_launch
 from align.stages.online import RewardOptions, RolloutOptions, load_prompt_data, make_rollout_engine
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
@@ -119,6 +125,9 @@ class PPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardO
                 problems.add(f"--{name} must be in [0, 1], got {getattr(self, name)}.")
         if self.critic_init == "reward_model" and not self.reward_model:
             problems.add("--critic-init reward_model needs --reward-model RM_RUN (or use --critic-init policy).")
+        if sharded_launch(self.accelerate_config):
+            problems.add(f"ppo's own loop is data parallel (DDP) only; {sharded_launch(self.accelerate_config)} is for "
+                         "the TRL stages (sft, rm, dpo, grpo). Use --accelerate-config ddp or just --num-processes N.")
         if self.vllm_server and self.from_run and self.handoff == "merge":
             problems.add("--vllm-server holds the plain base, so it cannot serve a merged parent: add --handoff "
                          "continue (ppo's default is merge) or use the colocated --backend vllm.")
@@ -194,12 +203,14 @@ class PPO:
         self.train_rows, self.eval_rows = started.train, started.evaluation
         if limit := stage_limit(self.policy.adapter, "ppo"):  # refused at validation (align.handoff.check_adapter)
             raise AlignError(f"--adapter {self.policy.adapter}: {limit}.")
-        self.model = self.policy.model
+        self.processes = Processes()
+        self.model = self.processes.place(self.policy.model)
         self.tokenizer = self.policy.tokenizer
         actor_params = [p for p in self.model.parameters() if p.requires_grad]
         self.reference = self._add_reference()
         self.critic = build_critic(self.policy, init=cfg.critic_init, placement=cfg.critic_placement,
                                    reward_model=cfg.reward_model)
+        self.processes.place(self.critic.model)  # a separate critic model too (a shared one is the actor's)
         self.trainable = ("default", CRITIC) if self.critic.placement == "shared" else ("default",)
         self.rewards = cfg.guarded_rewards()
         self.reward_logs: dict[str, list[float]] = {}  # log_metric(name, value) calls of the reward functions
@@ -209,9 +220,9 @@ class PPO:
         self.engine = make_rollout_engine(cfg, self.policy, self.run.path)
         self.correction = cfg.correction()
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-        self.prompts_per_step = cfg.batch_size // cfg.num_generations
+        self.prompts_per_step = cfg.batch_size // cfg.num_generations  # per process
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
-            1, math.ceil(cfg.epochs * len(self.train_rows) / self.prompts_per_step))
+            1, math.ceil(cfg.epochs * len(self.train_rows) / (self.prompts_per_step * self.processes.count)))
         critic_params = self.critic.parameters()
         self.params = actor_params + critic_params
         self.optimizer = torch.optim.AdamW([{"params": actor_params}, {"params": critic_params}],
@@ -223,7 +234,8 @@ class PPO:
         self.step = 0
         self.orders: dict[int, torch.Tensor] = {}  # data order of the current pass
         self.writer = tensorboard_writer(self.run, uses_tensorboard(cfg))
-        self.trackers = Trackers(cfg.report_to, self.run.path.name, str(self.run.path), cfg.to_dict())
+        self.trackers = Trackers(cfg.report_to if self.run.writer else [], self.run.path.name, str(self.run.path),
+                                 cfg.to_dict())
 
     def _add_reference(self) -> str | None:
         """The frozen reference: None = the model with adapters disabled; "ref" = a frozen copy of the parent's
@@ -264,23 +276,29 @@ class PPO:
         return completion_logprobs(self.model, batch, self.cfg.temperature)
 
     def prompt_rows(self, step: int) -> list[dict[str, Any]]:
-        """The prompts of rollout step `step` (0-based): a fresh seeded permutation per pass over the data."""
-        n, out = len(self.train_rows), []
-        for g in range(step * self.prompts_per_step, (step + 1) * self.prompts_per_step):
+        """This process's prompts of rollout step `step` (0-based): a fresh seeded permutation per pass over the data;
+        a step takes `prompts_per_step` × processes prompts of it, process k the k-th share."""
+        n, out, per = len(self.train_rows), [], self.prompts_per_step
+        first = (step * self.processes.count + self.processes.index) * per
+        for g in range(first, first + per):
             epoch, i = divmod(g, n)
             if epoch not in self.orders:
                 self.orders = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))}
             out.append(self.train_rows[int(self.orders[epoch][i])])
         return [row for row in out for _ in range(self.cfg.num_generations)]
 
-    def sample(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]], list[list[float]] | None]:
-        """(prompt ids, completion ids, the sampler's log-probs of the completion tokens or None)."""
-        from align.stages.rollout import render_prompts
+    def sample(self, rows: list[dict[str, Any]], seeded: bool = False
+               ) -> tuple[list[list[int]], list[list[int]], list[list[float]] | None]:
+        """(prompt ids, completion ids, the sampler's log-probs of the completion tokens or None). `seeded` (training
+        rollouts with --num-processes, hf backend): every completion sampled with its own seed (rollout.row_seeds)."""
+        from align.stages.rollout import render_prompts, row_seeds
 
         model = self.actor()
         self.engine.sync(model, self.step)
         prompt_ids = render_prompts(self.tokenizer, [r["prompt"] for r in rows])
-        completion_ids, logprobs = self.engine.generate(model, prompt_ids)
+        seeds = {"seeds": row_seeds(self.cfg.seed, self.step, self.processes.index * len(rows), len(rows))} \
+            if seeded and self.cfg.num_processes is not None and self.engine.name == "hf" else {}
+        completion_ids, logprobs = self.engine.generate(model, prompt_ids, **seeds)
         return prompt_ids, completion_ids, logprobs
 
     def score(self, rows, completion_ids) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
@@ -325,7 +343,7 @@ class PPO:
 
         cfg, t0 = self.cfg, time.perf_counter()
         rows = self.prompt_rows(self.step)
-        prompt_ids, completion_ids, sampler_logprobs = self.sample(rows)
+        prompt_ids, completion_ids, sampler_logprobs = self.sample(rows, seeded=True)
         t1 = time.perf_counter()
         scores, reward_means, truncated = self.score(rows, completion_ids)
         t2 = time.perf_counter()
@@ -344,9 +362,9 @@ class PPO:
         rewards, kl = rlhf_token_rewards(scores.to(device), old["logprobs"], old["ref_logprobs"], batch.mask,
                                          self.kl.value)
         if cfg.whiten_rewards:
-            rewards = whiten(rewards, batch.mask, shift_mean=False)
+            rewards = whiten(rewards, batch.mask, shift_mean=False, total=self.processes.total)
         advantages, returns = gae(rewards, old["values"], batch.mask, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, batch.mask)
+        advantages = whiten(advantages, batch.mask, total=self.processes.total)
         stats = self.optimise(batch, old, advantages, returns)
         t3 = time.perf_counter()
         kl_per_sequence = kl.sum(1)
@@ -369,7 +387,8 @@ class PPO:
             **({"sampling/sync_logp_diff": sync} if sync is not None else {}), **correction,
         }
         self.reward_logs.clear()
-        self.kl.update(metrics["objective/kl"], len(scores))
+        metrics = self.processes.mean(metrics)  # several processes: each metric averaged over them
+        self.kl.update(metrics["objective/kl"], len(scores) * self.processes.count)
         return metrics
 
     def optimise(self, batch: Batch, old, advantages, returns) -> dict[str, float]:
@@ -382,20 +401,24 @@ class PPO:
                 self.optimizer.zero_grad(set_to_none=True)
                 for index in torch.chunk(minibatch, cfg.grad_accum):
                     part, mask = batch.rows(index), batch.mask[index]
+                    share = self.processes.token_share(mask)  # several processes: per-token means over all of them
                     logprobs, ent = completion_logprobs(self.actor(), part, cfg.temperature, with_entropy=True)
                     weights = old["is_weights"][index] if "is_weights" in old else None
                     pg, pg_stats = policy_loss(logprobs, old["logprobs"][index], advantages[index], mask, cfg.cliprange,
                                                weights)
+                    pg = pg * share
                     (pg / cfg.grad_accum).backward()
                     values = self.critic.values(part.input_ids, part.attention_mask, part.position_ids, part.start)
                     vf, vf_stats = value_loss(values, old["values"][index], returns[index], mask, cfg.cliprange_value)
+                    vf = vf * share
                     (cfg.vf_coef * vf / cfg.grad_accum).backward()
-                    for key, value in {"loss/policy_avg": pg, "loss/value_avg": vf, "policy/entropy_avg": ent,
-                                       "policy/approxkl_avg": pg_stats["approx_kl"],
-                                       "policy/clipfrac_avg": pg_stats["clipfrac"],
-                                       "val/clipfrac_avg": vf_stats["value_clipfrac"]}.items():
+                    for key, value in {"loss/policy_avg": pg, "loss/value_avg": vf, "policy/entropy_avg": ent * share,
+                                       "policy/approxkl_avg": pg_stats["approx_kl"] * share,
+                                       "policy/clipfrac_avg": pg_stats["clipfrac"] * share,
+                                       "val/clipfrac_avg": vf_stats["value_clipfrac"] * share}.items():
                         sums[key] = sums.get(key, 0.0) + float(value.detach())
                     count += 1
+                self.processes.average_gradients(self.params)  # what DDP does: every process steps with the mean
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
@@ -411,8 +434,9 @@ class PPO:
         scores, lengths, per_fn = [], [], {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
-            for i in range(0, len(self.eval_rows), size):
-                rows = self.eval_rows[i : i + size]
+            shard = self.eval_rows[self.processes.index :: self.processes.count]  # several processes: a share each
+            for i in range(0, len(shard), size):
+                rows = shard[i : i + size]
                 _, completion_ids, _ = self.sample(rows)
                 batch_scores, means, _ = self.score(rows, completion_ids)
                 scores.extend(batch_scores.tolist())
@@ -420,14 +444,19 @@ class PPO:
                 for k, v in means.items():
                     per_fn.setdefault(k, []).append(v)
         self.reward_logs.clear()  # the reward functions' log_metric values belong to training steps
-        return {"eval/score": _mean(scores), "eval/completion_length": _mean(lengths),
-                **{f"eval/{k}": _mean(v) for k, v in per_fn.items()}}
+        return self.processes.mean({"eval/score": _mean(scores), "eval/completion_length": _mean(lengths),
+                                    **{f"eval/{k}": _mean(v) for k, v in per_fn.items()}})
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Written by the main process (with every process's RNG state); the others wait for it."""
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        rngs = self.processes.gather([rng_state()])
+        if not self.run.writer:
+            self.processes.wait()
+            return
         root = self.run.checkpoints_dir
         final = root / f"checkpoint-{self.step}"
         tmp = root / f".checkpoint-{self.step}.partial"
@@ -437,7 +466,7 @@ class PPO:
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in actor.items()}, str(tmp / "actor.safetensors"))
         self.critic.save(tmp / "critic")
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "rng": rng_state()}, tmp / "state.pt")
+                    "rng": rngs[0], **({"rng_per_process": rngs} if len(rngs) > 1 else {})}, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"global_step": self.step, "kl_coef": self.kl.value}) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -445,6 +474,7 @@ class PPO:
         kept = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
         for old in kept[: max(0, len(kept) - limit)] if limit else []:
             shutil.rmtree(old, ignore_errors=True)
+        self.processes.wait()
 
     def load_checkpoint(self, checkpoint: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -455,7 +485,8 @@ class PPO:
         state = torch.load(checkpoint / "state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        rngs = state.get("rng_per_process", [])
+        set_rng_state(rngs[self.processes.index] if len(rngs) == self.processes.count else state["rng"])
         info = json.loads((checkpoint / "trainer_state.json").read_text())
         self.step, self.kl.value = info["global_step"], info["kl_coef"]
 
@@ -481,7 +512,7 @@ class PPO:
         last: dict[str, float] = {}
         eval_every = cfg.eval_steps or cfg.logging_steps
         try:
-            with tqdm(total=self.total_steps, initial=self.step, desc="PPO", unit="step") as bar:
+            with tqdm(total=self.total_steps, initial=self.step, desc="PPO", unit="step", disable=not self.run.writer) as bar:
                 while self.step < self.total_steps:
                     metrics = self.train_step()
                     self.step += 1
@@ -501,6 +532,72 @@ class PPO:
                 self.writer.close()
             self.trackers.close()
         return {**last, "train_runtime": time.perf_counter() - start, "global_step": self.step}
+
+
+class Processes:
+    """The processes of a launched run (align.launch) as ppo's loop needs them; in one process every method is the
+    identity, so a 1-process run computes exactly what it did before scale-out.
+
+    Actor and critic are adapters of one model, switched between forwards, so the loop does not hand the model to
+    DDP (one forward, one backward per step): it averages the trainable gradients itself, once per optimizer step
+    — the same all-reduce DDP does. Rollouts are sharded (each process samples its share of a step's prompts);
+    whitening uses sums over every process, each process's per-token losses are weighted by its share of the
+    micro-batch's tokens (so the averaged gradient is that of the per-token mean over all processes), and logged
+    metrics are averaged over the processes. Minibatches are shuffled within each process: with
+    --num-minibatches > 1 their composition differs from a 1-process run's (the same data, other splits).
+    """
+
+    def __init__(self):
+        from align.launch import launched, state
+
+        self.state = state() if launched() else None
+        self.count = self.state.num_processes if self.state else 1
+        self.index = self.state.process_index if self.state else 0
+        self.device = self.state.device if self.state else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.total = self._total if self.count > 1 else None  # sum over processes (align.stages.advantages.whiten)
+
+    def place(self, model):
+        """`model` on this process's GPU (4-bit models are loaded there); unchanged on CPU."""
+        if torch.cuda.is_available() and not getattr(model, "is_loaded_in_4bit", False):
+            model.to(self.device)
+        return model
+
+    def _total(self, tensor: torch.Tensor) -> torch.Tensor:
+        from accelerate.utils import reduce
+
+        return reduce(tensor.clone(), reduction="sum")
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if self.count == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self._total(torch.cat([g.float().flatten() for g in grads])) / self.count
+        for p, piece in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = piece.view_as(p).to(p.dtype)
+
+    def token_share(self, mask: torch.Tensor) -> float:
+        """n_k·N/Σn (n_k: this process's completion tokens in the micro-batch): a per-token mean times this share,
+        averaged over the N processes, is the per-token mean over all their tokens — the 1-process loss. 1.0 alone."""
+        if self.count == 1:
+            return 1.0
+        local = mask.sum()
+        return float(local * self.count / self._total(local).clamp(min=1))
+
+    def gather(self, items: list) -> list:
+        """Every process's list, concatenated in process order."""
+        from accelerate.utils import gather_object
+
+        return gather_object(items) if self.count > 1 else items
+
+    def mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.count == 1:
+            return metrics
+        everyone = self.gather([metrics])
+        return {k: _mean(m[k] for m in everyone if k in m) for k in dict.fromkeys(k for m in everyone for k in m)}
+
+    def wait(self) -> None:
+        if self.count > 1:
+            self.state.wait_for_everyone()
 
 
 def _mean(values) -> float:
@@ -530,8 +627,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def main(cfg: PPOConfig) -> Path:
     """Run PPO as configured; returns the run directory."""
     from align.models import save_policy
-    from align.stages.common import stage_manifest, start_stage
+    from align.stages.common import launch_or_join, stage_manifest, start_stage
 
+    if (workers_run := launch_or_join(cfg, "ppo", load_prompt_data)) is not None:
+        return workers_run  # --num-processes: the launched processes trained
     started = start_stage(cfg, "ppo", load_prompt_data)
     ppo = PPO(cfg, started)
     run = started.run
@@ -539,9 +638,10 @@ def main(cfg: PPOConfig) -> Path:
                        rewards=cfg.reward_manifest(), reference="parent policy (frozen)", critic=ppo.critic.describe(),
                        reward_models=ppo.reward_models, is_correction=ppo.correction):
         metrics = ppo.train(started.resume_from)
-        with run.artifact("adapter") as tmp:
-            save_policy(ppo.model, ppo.tokenizer, tmp)
-        with run.artifact("critic") as tmp:
-            ppo.critic.save(tmp)
+        if run.writer:  # the main process; the processes' copies are identical
+            with run.artifact("adapter") as tmp:
+                save_policy(ppo.model, ppo.tokenizer, tmp)
+            with run.artifact("critic") as tmp:
+                ppo.critic.save(tmp)
         run.update_manifest(metrics=metrics)
     return run.path

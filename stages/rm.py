@@ -20,7 +20,7 @@ from pathlib import Path
 from align.adapters import AdapterOptions
 from align.config import Config, opt
 from align.errors import AlignError, Problems
-from align.stages.common import as_dataset, finish_stage, start_stage, trainer_arguments
+from align.stages.common import as_dataset, finish_stage, launch_or_join, start_stage, trainer_arguments
 from align.stages.dpo import load_preference_data
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
@@ -35,6 +35,8 @@ def main(cfg: RMConfig) -> Path:
     """Train a reward model as configured; returns the run directory."""
     from trl import RewardConfig, RewardTrainer
 
+    if (workers_run := launch_or_join(cfg, "rm", load_preference_data)) is not None:
+        return workers_run  # --num-processes: the launched processes trained
     started = start_stage(cfg, "rm", load_preference_data, task="seq-cls", peft_task="SEQ_CLS")
     policy = started.policy
     policy.model.config.pad_token_id = policy.tokenizer.pad_token_id

@@ -11,6 +11,11 @@ Backends:
 
 Engines return token ids (prompt and completion) and, when the backend provides them, the sampled tokens'
 log-probs (used by TRL for importance-sampling correction of the sampler/trainer mismatch).
+
+Seeded rows (`row_seeds`; the hf backend, used when --num-processes is given): each completion is sampled with its
+own random stream (Gumbel-max: argmax of logits/T + Gumbel noise, after top-p), seeded by the run's seed, the step and
+the completion's index in the step's global batch. A completion then does not depend on which process samples it or
+on what else is in its batch, so N processes with batch B/N sample what 1 process with batch B samples.
 """
 
 from __future__ import annotations
@@ -81,7 +86,8 @@ class HFEngine:
     def close(self) -> None:
         """Nothing to release."""
 
-    def generate(self, model, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]] | None]:
+    def generate(self, model, prompt_ids: list[list[int]],
+                 seeds: list[int] | None = None) -> tuple[list[list[int]], list[list[float]] | None]:
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -99,6 +105,8 @@ class HFEngine:
         # samples come from the distribution the trainer scores — as with vLLM, whose default is no cut either
         sample = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0) if s.temperature > 0 \
             else dict(do_sample=False)
+        if seeds is not None and s.temperature > 0:
+            sample = dict(do_sample=False, logits_processor=seeded_sampling(seeds, s.temperature, s.top_p))
         with torch.no_grad():
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  max_new_tokens=s.max_new_tokens, pad_token_id=pad, use_cache=True, **sample)
@@ -106,6 +114,27 @@ class HFEngine:
             model.train()
         eos = self.tokenizer.eos_token_id
         return [trim_completion(row.tolist(), eos, pad) for row in out[:, width:]], None
+
+
+def row_seeds(seed: int, step: int, first: int, count: int) -> list[int]:
+    """Seeds of the completions `first` .. `first + count - 1` (global indices) of rollout step `step`."""
+    return [((seed * 1_000_003 + step) * 1_000_003 + first + i) % (2**63) for i in range(count)]
+
+
+def seeded_sampling(seeds: list[int], temperature: float, top_p: float):
+    """Logits processors for `generate(do_sample=False, ...)` that sample row i from softmax(logits/T) (top-p cut) with
+    its own generator seeded by seeds[i] (Gumbel-max trick)."""
+    import torch
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def gumbel(input_ids, scores):
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in generators])
+        return scores + (-torch.log(-torch.log(u.clamp(min=1e-30)))).to(scores.device, scores.dtype)
+
+    warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    return LogitsProcessorList([*warpers, gumbel])
 
 
 def make_engine(backend: str, tokenizer, sampling: Sampling, server: str | None = None, **vllm_options: Any):
@@ -133,13 +162,17 @@ def close_on_train_end(engine):
     return CloseEngine()
 
 
-def trl_rollout_func(engine):
-    """Adapt an engine to GRPOTrainer's `rollout_func(prompts, trainer)` hook."""
+def trl_rollout_func(engine, seed: int | None = None):
+    """Adapt an engine to GRPOTrainer's `rollout_func(prompts, trainer)` hook; with `seed` (hf backend) rows are
+    sampled with `row_seeds`."""
 
     def rollout(prompts: list[Any], trainer) -> dict[str, Any]:
         engine.sync(trainer.model, trainer.state.global_step)
         prompt_ids = render_prompts(engine.tokenizer, prompts)
-        completion_ids, logprobs = engine.generate(trainer.model, prompt_ids)
+        first = trainer.accelerator.process_index * len(prompt_ids)
+        seeded = {"seeds": row_seeds(seed, trainer.state.global_step, first, len(prompt_ids))} \
+            if seed is not None and engine.name == "hf" else {}
+        completion_ids, logprobs = engine.generate(trainer.model, prompt_ids, **seeded)
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
 
     return rollout

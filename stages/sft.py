@@ -20,7 +20,7 @@ from typing import Literal
 
 from align.adapters import ADAPTERS, AdapterOptions
 from align.config import Config, opt
-from align.stages.common import finish_stage, load_train_eval, start_stage, trainer_arguments
+from align.stages.common import finish_stage, launch_or_join, load_train_eval, start_stage, trainer_arguments
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ def main(cfg: SFTConfig) -> Path:
     from align.data.chat import encode_dataset
     from align.data.packing import PackedRowCollator, pack_rows
 
+    if (workers_run := launch_or_join(cfg, "sft", load_sft_data)) is not None:
+        return workers_run  # --num-processes: the launched processes trained
     started = start_stage(cfg, "sft", load_sft_data)
     tokenizer = started.policy.tokenizer
     train_ds = encode_dataset(started.train, tokenizer, cfg.completion_only_loss, desc="Tokenizing train")

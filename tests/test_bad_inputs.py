@@ -5,6 +5,7 @@ docs/BAD_INPUTS.md."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -132,6 +133,13 @@ def cases(T, S, R, W, mounted=False):
          '--model is required'),
         ("sft-no-output", ["sft", "--model", T, "--data", "arith"],
          '--output is required'),
+        ("sft-num-processes", ["sft", "--model", T, "--data", "arith", "--num-processes", "0", "-o", O("a")],
+         '--num-processes must be at least 1, got 0'),
+        ("sft-accelerate-preset", ["sft", "--model", T, "--data", "arith", "--accelerate-config", "zero9", "-o", O("a")],
+         "--accelerate-config zero9: neither a preset (ddp, zero2, zero3, fsdp2) nor an existing accelerate config file. Did you mean"),
+        *([("sft-no-deepspeed", ["sft", "--model", T, "--data", "arith", "--accelerate-config", "zero3", "-o", O("a")],
+            "uses DeepSpeed, which is not installed (pip install deepspeed)")]
+          if importlib.util.find_spec("deepspeed") is None else []),
         ("rm-prompts", ["rm", "--from", S, "--data", "arith-prompts", "-o", O("b")],
          'not a preference dataset. Columns found: prompt, answer'),
         ("rm-no-data", ["rm", "--from", S, "-o", O("b")],
@@ -180,6 +188,8 @@ def cases(T, S, R, W, mounted=False):
          '--adapter prompt: ppo keeps actor, frozen reference and critic as adapters of one PEFT model'),
         ("ppo-critic-init", ["ppo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--critic-init", "reward_model", "-o", O("e")],
          '--critic-init reward_model needs --reward-model RM_RUN'),
+        ("ppo-fsdp", ["ppo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--accelerate-config", "fsdp2", "-o", O("e")],
+         "ppo's own loop is data parallel (DDP) only; FSDP is for the TRL stages"),
         ("pairs-one-gen", ["pairs", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--num-generations", "1", "-o", O("f")],
          '--num-generations must be at least 2 (a pair needs two completions)'),
         ("pairs-greedy", ["pairs", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--temperature", "0", "-o", O("f")],

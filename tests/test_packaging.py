@@ -33,7 +33,8 @@ def test_wheel_holds_only_the_align_package(wheel):
     roots = {n.split("/")[0] for n in names}
     assert {r for r in roots if not r.endswith(".dist-info")} == {"align"}
     for expected in ("align/cli.py", "align/stages/sft.py", "align/rewards/builtin.py", "align/data/loading.py",
-                     "align/data/samples/__init__.py", "align/data/samples/arith_sft.jsonl"):
+                     "align/data/samples/__init__.py", "align/data/samples/arith_sft.jsonl",
+                     "align/accelerate/ddp.yaml", "align/accelerate/fsdp2.yaml"):
         assert expected in names, expected
     assert not any(n.startswith(("stages/", "rewards/", "data/", "tests/")) for n in names)
     (ep,) = [n for n in names if n.endswith("entry_points.txt")]
