@@ -137,7 +137,11 @@ def run(stage: str, cfg) -> None:
         logger.info("Launching: accelerate launch %s", " ".join(command))
         args = launch_command_parser().parse_args(command)
         code = 0
-        os.environ[LAUNCHED_BY_ALIGN] = "1"  # the launchers copy this process's environment into the workers
+        # the launchers copy this process's environment into the workers. PYTHONSAFEPATH: `python -m align` must not
+        # put the working directory first on sys.path — run from a clone of align's repository, the workers would
+        # import its bare align/ folder (no align.stages) instead of the installed package
+        saved = {k: os.environ.get(k) for k in (LAUNCHED_BY_ALIGN, "PYTHONSAFEPATH")}
+        os.environ.update({LAUNCHED_BY_ALIGN: "1", "PYTHONSAFEPATH": "1"})
         try:
             launch_command(args)
         except SystemExit as e:
@@ -147,7 +151,8 @@ def run(stage: str, cfg) -> None:
                 raise KeyboardInterrupt from None
             code = worker_exit_code(e)
         finally:
-            os.environ.pop(LAUNCHED_BY_ALIGN, None)
+            for key, value in saved.items():
+                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     if code == 2:
         raise WorkersRefused()
     if code:

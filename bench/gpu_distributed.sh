@@ -34,7 +34,8 @@ from pathlib import Path
 run, preset, code, wall, peak = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 manifest = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
 metrics = manifest.get("metrics") or {}
-steps = metrics.get("global_step") or 0
+steps = max((m.get("step", 0) for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())), default=0) \
+    if (run / "metrics.jsonl").is_file() else 0  # run.json's metrics have train_runtime, not the step count
 ok = code == 0 and manifest.get("status") == "completed" and steps == 20 and (run / "adapter").is_dir()
 losses = [m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m] \
     if (run / "metrics.jsonl").is_file() else []
