@@ -330,6 +330,8 @@ def exact_adapter_precision(model) -> Iterator[None]:
 
 def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool) -> dict[str, Any]:
     """Train (resuming if asked), evaluate, and write the policy atomically. Returns the final metrics."""
+    if resume_from is not None:
+        load_trained_adapter(trainer.accelerator.unwrap_model(trainer.model), resume_from)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
@@ -342,6 +344,18 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
     return metrics
 
 
+
+
+def load_trained_adapter(model, checkpoint: Path) -> None:
+    """Load the trained "default" adapter of a checkpoint that also holds other adapters.
+
+    A PEFT model with several adapters (DPO's and GRPO's frozen "ref" copy) saves "default" at the checkpoint's top
+    and the others in subfolders (ref/); transformers' Trainer then loads only the subfolders when resuming, so the
+    trained adapter would restart from the parent's weights (while the optimizer state is the checkpoint's). With a
+    single adapter this is the same call transformers makes itself."""
+    if hasattr(model, "load_adapter") and "default" in getattr(model, "peft_config", {}) and \
+            (checkpoint / "adapter_model.safetensors").is_file():
+        model.load_adapter(str(checkpoint), "default", is_trainable=True)
 
 
 def stage_manifest(stage: str, task: str, cfg, policy, datasets: dict[str, Any]) -> dict[str, Any]:
