@@ -1,6 +1,7 @@
 """`align` command line: a table of subcommands, each a config dataclass and a `main(cfg)`.
 
-Exit codes: 0 ok; 2 user error (one message on stderr, no traceback); 1 unexpected internal error.
+Exit codes: 0 ok; 2 user error (one message on stderr, no traceback); 1 unexpected internal error; 130 / 143
+interrupted by SIGINT / SIGTERM (a checkpoint of the current step saved, see align.interrupt).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 
 from align.config import build_parser, parse_args
 from align.errors import AlignError
+from align.interrupt import Interrupted, TermAsInterrupt
 
 # name -> (help, "module:ConfigClass", "module:function"); "data inspect" is a nested command
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -95,10 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     parser, cls = parsers[name]
     try:
         cfg = parse_args(cls, top, argv, sub=parser)
-        result = _load(COMMANDS[name][2])(cfg)
+        with TermAsInterrupt():
+            result = _load(COMMANDS[name][2])(cfg)
     except AlignError as e:
         print(f"align {name}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 2 = user error; align run's gate failure has its own code
+    except Interrupted as e:  # SIGINT/SIGTERM: the stage saved a checkpoint at the current step (align.interrupt)
+        hint = " (align run: run the pipeline again)" if name == "run" else ""
+        print(f"align {name}: {e}{hint}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"align {name}: interrupted", file=sys.stderr)
         return 130

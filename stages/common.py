@@ -330,9 +330,15 @@ def exact_adapter_precision(model) -> Iterator[None]:
 
 def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool) -> dict[str, Any]:
     """Train (resuming if asked), evaluate, and write the policy atomically. Returns the final metrics."""
+    from align.interrupt import GracefulStop
+
     if resume_from is not None:
         load_trained_adapter(trainer.accelerator.unwrap_model(trainer.model), resume_from)
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    stop = GracefulStop()
+    trainer.add_callback(stop.callback())
+    with stop:  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop (align.interrupt)
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    stop.raise_if_stopped(trainer.state.global_step, run.last_checkpoint())
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())

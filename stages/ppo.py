@@ -452,7 +452,7 @@ class PPO:
 
         set_peft_model_state_dict(self.model, load_file(str(checkpoint / "actor.safetensors")), adapter_name="default")
         self.critic.load(checkpoint / "critic")
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        state = torch.load(checkpoint / "state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -471,7 +471,9 @@ class PPO:
     def train(self, resume_from: Path | None) -> dict[str, float]:
         from tqdm.auto import tqdm
 
-        cfg, start = self.cfg, time.perf_counter()
+        from align.interrupt import GracefulStop
+
+        cfg, start, stop = self.cfg, time.perf_counter(), GracefulStop()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         else:
@@ -480,8 +482,8 @@ class PPO:
                 self.log(self.evaluate())
         last: dict[str, float] = {}
         eval_every = cfg.eval_steps or cfg.logging_steps
-        try:
-            with tqdm(total=self.total_steps, initial=self.step, desc="PPO", unit="step") as bar:
+        try:  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop (align.interrupt)
+            with stop, tqdm(total=self.total_steps, initial=self.step, desc="PPO", unit="step") as bar:
                 while self.step < self.total_steps:
                     metrics = self.train_step()
                     self.step += 1
@@ -490,16 +492,20 @@ class PPO:
                         metrics.update(self.evaluate())
                     if self.step % cfg.logging_steps == 0 or self.step == 1 or done:
                         self.log(metrics)
-                    if self.step % cfg.save_steps == 0 and not done:
+                    stop.saving = stopping = stop.requested
+                    if self.step % cfg.save_steps == 0 and not done or stopping:
                         self.save_checkpoint()
                     last = metrics
                     bar.update(1)
                     bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+                    if stopping:
+                        break
         finally:
             self.engine.close()
             if self.writer is not None:
                 self.writer.close()
             self.trackers.close()
+        stop.raise_if_stopped(self.step, self.run.last_checkpoint())
         return {**last, "train_runtime": time.perf_counter() - start, "global_step": self.step}
 
 
@@ -509,9 +515,13 @@ def _mean(values) -> float:
 
 
 def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain values, so state.pt loads with
+    torch.load(weights_only=True)."""
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -520,8 +530,10 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
