@@ -66,7 +66,8 @@ class TrainOptions:
     logging_steps: int = opt(10, "Log metrics every N steps.")
     eval_steps: int | None = opt(None, "Evaluate every N steps (default: --logging-steps when there is eval data).")
     save_steps: int = opt(200, "Write a resumable checkpoint every N steps.")
-    save_total_limit: int | None = opt(2, "Keep at most N checkpoints (oldest deleted).")
+    save_total_limit: int | None = opt(2, "Keep the newest N checkpoints in RUN/checkpoints (older ones are deleted); "
+                                          "0 or none keeps all.")
     seed: int = opt(42, "Random seed (data order, initialisation).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     resume: bool = opt(False, "Continue the run in --output from its last checkpoint.")
@@ -83,6 +84,8 @@ class TrainOptions:
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) <= 0:
                 problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        if self.save_total_limit is not None and self.save_total_limit < 0:
+            problems.add(f"--save-total-limit must be >= 0 (0 keeps every checkpoint), got {self.save_total_limit}.")
         if self.max_steps == 0 or self.max_steps < -1:
             problems.add(f"--max-steps must be positive or -1, got {self.max_steps}.")
         if self.max_steps == -1 and self.epochs <= 0:
