@@ -7,19 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from align.config import opt
+from align.config import RemoteCodeOption, opt
 from align.errors import Problems
 from align.models import check_model_path
 
 
 @dataclass
-class ModelOptions:
+class ModelOptions(RemoteCodeOption):
     model: str | None = opt(None, "Base model: a local from_pretrained directory or a hub id (not needed with --from).")
     from_run: str | None = opt(None, "Start from this finished run's policy (base + its adapter).", aliases=["--from"])
     handoff: Literal["continue", "merge"] = opt(
         "continue", "With --from: continue training the parent's adapter, or merge it into the base and train a "
                     "fresh adapter on top.")
-    trust_remote_code: bool = opt(False, "Allow model code from the model directory / hub repo to run.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Weights dtype: auto = float32 on CPU, bfloat16 on a GPU that supports it.")
     attn_implementation: str | None = opt(None, "Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice.")

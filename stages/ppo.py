@@ -199,7 +199,7 @@ class PPO:
         actor_params = [p for p in self.model.parameters() if p.requires_grad]
         self.reference = self._add_reference()
         self.critic = build_critic(self.policy, init=cfg.critic_init, placement=cfg.critic_placement,
-                                   reward_model=cfg.reward_model)
+                                   reward_model=cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
         self.trainable = ("default", CRITIC) if self.critic.placement == "shared" else ("default",)
         self.rewards = cfg.guarded_rewards()
         self.reward_logs: dict[str, list[float]] = {}  # log_metric(name, value) calls of the reward functions
