@@ -206,7 +206,7 @@ def test_killed_run_resumes_exactly_where_it_stopped(resume_args, straight_ppo, 
 
     run = tmp_path / "killed"
     kill_at_checkpoint([*resume_args, "--output", str(run)], run, 2)
-    for saved in (run / "checkpoints" / "checkpoint-2").rglob("*"):  # weights are safetensors, the rest plain data
+    for saved in (p for p in (run / "checkpoints" / "checkpoint-2").rglob("*") if p.is_file()):  # no pickled weights
         assert saved.suffix in (".safetensors", ".json", ".pt"), saved
         if saved.suffix == ".pt":
             assert torch.load(saved, weights_only=True)["rng"]
