@@ -1,6 +1,8 @@
 """Interrupted runs resume exactly: kill -9 after a checkpoint, or SIGTERM / SIGINT at any step (the stage saves a
 checkpoint of that step and exits 143 / 130), then `--resume` — the final adapter equals an uninterrupted run's
-(every tensor, 1e-5) and every step is logged once. ppo's own loop is tested the same way in test_ppo.py."""
+(every tensor, 1e-5) and every step is logged once. grpo runs two iterations per batch of completions, so its
+checkpoint-3 falls inside a batch (the buffered completions are restored). ppo's own loop is tested the same way in
+test_ppo.py."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ STAGES = {
     "rm": ["--data", "arith-prefs", "--batch-size", "8"],
     "dpo": ["--data", "arith-prefs", "--batch-size", "8"],
     "grpo": ["--data", "arith-prompts", "--reward", "closeness", "--batch-size", "8", "--num-generations", "4",
-             "--max-completion-length", "6", "--backend", "hf"],
+             "--max-completion-length", "6", "--backend", "hf", "--num-iterations", "2"],  # checkpoint-3: mid-batch
 }
 
 
@@ -67,7 +69,8 @@ def test_killed_stage_resumes_exactly(command, straight, tmp_path, stage):
     resume_and_compare(command, stage, run, straight(stage))
 
 
-@pytest.mark.parametrize(("stage", "sig"), [("sft", signal.SIGINT), ("grpo", signal.SIGTERM)])
+@pytest.mark.parametrize(("stage", "sig"), [("sft", signal.SIGINT), ("grpo", signal.SIGTERM)], ids=["sft-SIGINT",
+                                                                                                  "grpo-SIGTERM"])
 def test_signal_saves_the_current_step_and_resume_loses_nothing(command, straight, tmp_path, stage, sig):
     run = tmp_path / stage
     code, err = signal_after_step(command(stage, run), run, 1, sig)
