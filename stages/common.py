@@ -258,7 +258,7 @@ def trainer_arguments(cfg, run: Run, has_eval: bool) -> dict[str, Any]:
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
-        eval_on_start=has_eval,
+        eval_on_start=has_eval and not (cfg.resume and run.last_checkpoint()),  # a resumed run has logged it
         eval_steps=cfg.eval_steps or cfg.logging_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,

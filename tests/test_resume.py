@@ -19,7 +19,8 @@ STEPS = 8
 STAGES = {
     "sft": ["--data", "arith", "--batch-size", "4", "--no-packing"],
     "rm": ["--data", "arith-prefs", "--batch-size", "8"],
-    "dpo": ["--data", "arith-prefs", "--batch-size", "8"],
+    "dpo": ["--data", "arith-prefs", "--batch-size", "8", "--eval-split", "0.02", "--eval-steps", "4",
+            "--eval-batch-size", "20"],
     "grpo": ["--data", "arith-prompts", "--reward", "closeness", "--batch-size", "8", "--num-generations", "4",
              "--max-completion-length", "6", "--backend", "hf", "--num-iterations", "2"],  # checkpoint-3: mid-batch
 }
@@ -59,6 +60,9 @@ def resume_and_compare(command, stage: str, run, straight_run) -> None:
     assert manifest["status"] == "completed" and len(manifest["resumed_at"]) == 1
     steps = [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     assert steps == list(range(1, STEPS + 1)), "each step logged once: before the interruption, then after resuming"
+    evals = [[m["step"] for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in m]
+             for r in (run, straight_run)]
+    assert evals[0] == evals[1], "no evaluation repeated on resuming"
     assert max_adapter_difference(run, straight_run) <= 1e-5
 
 
