@@ -89,3 +89,24 @@ def test_signal_saves_the_current_step_and_resume_loses_nothing(command, straigh
         "global_step"] == step
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
     resume_and_compare(command, stage, run, straight(stage))
+
+
+def test_a_second_signal_waits_while_saving_and_stops_at_once_otherwise(tmp_path):
+    import os
+
+    from align.interrupt import GracefulStop, Interrupted
+
+    with GracefulStop() as stop:  # real signals to this process
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested  # the first one only asks to stop after the step
+        stop.saving = True
+        os.kill(os.getpid(), signal.SIGINT)  # ignored while the checkpoint is written
+        with pytest.raises(Interrupted) as raised:
+            stop.raise_if_stopped(7, tmp_path / "checkpoint-7")
+    assert raised.value.exit_code == 130 and str(raised.value) == (
+        f"interrupted (SIGINT) at step 7; checkpoint saved to {tmp_path / 'checkpoint-7'}; continue with --resume")
+    with GracefulStop() as stop, pytest.raises(Interrupted) as raised:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # before the step has finished: stop now, without a checkpoint
+    assert raised.value.exit_code == 143 and raised.value.checkpoint is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
