@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -452,7 +453,12 @@ class PPO:
 
         set_peft_model_state_dict(self.model, load_file(str(checkpoint / "actor.safetensors")), adapter_name="default")
         self.critic.load(checkpoint / "critic")
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
+        try:
+            state = torch.load(checkpoint / "state.pt", weights_only=True)
+        except pickle.UnpicklingError:
+            raise AlignError(f"{checkpoint / 'state.pt'} holds more than tensors and plain values (an older align "
+                             "pickled numpy's RNG state there), so it is not loaded. Start the run again with "
+                             "--overwrite.") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
