@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align {name}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 2 = user error; align run's gate failure has its own code
     except Interrupted as e:  # SIGINT/SIGTERM: the stage saved a checkpoint at the current step (align.interrupt)
-        hint = " (align run: run the pipeline again)" if name == "run" else ""
-        print(f"align {name}: {e}{hint}", file=sys.stderr)
+        message = str(e).replace("continue with --resume", "run the pipeline again to continue") if name == "run" \
+            else str(e)
+        print(f"align {name}: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"align {name}: interrupted", file=sys.stderr)
