@@ -1,6 +1,7 @@
 """`align` command line: a table of subcommands, each a config dataclass and a `main(cfg)`.
 
-Exit codes: 0 ok; 2 user error (one message on stderr, no traceback); 1 unexpected internal error.
+Exit codes: 0 ok; 2 user error (one message on stderr, no traceback); 1 unexpected internal error; 130 / 143
+interrupted by SIGINT / SIGTERM (a checkpoint of the current step saved, see align.interrupt).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 from align.config import build_parser, parse_args
 from align.errors import AlignError
+from align.interrupt import Interrupted, TermAsInterrupt
 from align.launch import LAUNCHED_BY_ALIGN, is_main_process
 
 # name -> (help, "module:ConfigClass", "module:function"); "data inspect" is a nested command
@@ -98,11 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(cls, top, argv, sub=parser)
         cfg.launch_argv = argv[len(name.split()):]  # what --num-processes hands to the launched processes
-        result = _load(COMMANDS[name][2])(cfg)
+        with TermAsInterrupt():
+            result = _load(COMMANDS[name][2])(cfg)
     except AlignError as e:
         if is_main_process() and not getattr(e, "silent", False):  # launched processes: rank 0 speaks for all
             print(f"align {name}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 2 = user error; align run's gate failure has its own code
+    except Interrupted as e:  # SIGINT/SIGTERM: the stage saved a checkpoint at the current step (align.interrupt)
+        message = str(e).replace("continue with --resume", "run the pipeline again to continue") if name == "run" \
+            else str(e)
+        if is_main_process():
+            print(f"align {name}: {message}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         if is_main_process() and not os.environ.get(LAUNCHED_BY_ALIGN):
             print(f"align {name}: interrupted", file=sys.stderr)

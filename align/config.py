@@ -28,6 +28,15 @@ def opt(default: Any = None, help: str = "", *, factory: Any = None, **meta: Any
 
 
 @dataclasses.dataclass
+class RemoteCodeOption:
+    """`--trust-remote-code`: every command that loads a model takes it; nothing else turns it on (not a run's
+    run.json either: a run directory is data, and loading one must not run code its manifest asks for)."""
+
+    trust_remote_code: bool = opt(False, "Allow model code from the model directory / hub repo to run (off unless "
+                                         "given; also needed to load a run trained with it).")
+
+
+@dataclasses.dataclass
 class Config:
     """Base of every command config: `check()` methods along the MRO add problems; `validate()` raises them.
 

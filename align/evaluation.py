@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.config import Config, opt
+from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EvalConfig(Config):
+class EvalConfig(RemoteCodeOption, Config):
     positional = "target"
     target: str | None = opt(None, "A run directory (any stage) or a model directory / hub id to evaluate.")
     data: str | None = opt(None, "Held-out data: prompts (with an answer column for accuracy) or preference pairs.")
@@ -187,6 +187,7 @@ def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg
     from align.rewards import guard_all, weighted_total
     from align.rewards.builtin import accuracy
     from align.rewards.call import build_call
+    from align.rewards.reward_model import allow_remote_code
 
     k = cfg.num_samples
     prompts = [r["prompt"] for r in rows]
@@ -207,7 +208,7 @@ def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg
             metrics[f"pass@{k}"] = sum(any(v for v in g if v) for g in groups) / len(groups)
     specs = [*cfg.reward, *([cfg.reward_model] if cfg.reward_model else [])]
     if specs:
-        guarded = guard_all(specs)
+        guarded = allow_remote_code(guard_all(specs), cfg.trust_remote_code)
         scores = call.score(guarded)
         for g, s in zip(guarded, scores, strict=True):
             metrics[f"reward/{g.__name__}"] = _mean(s)
@@ -240,7 +241,7 @@ def evaluate_pairs(model, tokenizer, manifest, pairs: list[dict[str, Any]], cfg:
     if manifest is not None and manifest.get("task") == "seq-cls":
         from align.rewards.reward_model import RewardModelScorer
 
-        scorer = RewardModelScorer(cfg.target, batch_size=cfg.batch_size)
+        scorer = RewardModelScorer(cfg.target, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
         prompts = [p["prompt"] for p in pairs]
         chosen = scorer.score(prompts, [p["chosen"] for p in pairs])
         rejected = scorer.score(prompts, [p["rejected"] for p in pairs])
@@ -286,7 +287,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, manifest=None) -> dict
 
     kind, rows = load_eval_data(cfg)
     if model is None:
-        model, tokenizer, manifest = load_target(cfg.target)
+        model, tokenizer, manifest = load_target(cfg.target, cfg.trust_remote_code)
     task = (manifest or {}).get("task", "causal-lm")
     if kind == "prompts" and task == "seq-cls":
         raise AlignError(f"{cfg.target} is a reward model: evaluate it on preference pairs (chosen/rejected), or use "
@@ -294,7 +295,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, manifest=None) -> dict
     ref_name = cfg.reference if cfg.reference is not None else default_reference(manifest)
     reference = None
     if ref_name and ref_name.lower() != "none" and task != "seq-cls":
-        reference = load_target(ref_name)[0]
+        reference = load_target(ref_name, cfg.trust_remote_code)[0]
     set_seed(cfg.seed)
     if kind == "pairs":
         metrics = evaluate_pairs(model, tokenizer, manifest, rows, cfg, reference)

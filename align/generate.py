@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.config import Config, opt
+from align.config import Config, RemoteCodeOption, opt
 from align.errors import Problems
 
 
 @dataclass
-class GenerateConfig(Config):
+class GenerateConfig(RemoteCodeOption, Config):
     positional = "target"
     target: str | None = opt(None, "A run directory (from any stage) or a model directory / hub id.")
     prompt: list[str] = opt(factory=list, help="User message(s) to answer; several prompts are generated as one batch.")
@@ -42,15 +42,16 @@ class GenerateConfig(Config):
                              f"Score with `align rm score {self.target} --data D`, or generate from a policy run.")
 
 
-def load_target(target: str):
+def load_target(target: str, trust_remote_code: bool = False):
     """(model in eval mode, tokenizer, manifest or None) for a run directory or a model directory / hub id."""
     from align.handoff import load_run_policy
     from align.models import load_base_model, load_tokenizer
 
     if (Path(target) / "run.json").is_file():
-        model, tokenizer, manifest = load_run_policy(target)
+        model, tokenizer, manifest = load_run_policy(target, trust_remote_code=trust_remote_code)
     else:
-        model, tokenizer, manifest = load_base_model(target), load_tokenizer(target), None
+        model = load_base_model(target, trust_remote_code=trust_remote_code)
+        tokenizer, manifest = load_tokenizer(target, trust_remote_code), None
     model.eval()
     return model, tokenizer, manifest
 
@@ -77,7 +78,7 @@ def main(cfg: GenerateConfig) -> str:
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    model, tokenizer, _ = load_target(cfg.target)
+    model, tokenizer, _ = load_target(cfg.target, cfg.trust_remote_code)
     outs = generate(model, tokenizer, cfg.prompt, system_prompt=cfg.system_prompt, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_p=cfg.top_p)
     return "\n".join(f"### {p}\n{o}" if len(outs) > 1 else o for p, o in zip(cfg.prompt, outs, strict=True))

@@ -170,17 +170,22 @@ def _trainable_prompt(model):
     return model
 
 
-def load_run_policy(run_path: str | Path, *, dequantize: bool = False, trainable: bool = False):
+def load_run_policy(run_path: str | Path, *, dequantize: bool = False, trainable: bool = False,
+                    trust_remote_code: bool = False):
     """(model, tokenizer, manifest) of a completed run: its base (+ merged adapters) + adapter, or full model.
 
-    With `dequantize=True` a QLoRA run's base is loaded in full precision (for merging).
+    With `dequantize=True` a QLoRA run's base is loaded in full precision (for merging). Model code runs only with
+    `trust_remote_code` (the current command's --trust-remote-code), never because the run's manifest recorded it.
     """
     from align.models import load_tokenizer
 
     parent = resolve_parent(run_path, child_stage="load")
-    tokenizer = load_tokenizer(str(parent.weights_dir))
+    trust = trust_remote_code
+    if parent.manifest.get("config", {}).get("trust_remote_code") and not trust:
+        raise AlignError(f"{run_path} was trained with --trust-remote-code: its base model "
+                         f"{parent.manifest.get('base_model')} runs its own code. Pass --trust-remote-code to allow it.")
+    tokenizer = load_tokenizer(str(parent.weights_dir), trust)
     task = parent.manifest.get("task", "causal-lm")
-    trust = parent.manifest.get("config", {}).get("trust_remote_code", False)
     if parent.full:
         from align.models import load_base_model
 

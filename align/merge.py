@@ -13,12 +13,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.config import Config, opt
+from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
 
 
 @dataclass
-class MergeConfig(Config):
+class MergeConfig(RemoteCodeOption, Config):
     positional = "run"
     run: str | None = opt(None, "Run directory to merge.")
     output: str | None = opt(None, "Directory for the merged model.", aliases=["-o"])
@@ -35,7 +35,7 @@ class MergeConfig(Config):
             problems.add(f"--output {self.output} exists and is not empty; pass --overwrite or choose another path.")
 
 
-def merge(run: str | Path, output: str | Path) -> Path:
+def merge(run: str | Path, output: str | Path, trust_remote_code: bool = False) -> Path:
     from align.adapters import ADAPTERS
     from align.handoff import load_run_policy, resolve_parent
 
@@ -56,7 +56,7 @@ def merge(run: str | Path, output: str | Path) -> Path:
     if parent.full:
         shutil.copytree(parent.weights_dir, tmp)
     else:
-        model, tokenizer, _ = load_run_policy(run, dequantize=True)
+        model, tokenizer, _ = load_run_policy(run, dequantize=True, trust_remote_code=trust_remote_code)
         merged = model.merge_and_unload() if hasattr(model, "peft_config") else model
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -68,4 +68,4 @@ def merge(run: str | Path, output: str | Path) -> Path:
 
 def main(cfg: MergeConfig) -> Path:
     cfg.validate()
-    return merge(cfg.run, cfg.output)
+    return merge(cfg.run, cfg.output, cfg.trust_remote_code)

@@ -66,6 +66,11 @@ def _load(loader, name: str, what: str, **kwargs: Any):
             f"Cannot load {what} '{name}': it is not a local directory and could not be fetched from the model hub "
             f"({str(e).splitlines()[0]}). Pass a local directory (e.g. one made by `align tiny-model`), or go online."
         ) from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) or kwargs.get("trust_remote_code"):
+            raise
+        raise AlignError(f"Cannot load {what} '{name}': it runs its own code (custom model classes in its directory or "
+                         "repo). Pass --trust-remote-code if you trust that code.") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")

@@ -444,8 +444,8 @@ class Pipeline:
                 self.run_stage(stage)
         except GateFailed:
             raise
-        except BaseException:
-            self.status = "failed"
+        except BaseException as e:
+            self.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             self.save()
             raise
         self.status = "completed"

@@ -20,14 +20,14 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from align.config import Config, opt
+from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
 
 IDENTICAL_WARN = 0.5  # fraction of identical-reward groups above which the verdict warns
 
 
 @dataclass
-class RewardsCheckConfig(Config):
+class RewardsCheckConfig(RemoteCodeOption, Config):
     positional = "reward"
     reward: list[str] = opt(factory=list, help="Reward specs: name, file.py:fn, package.module:fn, entry-point name "
                                                "or rm run; optional (key=value, ...) settings and @weight.")
@@ -86,7 +86,7 @@ def samples(cfg: RewardsCheckConfig):
         from align.generate import load_target
 
         source = cfg.from_run or cfg.model
-        model, tokenizer, manifest = load_target(source)
+        model, tokenizer, manifest = load_target(source, cfg.trust_remote_code)
         engine = make_engine("hf", model, tokenizer, manifest, source, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=1.0)
         _, ids, texts = generate_completions(engine, model, [r["prompt"] for r in rows],

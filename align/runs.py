@@ -1,6 +1,6 @@
 """The run directory contract (DESIGN.md):
 
-    RUN/run.json        manifest: stage, status (running|completed|failed), base model, parent run, lineage,
+    RUN/run.json        manifest: stage, status (running|completed|interrupted|failed), base model, parent run, lineage,
                         adapter kind, resolved config, datasets (path + sha256), package versions, seed,
                         start/end time, final metrics
     RUN/adapter/        PEFT adapter + tokenizer (or RUN/model/ for full fine-tuning)
@@ -100,6 +100,15 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise AlignError(f"{manifest}:{e.lineno}: corrupt run manifest ({e.msg}).") from None
 
 
+def _complete(checkpoint: Path) -> bool:
+    """A checkpoint is complete once its trainer_state.json (written last) is whole."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 class Run:
     """A run directory being written by a stage."""
 
@@ -151,7 +160,7 @@ class Run:
         if not self.checkpoints_dir.is_dir():
             return None
         ckpts = [p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-        complete = [p for p in ckpts if (p / "trainer_state.json").is_file()]
+        complete = [p for p in ckpts if _complete(p)]
         return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
     # -- manifest ----------------------------------------------------------------------------------------
@@ -169,7 +178,8 @@ class Run:
 
     @contextmanager
     def lifecycle(self, **manifest: Any) -> Iterator[Run]:
-        """Mark the run `running`; on exit `completed` (metrics filled in by the stage) or `failed`."""
+        """Mark the run `running`; on exit `completed` (metrics filled in by the stage), `interrupted` (a signal; see
+        align.interrupt) or `failed`."""
         previous = self.manifest()
         self.update_manifest(
             **manifest,
@@ -181,8 +191,9 @@ class Run:
         )
         try:
             yield self
-        except BaseException as e:
-            self.update_manifest(status="failed", ended_at=now(), error=f"{type(e).__name__}: {e}")
+        except BaseException as e:  # Ctrl-C / SIGTERM (align.interrupt): `interrupted`, resumable like `failed`
+            self.update_manifest(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                                 ended_at=now(), error=f"{type(e).__name__}: {e}")
             raise
         self.update_manifest(status="completed", ended_at=now(), error=None)
 

@@ -26,7 +26,7 @@ class RewardModelScorer:
     frozen adapter + head on that model instead of loading a copy (align ppo does this; same numbers, tested).
     """
 
-    def __init__(self, run: str | Path, batch_size: int = 16):
+    def __init__(self, run: str | Path, batch_size: int = 16, trust_remote_code: bool = False):
         from align.errors import AlignError
         from align.handoff import resolve_parent
         from align.models import load_tokenizer
@@ -36,7 +36,7 @@ class RewardModelScorer:
             raise AlignError(f"{run} is a {parent.stage!r} run, not a reward model (align rm).")
         self.run, self.manifest = Path(run), parent.manifest
         self.tokenizer = load_tokenizer(str(parent.weights_dir))
-        self.batch_size = batch_size
+        self.batch_size, self.trust_remote_code = batch_size, trust_remote_code
         self.placed: tuple[Any, str, Any] | None = None  # (model, adapter, head) when placed on another model
         self._model = None
         self.__name__ = f"reward_model:{Path(run).name}"
@@ -46,7 +46,7 @@ class RewardModelScorer:
         if self._model is None:
             from align.handoff import load_run_policy
 
-            self._model = load_run_policy(self.run)[0]
+            self._model = load_run_policy(self.run, trust_remote_code=self.trust_remote_code)[0]
             self._model.eval()
         return self._model
 
@@ -89,3 +89,12 @@ class RewardModelScorer:
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
         return self.score(prompts, completions)
+
+
+def allow_remote_code(guarded: list, trust_remote_code: bool) -> list:
+    """Pass the command's --trust-remote-code to the reward-model scorers among `guarded` rewards (they are built from
+    specs, without it); returns `guarded`."""
+    for g in guarded:
+        if isinstance(g.reward.fn, RewardModelScorer):
+            g.reward.fn.trust_remote_code = trust_remote_code
+    return guarded

@@ -280,7 +280,7 @@ def trainer_arguments(cfg, run: Run, has_eval: bool) -> dict[str, Any]:
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
-        eval_on_start=has_eval,
+        eval_on_start=has_eval and not (cfg.resume and run.last_checkpoint()),  # a resumed run has logged it
         eval_steps=cfg.eval_steps or cfg.logging_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -352,7 +352,15 @@ def exact_adapter_precision(model) -> Iterator[None]:
 
 def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool) -> dict[str, Any]:
     """Train (resuming if asked), evaluate, and write the policy atomically. Returns the final metrics."""
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    from align.interrupt import GracefulStop
+
+    if resume_from is not None:
+        load_trained_adapter(trainer.accelerator.unwrap_model(trainer.model), resume_from)
+    stop = GracefulStop()
+    trainer.add_callback(stop.callback())
+    with stop:  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop (align.interrupt)
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    stop.raise_if_stopped(trainer.state.global_step, run.last_checkpoint())
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
@@ -370,6 +378,18 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
     return metrics
 
 
+
+
+def load_trained_adapter(model, checkpoint: Path) -> None:
+    """Load the trained "default" adapter of a checkpoint that also holds other adapters.
+
+    A PEFT model with several adapters (DPO's and GRPO's frozen "ref" copy) saves "default" at the checkpoint's top
+    and the others in subfolders (ref/); transformers' Trainer then loads only the subfolders when resuming, so the
+    trained adapter would restart from the parent's weights (while the optimizer state is the checkpoint's). With a
+    single adapter this is the same call transformers makes itself."""
+    if hasattr(model, "load_adapter") and "default" in getattr(model, "peft_config", {}) and \
+            (checkpoint / "adapter_model.safetensors").is_file():
+        model.load_adapter(str(checkpoint), "default", is_trainable=True)
 
 
 def stage_manifest(stage: str, task: str, cfg, policy, datasets: dict[str, Any]) -> dict[str, Any]:

@@ -107,7 +107,8 @@ class Critic:
 
 
 # -- building ----------------------------------------------------------------------------------------------------
-def build_critic(policy, *, init: str, placement: str, reward_model: str | None) -> Critic:
+def build_critic(policy, *, init: str, placement: str, reward_model: str | None,
+                 trust_remote_code: bool = False) -> Critic:
     """The critic for `policy` (an align.handoff.Policy whose model holds the actor adapter "default")."""
     if init == "auto":
         init = "reward_model" if reward_model else "policy"
@@ -123,7 +124,7 @@ def build_critic(policy, *, init: str, placement: str, reward_model: str | None)
     info = {"reason": reason} if reason and placement == "separate" else {}
     if init == "reward_model":
         info["reward_model"] = str(Path(reward_model).resolve())
-        critic = _from_reward_model(policy, reward_model, placement)
+        critic = _from_reward_model(policy, reward_model, placement, trust_remote_code)
     else:
         critic = _from_policy(policy, placement)
     critic.info.update(info)
@@ -177,12 +178,12 @@ def _value_head(model, weight: torch.Tensor | None = None) -> nn.Linear:
     return head
 
 
-def _from_reward_model(policy, reward_model: str, placement: str) -> Critic:
+def _from_reward_model(policy, reward_model: str, placement: str, trust_remote_code: bool = False) -> Critic:
     from align.handoff import load_run_policy, resolve_parent
 
     rm = resolve_parent(reward_model, "load")
     if placement == "separate":
-        model, _, _ = load_run_policy(reward_model, trainable=True)
+        model, _, _ = load_run_policy(reward_model, trainable=True, trust_remote_code=trust_remote_code)
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         head = getattr(inner, "score", None) or getattr(inner, "classifier", None)
         if head is None:

@@ -10,10 +10,15 @@
   (align.stages.rollout.check_sync) when the served adapter is not the current step's or the mean |Δ log p| over
   the sampled tokens passes `--sync-threshold` ("rollouts silently use stale weights"). Logged as
   `sampling/sync_logp_diff`.
+- Exact resume inside a generation batch: with `--num-iterations` > 1 (or several optimizer steps per generation)
+  TRL reuses one batch of completions over several steps and, resumed between them, would sample that batch anew.
+  The checkpoint keeps the buffered completions and TRL's micro-step counter (grpo_buffer-<process>.pt, tensors
+  and plain values, loaded with weights_only=True), so the resumed run trains on the same completions.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -39,6 +44,21 @@ class AlignGRPOTrainer(GRPOTrainer):
             self.vllm_importance_sampling_correction = True
             self.vllm_importance_sampling_mode = is_correction
         self._rewards_per_func: torch.Tensor | None = None
+
+    # -- exact resume inside a generation batch ----------------------------------------------------------------
+    def _buffer_file(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"grpo_buffer-{self.accelerator.process_index}.pt")
+
+    def _save_rng_state(self, output_dir: str) -> None:  # the Trainer writes trainer_state.json after this
+        super()._save_rng_state(output_dir)
+        if self._buffered_inputs is not None:
+            torch.save({"step": self._step, "inputs": self._buffered_inputs}, self._buffer_file(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:  # called once, where the resumed run continues
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None and os.path.isfile(self._buffer_file(checkpoint)):
+            saved = torch.load(self._buffer_file(checkpoint), map_location=self.accelerator.device, weights_only=True)
+            self._step, self._buffered_inputs = saved["step"], saved["inputs"]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

@@ -43,8 +43,10 @@ class RewardOptions:
 
     def guarded_rewards(self):
         from align.rewards import guard_all
+        from align.rewards.reward_model import allow_remote_code
 
-        return guard_all(self.reward_specs(), timeout=self.reward_timeout, on_fault=self.reward_faults)
+        guarded = guard_all(self.reward_specs(), timeout=self.reward_timeout, on_fault=self.reward_faults)
+        return allow_remote_code(guarded, getattr(self, "trust_remote_code", False))
 
 
 @dataclass

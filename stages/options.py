@@ -7,19 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from align.config import opt
+from align.config import RemoteCodeOption, opt
 from align.errors import Problems
 from align.models import check_model_path
 
 
 @dataclass
-class ModelOptions:
+class ModelOptions(RemoteCodeOption):
     model: str | None = opt(None, "Base model: a local from_pretrained directory or a hub id (not needed with --from).")
     from_run: str | None = opt(None, "Start from this finished run's policy (base + its adapter).", aliases=["--from"])
     handoff: Literal["continue", "merge"] = opt(
         "continue", "With --from: continue training the parent's adapter, or merge it into the base and train a "
                     "fresh adapter on top.")
-    trust_remote_code: bool = opt(False, "Allow model code from the model directory / hub repo to run.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Weights dtype: auto = float32 on CPU, bfloat16 on a GPU that supports it (--adapter full: float32 "
                 "weights, computing in bf16); bfloat16/float16 train in that dtype throughout.")
@@ -70,7 +69,8 @@ class TrainOptions:
     logging_steps: int = opt(10, "Log metrics every N steps.")
     eval_steps: int | None = opt(None, "Evaluate every N steps (default: --logging-steps when there is eval data).")
     save_steps: int = opt(200, "Write a resumable checkpoint every N steps.")
-    save_total_limit: int | None = opt(2, "Keep at most N checkpoints (oldest deleted).")
+    save_total_limit: int | None = opt(2, "Keep the newest N checkpoints in RUN/checkpoints (older ones are deleted); "
+                                          "0 or none keeps all.")
     seed: int = opt(42, "Random seed (data order, initialisation).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     resume: bool = opt(False, "Continue the run in --output from its last checkpoint.")
@@ -92,6 +92,8 @@ class TrainOptions:
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) <= 0:
                 problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        if self.save_total_limit is not None and self.save_total_limit < 0:
+            problems.add(f"--save-total-limit must be >= 0 (0 keeps every checkpoint), got {self.save_total_limit}.")
         if self.max_steps == 0 or self.max_steps < -1:
             problems.add(f"--max-steps must be positive or -1, got {self.max_steps}.")
         if self.max_steps == -1 and self.epochs <= 0:

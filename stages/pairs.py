@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from align.config import Config, opt
+from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
 from align.stages.online import RewardOptions, load_prompt_data
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PairsConfig(RewardOptions, Config):
+class PairsConfig(RemoteCodeOption, RewardOptions, Config):
     model: str | None = opt(None, "Sample from this model (a directory or hub id) instead of a run.")
     from_run: str | None = opt(None, "Sample from this finished run's policy.", aliases=["--from"])
     data: str | None = opt(None, "Prompts (a prompt/messages/question column; other columns go to the rewards).")
@@ -100,7 +100,7 @@ def main(cfg: PairsConfig) -> Path:
     source = cfg.from_run or cfg.model
     with run.lifecycle(stage="pairs", task="pairs", config=cfg.to_dict(), datasets=datasets, seed=cfg.seed,
                        parent=str(Path(cfg.from_run).resolve()) if cfg.from_run else None, rewards=cfg.reward_manifest()):
-        model, tokenizer, manifest = load_target(source)
+        model, tokenizer, manifest = load_target(source, cfg.trust_remote_code)
         seed_everything(cfg.seed)
         k = cfg.num_generations
         engine = make_engine(cfg.backend, model, tokenizer, manifest, source, max_new_tokens=cfg.max_completion_length,

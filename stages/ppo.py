@@ -51,6 +51,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -209,7 +210,7 @@ class PPO:
         actor_params = [p for p in self.model.parameters() if p.requires_grad]
         self.reference = self._add_reference()
         self.critic = build_critic(self.policy, init=cfg.critic_init, placement=cfg.critic_placement,
-                                   reward_model=cfg.reward_model)
+                                   reward_model=cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
         self.processes.place(self.critic.model)  # a separate critic model too (a shared one is the actor's)
         self.trainable = ("default", CRITIC) if self.critic.placement == "shared" else ("default",)
         self.rewards = cfg.guarded_rewards()
@@ -482,7 +483,12 @@ class PPO:
 
         set_peft_model_state_dict(self.model, load_file(str(checkpoint / "actor.safetensors")), adapter_name="default")
         self.critic.load(checkpoint / "critic")
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        try:
+            state = torch.load(checkpoint / "state.pt", weights_only=True)
+        except pickle.UnpicklingError:
+            raise AlignError(f"{checkpoint / 'state.pt'} holds more than tensors and plain values (an older align "
+                             "pickled numpy's RNG state there), so it is not loaded. Start the run again with "
+                             "--overwrite.") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rngs = state.get("rng_per_process", [])
@@ -502,7 +508,9 @@ class PPO:
     def train(self, resume_from: Path | None) -> dict[str, float]:
         from tqdm.auto import tqdm
 
-        cfg, start = self.cfg, time.perf_counter()
+        from align.interrupt import GracefulStop
+
+        cfg, start, stop = self.cfg, time.perf_counter(), GracefulStop()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         else:
@@ -511,8 +519,9 @@ class PPO:
                 self.log(self.evaluate())
         last: dict[str, float] = {}
         eval_every = cfg.eval_steps or cfg.logging_steps
-        try:
-            with tqdm(total=self.total_steps, initial=self.step, desc="PPO", unit="step", disable=not self.run.writer) as bar:
+        try:  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop (align.interrupt)
+            with stop, tqdm(total=self.total_steps, initial=self.step, desc="PPO", unit="step",
+                            disable=not self.run.writer) as bar:
                 while self.step < self.total_steps:
                     metrics = self.train_step()
                     self.step += 1
@@ -521,16 +530,20 @@ class PPO:
                         metrics.update(self.evaluate())
                     if self.step % cfg.logging_steps == 0 or self.step == 1 or done:
                         self.log(metrics)
-                    if self.step % cfg.save_steps == 0 and not done:
+                    stop.saving = stopping = stop.agreed()
+                    if self.step % cfg.save_steps == 0 and not done or stopping:
                         self.save_checkpoint()
                     last = metrics
                     bar.update(1)
                     bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+                    if stopping:
+                        break
         finally:
             self.engine.close()
             if self.writer is not None:
                 self.writer.close()
             self.trackers.close()
+        stop.raise_if_stopped(self.step, self.run.last_checkpoint())
         return {**last, "train_runtime": time.perf_counter() - start, "global_step": self.step}
 
 
@@ -606,9 +619,13 @@ def _mean(values) -> float:
 
 
 def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain values, so state.pt loads with
+    torch.load(weights_only=True)."""
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -617,8 +634,10 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

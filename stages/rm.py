@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.adapters import AdapterOptions
-from align.config import Config, opt
+from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
 from align.stages.common import as_dataset, finish_stage, launch_or_join, start_stage, trainer_arguments
 from align.stages.dpo import load_preference_data
@@ -52,7 +52,7 @@ def main(cfg: RMConfig) -> Path:
 
 
 @dataclass
-class ScoreConfig(Config):
+class ScoreConfig(RemoteCodeOption, Config):
     positional = "run"
     run: str | None = opt(None, "The reward-model run (align rm --output).")
     data: str | None = opt(None, "Pairs to score: preference data (chosen/rejected) or prompt/completion data.")
@@ -77,7 +77,7 @@ def score_main(cfg: ScoreConfig) -> str:
     from align.rewards.reward_model import RewardModelScorer
 
     records = load_records(cfg.data, cfg.split)
-    scorer = RewardModelScorer(cfg.run, batch_size=cfg.batch_size)
+    scorer = RewardModelScorer(cfg.run, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
     if {"chosen", "rejected"} <= set(records.columns()):
         pairs = normalize_preferences(records, cfg.columns)
         chosen = scorer.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])

@@ -1,5 +1,5 @@
 """Test helpers: recompute a model's loss on examples exactly as SFT defines it (assistant tokens only); wait for a
-file that a training subprocess writes, or kill it at a checkpoint."""
+file that a training subprocess writes, kill it at a checkpoint, or signal it after a logged step; compare adapters."""
 
 from __future__ import annotations
 
@@ -52,3 +52,37 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         assert proc.poll() is None, proc.stderr.read()
         assert time.time() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+def signal_after_step(cmd: list[str], run: Path, step: int, sig: int) -> tuple[int, str]:
+    """Start `cmd` (a training command writing `run`, logging every step), send `sig` once step `step` is in
+    metrics.jsonl, and return (exit code, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while max((json.loads(line).get("step", 0) for line in _lines(run / "metrics.jsonl")), default=0) < step:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, f"step {step} never logged"
+            time.sleep(0.02)
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line.endswith("}")]
+    except FileNotFoundError:
+        return []
+
+
+def max_adapter_difference(a: Path, b: Path) -> float:
+    """max |a − b| over every tensor of two runs' adapters (which must hold the same tensors)."""
+    from safetensors.torch import load_file
+
+    left, right = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (a, b))
+    assert left.keys() == right.keys(), set(left) ^ set(right)
+    return max((left[k] - right[k]).abs().max().item() for k in left)

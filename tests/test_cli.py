@@ -4,6 +4,8 @@ traceback, every problem at once, nothing written)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import subprocess
 import sys
 
@@ -216,3 +218,16 @@ def test_damaged_inputs_are_user_errors_not_tracebacks(cli, sft_run, tiny_model,
     for args in (["generate", run, "--prompt", "hi"], ["merge", run, "--output", tmp_path / "merged"]):
         code, _, err = cli(*args)
         assert code == 2 and "damaged or truncated" in err, (args, err[-500:])
+
+
+def test_remote_code_runs_only_with_the_explicit_flag(cli, sft_run, tmp_path):
+    # a run trained with --trust-remote-code does not pass that trust on: loading it needs the flag again
+    run = tmp_path / "trusting"
+    shutil.copytree(sft_run, run)
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["config"]["trust_remote_code"] = True
+    (run / "run.json").write_text(json.dumps(manifest))
+    code, _, err = cli("generate", run, "--prompt", "What is 1 + 1?", "--max-new-tokens", "2")
+    assert code == 2 and "was trained with --trust-remote-code" in err and "Pass --trust-remote-code" in err
+    code, out, err = cli("generate", run, "--prompt", "What is 1 + 1?", "--max-new-tokens", "2", "--trust-remote-code")
+    assert code == 0, err

@@ -1,18 +1,20 @@
 """`align ppo`: KL to the parent is 0 at the first step (LoRA and QLoRA parents, both hand-off ways); a critic
 initialised from the reward model reproduces the reward model's score; sft → rm → ppo raises the reward-model
 score of held-out completions while the value loss falls (and a rule reward rises); a killed run resumes exactly
-where it stopped; bad configs are refused at once."""
+where it stopped, after kill -9 or SIGTERM; bad configs are refused at once."""
 
 from __future__ import annotations
 
 import json
+import re
+import signal
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import kill_at_checkpoint
+from helpers import kill_at_checkpoint, max_adapter_difference, signal_after_step
 
 PPO_ARGS = ["--data", "arith-prompts", "--batch-size", "16", "--max-completion-length", "8", "--backend", "hf",
             "--no-tensorboard"]
@@ -170,17 +172,23 @@ def test_ppo_with_a_rule_reward_raises_it(cli, sft_run, runs):
     assert json.loads((out / "run.json").read_text())["critic"] == {"init": "policy", "placement": "shared"}
 
 
-def test_killed_run_resumes_exactly_where_it_stopped(sft_run, rm_run, tmp_path):
-    # every run in its own process, so all three see the same environment (imports in the test process, e.g. vLLM,
-    # can change torch's numerics slightly and with them the sampled tokens)
-    args = [sys.executable, "-m", "align", "ppo", "--from", str(sft_run), "--reward-model", str(rm_run),
+@pytest.fixture(scope="module")
+def resume_args(sft_run, rm_run) -> list[str]:
+    # every run in its own process, so all see the same environment (imports in the test process, e.g. vLLM, can
+    # change torch's numerics slightly and with them the sampled tokens)
+    return [sys.executable, "-m", "align", "ppo", "--from", str(sft_run), "--reward-model", str(rm_run),
             "--max-steps", "6", "--save-steps", "2", "--batch-size", "8", "--ppo-epochs", "2", "--num-minibatches", "2",
             "--grad-accum", "2", "--data", "arith-prompts", "--max-completion-length", "8", "--backend", "hf",
             "--no-tensorboard"]
-    straight, run = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run([*args, "--output", str(straight)], check=True, capture_output=True)
 
-    kill_at_checkpoint([*args, "--output", str(run)], run, 2)
+
+@pytest.fixture(scope="module")
+def straight_ppo(resume_args, runs) -> Path:
+    subprocess.run([*resume_args, "--output", str(runs / "straight")], check=True, capture_output=True)
+    return runs / "straight"
+
+
+def _resume_and_compare(args: list[str], run: Path, straight: Path) -> None:
     resumed = subprocess.run([*args, "--output", str(run), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     manifest = json.loads((run / "run.json").read_text())
@@ -190,6 +198,34 @@ def test_killed_run_resumes_exactly_where_it_stopped(sft_run, rm_run, tmp_path):
     for a, b in zip(got, expected, strict=True):
         for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "lr", "kl_coef"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert max_adapter_difference(run, straight) <= 1e-5
+
+
+def test_killed_run_resumes_exactly_where_it_stopped(resume_args, straight_ppo, tmp_path):
+    import torch
+
+    run = tmp_path / "killed"
+    kill_at_checkpoint([*resume_args, "--output", str(run)], run, 2)
+    for saved in (p for p in (run / "checkpoints" / "checkpoint-2").rglob("*") if p.is_file()):  # no pickled weights
+        assert saved.suffix in (".safetensors", ".json", ".pt"), saved
+        if saved.suffix == ".pt":
+            assert torch.load(saved, weights_only=True)["rng"]
+    _resume_and_compare(resume_args, run, straight_ppo)
+
+
+def test_sigterm_saves_the_current_step_and_resume_loses_nothing(resume_args, straight_ppo, tmp_path):
+    run = tmp_path / "stopped"
+    code, err = signal_after_step([*resume_args, "--output", str(run)], run, 1, signal.SIGTERM)
+    assert code == 143 and "Traceback" not in err, err[-3000:]
+    found = re.search(r"align ppo: interrupted \(SIGTERM\) at step (\d+); checkpoint saved to (\S+); continue with "
+                      r"--resume", err)
+    assert found, err[-3000:]
+    step = int(found.group(1))
+    assert 1 < step < 6 and found.group(2) == str(run / "checkpoints" / f"checkpoint-{step}")
+    assert json.loads((run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())[
+        "global_step"] == step
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    _resume_and_compare(resume_args, run, straight_ppo)
 
 
 def test_bad_ppo_config_is_refused_with_every_problem(cli, sft_run, tmp_path):
