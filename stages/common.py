@@ -378,8 +378,6 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
     return metrics
 
 
-
-
 def load_trained_adapter(model, checkpoint: Path) -> None:
     """Load the trained "default" adapter of a checkpoint that also holds other adapters.
 
