@@ -12,13 +12,19 @@ trainer_state.json is written, last, and `Run.last_checkpoint` skips incomplete 
 the previous checkpoint to resume from). A second signal before the step has finished stops at once, without a new
 checkpoint. Outside training (loading, final save), SIGTERM is turned into the same `Interrupted` (exit 143) so the
 manifest is marked before the process ends.
+
+Tests stop a run at a step they choose, not after a sleep (a test's verdict must not depend on the machine's speed):
+with `ALIGN_TEST_PAUSE=N:FILE` in the environment, a stage about to train step N+1 (so step N and any checkpoint of
+it are complete) writes FILE and waits until FILE is removed or a signal comes (`pause_point`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -112,11 +118,32 @@ class GracefulStop:
         stop = self
 
         class StopCallback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                pause_point(state.global_step, stop)
+
             def on_step_end(self, args, state, control, **kwargs):
                 if stop.agreed():
                     stop.saving = control.should_save = control.should_training_stop = True
 
         return StopCallback()
+
+
+PAUSE_ENV = "ALIGN_TEST_PAUSE"
+
+
+def pause_point(done_steps: int, stop: GracefulStop) -> None:
+    """Test hook (see the module docstring): with ALIGN_TEST_PAUSE=N:FILE and `done_steps` == N, write FILE (this
+    process's id) and wait until FILE is removed or a signal is requested."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    step, _, path = spec.partition(":")
+    if int(step) != done_steps:
+        return
+    marker = Path(path)
+    marker.write_text(str(os.getpid()))
+    while marker.exists() and not stop.requested:
+        time.sleep(0.02)
 
 
 def _raise_interrupted(signum: int, frame) -> None:

@@ -509,7 +509,7 @@ class PPO:
     def train(self, resume_from: Path | None) -> dict[str, float]:
         from tqdm.auto import tqdm
 
-        from align.interrupt import GracefulStop
+        from align.interrupt import GracefulStop, pause_point
 
         cfg, start, stop = self.cfg, time.perf_counter(), GracefulStop()
         if resume_from is not None:
@@ -524,6 +524,7 @@ class PPO:
             with stop, tqdm(total=self.total_steps, initial=self.step, desc="PPO", unit="step",
                             disable=not self.run.writer) as bar:
                 while self.step < self.total_steps:
+                    pause_point(self.step, stop)
                     metrics = self.train_step()
                     self.step += 1
                     done = self.step == self.total_steps

@@ -1,5 +1,5 @@
-"""Test helpers: recompute a model's loss on examples exactly as SFT defines it (assistant tokens only); wait for a
-file that a training subprocess writes, kill it at a checkpoint, or signal it after a logged step; compare adapters."""
+"""Test helpers: recompute a model's loss on examples exactly as SFT defines it (assistant tokens only); stop a
+training subprocess at a step of the test's choosing and kill or signal it there; compare adapters."""
 
 from __future__ import annotations
 
@@ -32,51 +32,49 @@ def completion_loss(model, tokenizer, examples: list[dict]) -> float:
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
 
 
-def kill_at_checkpoint(cmd: list[str], run: Path, step: int, linger: float = 0.0) -> None:
-    """Start `cmd` (a training command writing `run`), kill -9 it once checkpoint-`step` is complete (after `linger`
-    more seconds), and check that the run is left `running`."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json", proc)
-        time.sleep(linger)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+def kill_at_checkpoint(cmd: list[str], run: Path, step: int, lost: int = 0) -> None:
+    """Run `cmd` (a training command writing `run`) until `lost` steps past its complete checkpoint-`step`, kill -9
+    it there, and check that the run is left `running`. The stage itself stops at that step and waits
+    (align.interrupt.pause_point), so the verdict does not depend on how fast the machine is."""
+    proc, marker = _paused(cmd, run, step + lost)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    marker.unlink(missing_ok=True)
+    assert (run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
     assert json.loads((run / "run.json").read_text())["status"] == "running"
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Wait until `path` exists; fail if `proc` exits first or `timeout` passes."""
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 def signal_after_step(cmd: list[str], run: Path, step: int, sig: int) -> tuple[int, str]:
-    """Start `cmd` (a training command writing `run`, logging every step), send `sig` once step `step` is in
-    metrics.jsonl, and return (exit code, stderr)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    """Run `cmd` (a training command writing `run`) until step `step` is done, send `sig` while the stage waits there
+    (before step `step` + 1), and return (exit code, stderr)."""
+    proc, marker = _paused(cmd, run, step)
     try:
-        deadline = time.time() + 300
-        while max((json.loads(line).get("step", 0) for line in _lines(run / "metrics.jsonl")), default=0) < step:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline, f"step {step} never logged"
-            time.sleep(0.02)
         os.kill(proc.pid, sig)
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
+        marker.unlink(missing_ok=True)
     return proc.returncode, err
 
 
-def _lines(path: Path) -> list[str]:
-    try:
-        return [line for line in path.read_text().splitlines() if line.endswith("}")]
-    except FileNotFoundError:
-        return []
+def _paused(cmd: list[str], run: Path, step: int, timeout: float = 300) -> tuple[subprocess.Popen, Path]:
+    """Start `cmd` with the test hook that makes its stage wait once `step` steps are done; return when it waits."""
+    from align.interrupt import PAUSE_ENV
+
+    marker = run.parent / f".{run.name}.paused"
+    marker.unlink(missing_ok=True)
+    env = {**os.environ, PAUSE_ENV: f"{step}:{marker}"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {step}: {proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"step {step} never reached in {timeout} s")
+        time.sleep(0.02)
+    return proc, marker
 
 
 def max_adapter_difference(a: Path, b: Path) -> float:

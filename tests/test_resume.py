@@ -69,7 +69,7 @@ def resume_and_compare(command, stage: str, run, straight_run) -> None:
 @pytest.mark.parametrize("stage", ["rm", "dpo", "grpo"])
 def test_killed_stage_resumes_exactly(command, straight, tmp_path, stage):
     run = tmp_path / stage
-    kill_at_checkpoint(command(stage, run), run, 3, linger=0.3)  # a few steps past it are lost
+    kill_at_checkpoint(command(stage, run), run, 3, lost=2)  # two steps past it are lost
     resume_and_compare(command, stage, run, straight(stage))
 
 

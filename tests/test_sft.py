@@ -114,8 +114,8 @@ def test_resume_after_kill_continues_from_checkpoint(cli, tiny_model, tmp_path):
     run = tmp_path / "run"
     args = ["sft", "--model", tiny_model, "--data", "arith", "--output", str(run), "--batch-size", "4",
             "--no-packing", "--save-steps", "10", "--logging-steps", "1", "--no-tensorboard"]
-    # linger: let it log a few steps past the checkpoint, which resuming must discard
-    kill_at_checkpoint([sys.executable, "-m", "align", *args, "--max-steps", "5000"], run, 10, linger=0.3)
+    # lost: it logs a few steps past the checkpoint, which resuming must discard
+    kill_at_checkpoint([sys.executable, "-m", "align", *args, "--max-steps", "5000"], run, 10, lost=3)
 
     code, _, err = cli(*args, "--max-steps", "30", "--resume")
     assert code == 0, err
