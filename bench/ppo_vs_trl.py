@@ -192,7 +192,7 @@ def run_side(side: str, paths: dict, cfg: dict, work: Path, round_: int, args) -
     result = measure(side_cmd(side, paths, cfg, out, run_dir), args.threads)
     record = json.loads(out.read_text())
     result.update(waited_s=waited, steps=step_records(record), generation_s=record["generation_s"],
-                  completion_length=record["completion_length"], generated_tokens=record["generated_tokens"],
+                  completion_length=record["completion_length"], skipped=record.get("skipped", 0),
                   trainable_params=record.get("trainable_params"), versions=record.get("versions"))
     if side == "align":
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -200,45 +200,57 @@ def run_side(side: str, paths: dict, cfg: dict, work: Path, round_: int, args) -
     return result
 
 
-# -- align worker: align's own CLI, with PPO.train_step timed from outside ------------------------------------------
+# -- align worker: align's own CLI, timed from outside through the metrics it logs -----------------------------------
 def align_worker(out: Path, argv: list[str]) -> None:
+    """Run `align ppo ARGV` (with --logging-steps 1) in this process while a thread watches RUN/metrics.jsonl: each new
+    line is the end of a step, stamped with the wall clock and the CPU counters. The generation time and completion
+    length of each step are ppo's own logged `timing/rollout_s` and `completions/mean_length`. Nothing of align is
+    patched, so the bench cannot drift from the code it measures."""
+    import threading
+
     import torch
 
     from align.cli import main
-    from align.stages import ppo
 
-    record: dict = {"begin": None, "end": [], "cpu": [], "generation_s": [], "completion_length": [],
-                    "generated_tokens": []}
-    train_step, sample = ppo.PPO.train_step, ppo.PPO.sample
+    metrics_path = Path(argv[argv.index("--output") + 1]) / "metrics.jsonl"
+    record: dict = {"end": [], "cpu": [], "lines": []}
+    done = threading.Event()
 
-    def timed_step(self):
-        if record["begin"] is None:
-            record["begin"], record["cpu_begin"] = time.perf_counter(), cpu_seconds()
-        metrics = train_step(self)
-        record["end"].append(time.perf_counter())
-        record["cpu"].append(cpu_seconds())
-        return metrics
+    def watch() -> None:
+        while not done.is_set():
+            lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+            for line in lines[len(record["lines"]):]:
+                if line.endswith("}"):
+                    record["end"].append(time.perf_counter())
+                    record["cpu"].append(cpu_seconds())
+                    record["lines"].append(line)
+            time.sleep(0.005)
 
-    def timed_sample(self, rows):
-        t0 = time.perf_counter()
-        prompt_ids, completion_ids = sample(self, rows)
-        record["generation_s"].append(time.perf_counter() - t0)
-        record["completion_length"].append(statistics.fmean(map(len, completion_ids)))
-        record["generated_tokens"].append(max(map(len, completion_ids)))
-        return prompt_ids, completion_ids
-
-    ppo.PPO.train_step, ppo.PPO.sample = timed_step, timed_sample
-    code = main(argv)
-    record["versions"] = {"torch": torch.__version__}
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    code = main([*argv, "--logging-steps", "1"])
+    done.set()
+    watcher.join()
+    metrics = [json.loads(line) for line in record.pop("lines")]
+    # the first step's end is the clock's start (step 1 holds warm-up and is left out of the medians anyway)
+    record.update(begin=record["end"].pop(0), cpu_begin=record["cpu"].pop(0), skipped=1,
+                  generation_s=[m["timing/rollout_s"] for m in metrics[1:]],
+                  completion_length=[m["completions/mean_length"] for m in metrics[1:]],
+                  versions={"torch": torch.__version__})
     out.write_text(json.dumps(record) + "\n")
     sys.exit(code)
 
 
 # -- summary -------------------------------------------------------------------------------------------------------
 def summarise(runs: list[dict], warmup: int, max_foreign: float) -> dict:
-    steps = [s for r in runs for s in r["steps"][warmup:]]
+    """Medians over each run's steps after the first `warmup` (a run that starts at step 1 + `skipped` has already
+    left those out)."""
+    def after_warmup(run: dict, key: str) -> list:
+        return run[key][max(0, warmup - run.get("skipped", 0)):]
+
+    steps = [s for r in runs for s in after_warmup(r, "steps")]
     clean = [s["s"] for s in steps if s["foreign"] <= max_foreign]
-    gen = [g for r in runs for g in r["generation_s"][warmup:]]
+    gen = [g for r in runs for g in after_warmup(r, "generation_s")]
     out = {
         "median_step_s": statistics.median(s["s"] for s in steps),
         "clean_steps": len(clean), "measured_steps": len(steps),
@@ -248,10 +260,9 @@ def summarise(runs: list[dict], warmup: int, max_foreign: float) -> dict:
         "peak_rss_mib_runs": [round(r["peak_rss_mib"]) for r in runs],
         "mean_foreign_cpu": statistics.fmean(s["foreign"] for s in steps),
         "completion_length": statistics.fmean(c for r in runs for c in r["completion_length"]),
-        "generated_tokens": statistics.fmean(c for r in runs for c in r["generated_tokens"]),
     }
     if "phases" in runs[0]:
-        phases = [p for r in runs for p in r["phases"][warmup:]]
+        phases = [p for r in runs for p in r["phases"][warmup:]]  # every step's, step 1 included
         out["median_phases_s"] = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
     # the step time to compare: clean steps when there are enough of them, else all
     out["step_s"] = out["clean_median_step_s"] if len(clean) >= max(3, len(steps) // 2) else out["median_step_s"]
