@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("Plots (PNG) and a summary page (markdown + HTML) for a run or a pipeline directory.", "align.report:ReportConfig", "align.report:main"),
     "generate": ("Sample from a run (base + adapter) or a model with its chat template.", "align.generate:GenerateConfig", "align.generate:main"),
     "merge": ("Merge a run's adapter into its base and write a plain HF model directory.", "align.merge:MergeConfig", "align.merge:main"),
+    "export": ("Write a self-contained HF model directory of a run (for from_pretrained, vLLM, servers).", "align.export:ExportConfig", "align.export:main"),
     "data inspect": ("Show a dataset's format, a rendered example and token-length statistics.", "align.data.inspect:InspectConfig", "align.data.inspect:main"),
     "rewards check": ("Dry-run reward functions on samples: scores, timing, return-type checks.", "align.reward_check:RewardsCheckConfig", "align.reward_check:main"),
     "tiny-model": ("Build a tiny random Qwen2-style model + tokenizer locally (tests, demo).", "align.tiny:TinyModelConfig", "align.tiny:main"),

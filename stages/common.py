@@ -84,6 +84,7 @@ def validate_stage(cfg, stage: str, load_data) -> tuple[Run, Any]:
 def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, **manifest: Any) -> Path:
     """Build the TRL trainer (`make_trainer(callbacks)`), train, save, and complete the run manifest."""
     from align.adapters import ADAPTERS
+    from align.export import write_base
 
     run, policy = started.run, started.policy
     with exact_adapter_precision(policy.model), one_trainable_adalora(policy.model):
@@ -98,6 +99,9 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
     with run.lifecycle(**stage_manifest(stage, task, cfg, policy, started.datasets), **manifest):
         metrics = train_and_save(trainer, run, resume_from=started.resume_from, tokenizer=policy.tokenizer,
                                  full=ADAPTERS[policy.adapter].full)
+        if run.writer:  # a merged parent chain: the run keeps that base, for plain PEFT (align.export)
+            write_base(run.path, {**policy.manifest, "adapter": policy.adapter, "quantized_4bit": policy.quantized_4bit},
+                       task=task, pad_token_id=policy.model.config.pad_token_id, trust_remote_code=cfg.trust_remote_code)
         run.update_manifest(metrics=metrics)
     return run.path
 

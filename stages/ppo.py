@@ -576,6 +576,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def main(cfg: PPOConfig) -> Path:
     """Run PPO as configured; returns the run directory."""
+    from align.export import write_base
     from align.models import save_policy
     from align.stages.common import launch_or_join, stage_manifest, start_stage
 
@@ -593,5 +594,8 @@ def main(cfg: PPOConfig) -> Path:
                 save_policy(ppo.model, ppo.tokenizer, tmp)
             with run.artifact("critic") as tmp:
                 ppo.critic.save(tmp)
+            write_base(run.path, {**ppo.policy.manifest, "adapter": ppo.policy.adapter,
+                                  "quantized_4bit": ppo.policy.quantized_4bit},
+                       task="causal-lm", pad_token_id=None, trust_remote_code=cfg.trust_remote_code)
         run.update_manifest(metrics=metrics)
     return run.path
