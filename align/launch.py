@@ -57,16 +57,56 @@ def config_path(value: str) -> Path:
     return PRESET_DIR / f"{value}.yaml" if value in PRESETS else Path(value)
 
 
-def distributed_type(accelerate_config: str | None) -> str | None:
-    """The `distributed_type` of an accelerate config (DEEPSPEED, FSDP, MULTI_GPU, ...), None if unreadable."""
+def config_value(accelerate_config: str | None, key: str) -> Any:
+    """A key of an accelerate config file (or preset), None if absent or unreadable."""
     import yaml
 
     if accelerate_config is None:
         return None
     try:
-        return (yaml.safe_load(config_path(accelerate_config).read_text()) or {}).get("distributed_type")
-    except (OSError, yaml.YAMLError, AttributeError):
+        return (yaml.safe_load(config_path(accelerate_config).read_text()) or {}).get(key)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
         return None
+
+
+def distributed_type(accelerate_config: str | None) -> str | None:
+    """The `distributed_type` of an accelerate config (DEEPSPEED, FSDP, MULTI_GPU, MULTI_CPU, ...)."""
+    return config_value(accelerate_config, "distributed_type")
+
+
+def requested_processes(cfg) -> int:
+    """Processes asked for: --num-processes, else the accelerate config's num_processes, else 1."""
+    configured = config_value(cfg.accelerate_config, "num_processes")
+    return cfg.num_processes or (configured if isinstance(configured, int) and configured > 0 else 1)
+
+
+def launcher_request() -> int | None:
+    """In a process that `accelerate launch` started: the number of processes that command asked for (its
+    --num_processes, else its config file's), read from the launcher's own command line; None if unknown.
+
+    accelerate's simple launcher (what it runs on a machine without GPUs unless told --multi_gpu) starts ONE process
+    whatever --num_processes says, and tells the process nothing about it."""
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except (OSError, UnicodeDecodeError):
+        return None
+    # `accelerate launch ...`, `python -m accelerate.commands.launch ...` or `accelerate-launch ...`
+    starts = [i + 1 for i, a in enumerate(argv) if a == "accelerate.commands.launch" or Path(a).name == "accelerate-launch"
+              or a == "launch" and i and Path(argv[i - 1]).name.startswith("accelerate")]
+    if not starts:
+        return None
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        args, _ = launch_command_parser().parse_known_args(argv[starts[0]:])
+    except SystemExit:
+        return None
+    if args.num_processes:
+        return args.num_processes
+    from accelerate.commands.config import default_config_file
+
+    configured = config_value(args.config_file or default_config_file, "num_processes")
+    return configured if isinstance(configured, int) else None
 
 
 def sharded_launch(accelerate_config: str | None) -> str | None:
@@ -83,6 +123,11 @@ def check_options(num_processes: int | None, accelerate_config: str | None, prob
     """--num-processes and --accelerate-config problems (collected with every other config problem)."""
     if num_processes is not None and num_processes < 1:
         problems.add(f"--num-processes must be at least 1, got {num_processes}.")
+    if launched() and world_size() == 1 and not os.environ.get(LAUNCHED_BY_ALIGN) and (asked := launcher_request() or 1) > 1:
+        problems.add(f"`accelerate launch` was asked for {asked} processes but started one: on a machine without GPUs "
+                     "its default launcher runs a single process. Add --multi_gpu to `accelerate launch` (its torchrun "
+                     "launcher; the processes talk over gloo on CPU), or run `align STAGE ... --num-processes "
+                     f"{asked}`.")
     if num_processes is not None and launched() and num_processes != world_size():
         problems.add(f"--num-processes {num_processes}, but the launcher started {world_size()} processes. Drop "
                      "--num-processes under `accelerate launch` (its --num_processes decides), or make them agree.")
@@ -104,12 +149,20 @@ def needs_launch(cfg) -> bool:
 
 def launch_arguments(cfg) -> list[str]:
     """`accelerate launch` options for this config (before the `-m align STAGE ...` part)."""
-    n = cfg.num_processes or 1
+    n = requested_processes(cfg)
     args = ["--num_processes", str(n), "--num_machines", "1", "--main_process_port", "0"]
-    if cfg.accelerate_config is not None:
+    if cfg.accelerate_config is not None and not (distributed_type(cfg.accelerate_config) == "MULTI_CPU"
+                                                  and not _has_gpu()):
         return ["--config_file", str(config_path(cfg.accelerate_config)), *args]
+    # MULTI_CPU on a machine without GPUs: accelerate's launcher would start one process; torchrun over gloo runs N
     # no config: DDP over N processes (torchrun; gloo on CPU, nccl on GPUs), precision left to align
     return [*args, "--mixed_precision", "no", "--dynamo_backend", "no", *(["--multi_gpu"] if n > 1 else [])]
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def stage_arguments(cfg, stage: str, scratch: Path) -> list[str]:

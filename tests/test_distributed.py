@@ -125,3 +125,37 @@ def test_every_preset_parses_with_accelerates_own_loader():
     assert kinds == {"ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
     fsdp = load_config_from_file(str(config_path("fsdp2"))).fsdp_config
     assert fsdp["fsdp_version"] == 2
+
+
+MULTI_CPU = "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_machines: 1\nnum_processes: 2\n" \
+            "mixed_precision: 'no'\nuse_cpu: true\n"
+
+
+def test_a_users_multi_cpu_accelerate_config_runs_its_processes(start, tmp_path):
+    """A MULTI_CPU config file (what `accelerate config` writes on a CPU machine) through --accelerate-config: its 2
+    processes run (accelerate's own launcher would start one on a machine without GPUs; align uses torchrun)."""
+    config = tmp_path / "multi_cpu.yaml"
+    config.write_text(MULTI_CPU)
+    out = tmp_path / "run"
+    args = command("sft", start("sft"), out, 4, 2)
+    args = args[: args.index("--num-processes")] + args[args.index("--num-processes") + 2 :]
+    proc = subprocess.run([sys.executable, "-m", "align", *args, "--accelerate-config", str(config)], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_finished_once(out, 2)
+
+
+@pytest.mark.parametrize("launch", [["--num_processes", "2"], ["--config_file", "CONFIG"]], ids=["flag", "config"])
+def test_accelerate_launch_asked_for_two_processes_never_trains_one_silently(tiny_model, tmp_path, launch):
+    """Without --multi_gpu, accelerate's launcher starts ONE process on a CPU machine whatever it was asked: align
+    refuses (exit 2 in the worker) saying why and how, instead of training one process as if that were asked."""
+    config = tmp_path / "multi_cpu.yaml"
+    config.write_text(MULTI_CPU)
+    launch = [str(config) if a == "CONFIG" else a for a in launch]
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "align", "sft", "--model",
+                           tiny_model, "--data", "arith", "-o", str(out), "--max-steps", "1"], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "`accelerate launch` was asked for 2 processes but started one" in proc.stderr, proc.stderr[-3000:]
+    assert "--multi_gpu" in proc.stderr and not out.exists()
