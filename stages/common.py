@@ -87,8 +87,9 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
     from align.export import write_base
 
     run, policy = started.run, started.policy
+    trackers = stage_trackers(run, cfg)
     with exact_adapter_precision(policy.model), one_trainable_adalora(policy.model):
-        trainer = make_trainer(callbacks(run, uses_tensorboard(cfg)) + adapter_callbacks(policy))
+        trainer = make_trainer([metrics_file(run), trackers.callback()] + adapter_callbacks(policy))
     adapt_trainer(trainer, policy, cfg)
     if stage in ("dpo", "grpo"):
         from align.models import disable_dropout
@@ -96,7 +97,7 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
         # after TRL added its "ref" adapter: PEFT's per-adapter dropouts (LoHa/LoKr module dropout, BOFT's
         # multiplicative dropout, the ref copy's LoRA dropout) are off too, so the policy equals its reference at step 1
         disable_dropout(policy.model)
-    with run.lifecycle(**stage_manifest(stage, task, cfg, policy, started.datasets), **manifest):
+    with run.lifecycle(**stage_manifest(stage, task, cfg, policy, started.datasets), **manifest), trackers:
         metrics = train_and_save(trainer, run, resume_from=started.resume_from, tokenizer=policy.tokenizer,
                                  full=ADAPTERS[policy.adapter].full)
         if run.writer:  # a merged parent chain: the run keeps that base, for plain PEFT (align.export)
@@ -261,7 +262,6 @@ def trainer_arguments(cfg, run: Run, has_eval: bool) -> dict[str, Any]:
     """TrainingArguments fields common to every TRL config, from align's TrainOptions."""
     import torch
 
-    from align.trackers import trainer_report_to
 
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported() and cfg.dtype in ("auto", "bfloat16")
@@ -292,14 +292,14 @@ def trainer_arguments(cfg, run: Run, has_eval: bool) -> dict[str, Any]:
         fp16=False,
         use_cpu=not cuda,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        report_to=trainer_report_to(cfg.report_to),
+        report_to="none",  # align's own trackers (align.trackers), the same for every stage
         disable_tqdm=False,
         dataloader_pin_memory=cuda,
     )
 
 
-def callbacks(run: Run, tensorboard: bool) -> list:
-    """metrics.jsonl writer, plus TensorBoard event files in RUN/logs when tensorboard is installed."""
+def metrics_file(run: Run):
+    """A TrainerCallback writing every log of the Trainer to RUN/metrics.jsonl (main process)."""
     from transformers import TrainerCallback
 
     class MetricsFile(TrainerCallback):
@@ -307,29 +307,16 @@ def callbacks(run: Run, tensorboard: bool) -> list:
             if state.is_world_process_zero and logs:
                 run.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})
 
-    out = [MetricsFile()]
-    writer = tensorboard_writer(run, tensorboard)
-    if writer is not None:
-        from transformers.integrations import TensorBoardCallback
-
-        out.append(TensorBoardCallback(tb_writer=writer))
-    return out
+    return MetricsFile()
 
 
-def uses_tensorboard(cfg) -> bool:
-    return cfg.tensorboard and "tensorboard" in cfg.report_to
+def stage_trackers(run: Run, cfg):
+    """The run's trackers (align.trackers: TensorBoard in RUN/logs unless --no-tensorboard, and --report-to's
+    others), opened on the main process only; a context manager that closes them."""
+    from align.trackers import Trackers
 
-
-def tensorboard_writer(run: Run, enabled: bool):
-    """A SummaryWriter on RUN/logs, or None (disabled, tensorboard not installed, or not the main process)."""
-    if not enabled or not run.writer:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.warning("tensorboard is not installed; no TensorBoard logs (pip install tensorboard).")
-        return None
-    return SummaryWriter(log_dir=str(run.logs_dir))
+    return Trackers(cfg.report_to if run.writer else [], run.path.name, str(run.path), cfg.to_dict(),
+                    tensorboard=cfg.tensorboard)
 
 
 @contextmanager

@@ -196,10 +196,9 @@ class PPO:
         from transformers import get_scheduler
 
         from align.models import disable_dropout
-        from align.stages.common import tensorboard_writer, uses_tensorboard
+        from align.stages.common import stage_trackers
         from align.stages.critic import CRITIC, build_critic
         from align.stages.ppo_losses import AdaptiveKL
-        from align.trackers import Trackers
 
         self.cfg, self.run, self.policy = cfg, started.run, started.policy
         self.train_rows, self.eval_rows = started.train, started.evaluation
@@ -235,9 +234,7 @@ class PPO:
                                        num_training_steps=updates)
         self.step = 0
         self.orders: dict[int, torch.Tensor] = {}  # data order of the current pass
-        self.writer = tensorboard_writer(self.run, uses_tensorboard(cfg))
-        self.trackers = Trackers(cfg.report_to if self.run.writer else [], self.run.path.name, str(self.run.path),
-                                 cfg.to_dict())
+        self.trackers = stage_trackers(self.run, cfg)
 
     def _add_reference(self) -> str | None:
         """The frozen reference: None = the model with adapters disabled; "ref" = a frozen copy of the parent's
@@ -383,7 +380,7 @@ class PPO:
             "completions/mean_length": batch.mask.sum(1).mean().item(),
             "completions/truncated_fraction": truncated.float().mean().item(),
             "kl_coef": self.kl.value,
-            "lr": self.scheduler.get_last_lr()[0],
+            "learning_rate": self.scheduler.get_last_lr()[0],
             "timing/rollout_s": t1 - t0, "timing/scoring_s": t2 - t1, "timing/training_s": t3 - t2,
             **{name: sum(values) / len(values) for name, values in self.reward_logs.items()},
             **({"sampling/sync_logp_diff": sync} if sync is not None else {}), **correction,
@@ -501,10 +498,6 @@ class PPO:
     def log(self, metrics: dict[str, float]) -> None:
         self.run.log_metrics({"step": self.step, **metrics})
         self.trackers.log(metrics, self.step)
-        if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(key, value, self.step)
-            self.writer.flush()
 
     def train(self, resume_from: Path | None) -> dict[str, float]:
         from tqdm.auto import tqdm
@@ -542,8 +535,6 @@ class PPO:
                         break
         finally:
             self.engine.close()
-            if self.writer is not None:
-                self.writer.close()
             self.trackers.close()
         stop.raise_if_stopped(self.step, self.run.last_checkpoint())
         return {**last, "train_runtime": time.perf_counter() - start, "global_step": self.step}

@@ -152,11 +152,11 @@ def test_resume_refuses_changed_options(cli, sft_run, tmp_path):
     assert json.loads((run / "run.json").read_text())["status"] == "running", "the refused resume wrote nothing"
 
 
-def test_report_to_is_validated_and_passed_to_the_trainers(cli, tiny_model, tmp_path):
+def test_report_to_is_validated(cli, tiny_model, tmp_path):
     import importlib.util
 
     from align.runs import Run
-    from align.stages.common import trainer_arguments, uses_tensorboard
+    from align.stages.common import trainer_arguments
     from align.stages.sft import SFTConfig
 
     code, _, err = cli("sft", "--model", tiny_model, "--data", "arith", "-o", tmp_path / "x", "--report-to", "tensorbord")
@@ -164,10 +164,9 @@ def test_report_to_is_validated_and_passed_to_the_trainers(cli, tiny_model, tmp_
     if importlib.util.find_spec("wandb") is None:
         code, _, err = cli("sft", "--model", tiny_model, "--data", "arith", "-o", tmp_path / "x", "--report-to", "wandb")
         assert code == 2 and "pip install wandb" in err
+    # align logs to every tracker itself (tests/test_trackers.py): the trainers' own integrations stay off
     cfg = SFTConfig(model=tiny_model, data="arith", output=str(tmp_path / "x"), report_to=["tensorboard", "mlflow"])
-    assert trainer_arguments(cfg, Run(cfg.output), False)["report_to"] == ["mlflow"] and uses_tensorboard(cfg)
-    cfg = SFTConfig(model=tiny_model, data="arith", output=str(tmp_path / "x"), report_to=["none"])
-    assert trainer_arguments(cfg, Run(cfg.output), False)["report_to"] == "none" and not uses_tensorboard(cfg)
+    assert trainer_arguments(cfg, Run(cfg.output), False)["report_to"] == "none"
 
 
 def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(cli, sft_run, tiny_model, tmp_path):

@@ -196,7 +196,7 @@ def _resume_and_compare(args: list[str], run: Path, straight: Path) -> None:
     got, expected = _metrics(run), _metrics(straight)
     assert [m["step"] for m in got] == list(range(1, 7))
     for a, b in zip(got, expected, strict=True):
-        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "lr", "kl_coef"):
+        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "learning_rate", "kl_coef"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
     assert max_adapter_difference(run, straight) <= 1e-5
 
