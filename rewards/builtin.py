@@ -4,7 +4,8 @@ function with the reward protocol `fn(prompts, completions, **columns) -> list[f
     accuracy(column="answer", mode="numeric", tolerance=1e-6)
         1.0 if the completion's final answer equals the `column` value, else 0.0 (None when the sample has no
         reference answer). The final answer is the text inside <answer>...</answer> if present, else the whole
-        completion; mode "numeric" compares the last number in it (so "The answer is 19." matches "19"),
+        completion; mode "numeric" compares the last number in it (so "The answer is 19." matches "19"), read
+        as people write numbers ("1,234", "$1,234.50" and "12%" are 1234, 1234.5 and 12; "#### 1,234" matches 1234),
         mode "exact" the stripped text; mode "math" compares mathematically with math-verify (LaTeX, \\boxed{},
         fractions, sets: "\\boxed{\\frac{3}{4}}" matches "0.75"; `pip install 'align[math]'`), for GSM8K/MATH-style
         data — the answer tags are not needed there: math-verify finds the final answer itself.
@@ -27,7 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 RewardFn = Callable[..., list[float | None]]
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# a number as people write it: "-3", "19.5", "1,234", "$1,234.50", "12%" (the sign may precede a currency symbol)
+NUMBER = re.compile(r"(-?)[$€£]?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
@@ -36,6 +38,11 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, str):
         return completion
     return "".join(m.get("content", "") for m in completion)
+
+
+def numbers(text: str) -> list[float]:
+    """Every number in `text`, read the way people write them ("1,234" = 1234, "$1,234.50" = 1234.5, "12%" = 12)."""
+    return [float(sign + digits.replace(",", "")) for sign, digits in NUMBER.findall(text)]
 
 
 def final_answer(text: str) -> str:
@@ -55,10 +62,10 @@ def accuracy(column: str = "answer", mode: str = "numeric", tolerance: float = 1
         answer = final_answer(completion_text(completion))
         if mode == "exact":
             return float(answer == str(reference).strip())
-        got, want = NUMBER.findall(answer), NUMBER.findall(str(reference))
+        got, want = numbers(answer), numbers(str(reference))
         if not want:
             return float(answer == str(reference).strip())
-        return float(bool(got) and abs(float(got[-1]) - float(want[-1])) <= tolerance)
+        return float(bool(got) and abs(got[-1] - want[-1]) <= tolerance)
 
     return _per_sample(column, matches, "accuracy_reward")
 
@@ -108,10 +115,10 @@ def closeness(column: str = "answer", scale: float = 10.0) -> RewardFn:
     def close(completion: Any, reference: Any) -> float | None:
         if reference is None:
             return None
-        got, want = NUMBER.findall(final_answer(completion_text(completion))), NUMBER.findall(str(reference))
+        got, want = numbers(final_answer(completion_text(completion))), numbers(str(reference))
         if not want:
             return None
-        return max(0.0, 1.0 - abs(float(got[-1]) - float(want[-1])) / scale) if got else 0.0
+        return max(0.0, 1.0 - abs(got[-1] - want[-1]) / scale) if got else 0.0
 
     return _per_sample(column, close, "closeness_reward")
 

@@ -178,10 +178,9 @@ def test_eval_equals_a_direct_computation(finished, tmp_path):
 
     model, tokenizer, _ = load_target(str(run))
     texts = generate(model, tokenizer, [p for p, _ in problems], max_new_tokens=5)
-    from align.rewards.builtin import NUMBER
+    from align.rewards.builtin import numbers
 
-    correct = [bool(NUMBER.findall(t)) and float(NUMBER.findall(t)[-1]) == float(a) for t, (_, a) in
-               zip(texts, problems, strict=True)]
+    correct = [bool(numbers(t)) and numbers(t)[-1] == float(a) for t, (_, a) in zip(texts, problems, strict=True)]
     assert result["accuracy"] == pytest.approx(sum(correct) / len(correct))
     assert [e["completion"] for e in result["examples"]] == texts
     assert result["reference"] == str(Path(spec["model"]).resolve()), "default reference: the run's parent (the base)"

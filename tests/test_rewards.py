@@ -12,7 +12,7 @@ import pytest
 
 from align.errors import AlignError
 from align.rewards import GuardedReward, RewardError, resolve_rewards, weighted_total
-from align.rewards.builtin import accuracy, format, length
+from align.rewards.builtin import accuracy, closeness, format, length
 
 PROMPTS = ["What is 1 + 1?", "What is 2 + 2?", "What is 3 + 3?"]
 COMPLETIONS = ["2", "The answer is <answer>4</answer>", "boom"]
@@ -32,6 +32,15 @@ def test_builtin_accuracy_format_and_length():
     assert format()(PROMPTS[:1], messages) == [1.0] and format()(PROMPTS[:1], ["4"]) == [0.0]
     ids = [[0] * 4, [0] * 7, [0] * 9]
     assert length(max_length=8, cache=4)(PROMPTS, ["", "", ""], completion_ids=ids) == [0.0, -0.75, -1.0]
+
+
+def test_accuracy_reads_numbers_as_people_write_them():
+    acc = accuracy()
+    got = acc(["q"] * 6, ["1234", "It costs $1,234.50.", "12%", "-3", "1,2,3", "about 1 234"],
+              answer=["#### 1,234", "1234.5", "12", "-3", "3", "1234"])
+    assert got == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]  # "1,2,3" is a list ending in 3; "1 234" is two numbers
+    assert accuracy()(["q"], ["1,234"], answer=["1234"]) == [1.0]
+    assert closeness(scale=10)(["q"], ["$1,230"], answer=["1,234"]) == [pytest.approx(0.6)]
 
 
 def test_accuracy_math_mode_uses_math_verify():
