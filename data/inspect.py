@@ -1,8 +1,10 @@
 """`align data inspect D [--model M]`: the first thing to run on a new dataset.
 
-Prints the detected format, the example count, examples as the model will see them (rendered with the chat
-template; the tokens trained on are wrapped in [[ ]]), token-length statistics and how many examples
---max-length would truncate. Without --model, shows the normalised conversation and character lengths.
+Prints which stages can use the data (it is read the way each stage reads it: conversations for sft, preference
+pairs for dpo / rm / kto-style evaluation, prompts for grpo / ppo / pairs / eval), the detected format, the example
+count, examples as the model will see them (rendered with the chat template; the tokens trained on are wrapped in
+[[ ]]), token-length statistics and how many examples --max-length would truncate. Without --model, shows the
+normalised records and character lengths. Data no stage can read gets each reader's reason.
 """
 
 from __future__ import annotations
@@ -56,20 +58,61 @@ def _stats(values: list[int]) -> str:
             f"p95 {p95}  max {ordered[-1]}")
 
 
-def inspect(cfg: InspectConfig) -> str:
-    from align.data import load_examples
+READERS = {  # how each family of stages reads a dataset: (stages, loader)
+    "conversations": ("sft", "align.data:load_examples"),
+    "preference pairs": ("dpo, rm, rm score, eval (preference accuracy)", "align.data.preference:load_preferences"),
+    "prompts": ("grpo, ppo, pairs, eval, rewards check", "align.data.prompts:load_prompts"),
+}
 
-    examples, fmt, records = load_examples(cfg.data, split=cfg.split, fmt=cfg.format, columns=cfg.columns,
-                                           system_prompt=cfg.system_prompt)
+
+def read_all_ways(cfg: InspectConfig) -> tuple[dict[str, tuple[list, str, object]], dict[str, str]]:
+    """{kind: (rows, format, records)} for every reader that accepts the data, and {kind: why not} for the others."""
+    import importlib
+
+    from align.errors import AlignError
+
+    read, refused = {}, {}
+    for kind, (_, ref) in READERS.items():
+        if cfg.format != "auto" and kind != "conversations":
+            continue  # --format names a conversation format: only sft's reader applies
+        module, _, name = ref.partition(":")
+        loader = getattr(importlib.import_module(module), name)
+        kwargs = dict(split=cfg.split, columns=cfg.columns, system_prompt=cfg.system_prompt)
+        try:
+            if kind == "conversations":
+                read[kind] = loader(cfg.data, fmt=cfg.format, **kwargs)
+            else:
+                rows, records = loader(cfg.data, **kwargs)
+                read[kind] = (rows, kind, records)
+        except AlignError as e:
+            refused[kind] = str(e).splitlines()[0]
+    return read, refused
+
+
+def inspect(cfg: InspectConfig) -> str:
+    from align.errors import AlignError
+
+    read, refused = read_all_ways(cfg)
+    if not read:
+        raise AlignError(f"{cfg.data}: no stage can read this dataset:",
+                         [f"as {kind} ({READERS[kind][0]}): {why}" for kind, why in refused.items()])
+    kind = next(iter(read))
+    examples, fmt, records = read[kind]
     lines = [f"dataset:  {records.source}", f"format:   {fmt}", f"examples: {len(examples)}",
-             f"columns:  {', '.join(records.columns())}"]
+             f"columns:  {', '.join(records.columns())}",
+             "usable by: " + "; ".join(f"{READERS[k][0]} (as {k})" for k in read)]
     shown = examples[: cfg.num_examples]
-    if cfg.model is None:
+    if cfg.model is None or kind != "conversations":
         for i, ex in enumerate(shown):
             lines += [f"\n--- example {i + 1} (normalised; pass --model to see it tokenized) ---",
                       json.dumps(ex, indent=2, ensure_ascii=False)]
-        chars = [len(ex.get("text", "")) + sum(len(m["content"]) for m in ex.get("messages", [])) for ex in examples]
-        lines.append(f"\ncharacters per example: {_stats(chars)}")
+        lines.append(f"\ncharacters per example: {_stats([_characters(ex) for ex in examples])}")
+        if cfg.model is not None:
+            tokenizer = _tokenizer_for(cfg.model)
+            texts = [tokenizer.apply_chat_template(_conversation(ex), tokenize=False) for ex in examples]
+            lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            lines.append(f"tokens per example ({'prompt + longer answer' if kind != 'prompts' else 'prompt'}): "
+                         f"{_stats(lengths)}")
         return "\n".join(lines)
 
     from align.data.chat import encode_example, mark_completion
@@ -91,6 +134,24 @@ def inspect(cfg: InspectConfig) -> str:
     if empty:
         lines.append(f"WARNING: {empty} example(s) have no trained token and would be dropped.")
     return "\n".join(lines)
+
+
+def _characters(ex: dict) -> int:
+    def size(value) -> int:
+        if isinstance(value, str):
+            return len(value)
+        if isinstance(value, list):
+            return sum(size(m.get("content", "")) if isinstance(m, dict) else size(m) for m in value)
+        return 0
+
+    return size(ex.get("text", "")) + sum(size(ex.get(k, [])) for k in ("messages", "prompt")) + \
+        max(size(ex.get("chosen", [])), size(ex.get("rejected", [])))
+
+
+def _conversation(ex: dict) -> list[dict]:
+    """The longest conversation a record stands for: prompt + the longer of chosen/rejected, or the prompt."""
+    answers = [ex[k] for k in ("chosen", "rejected") if isinstance(ex.get(k), list)]
+    return list(ex.get("prompt", [])) + (max(answers, key=lambda a: sum(len(m["content"]) for m in a)) if answers else [])
 
 
 def main(cfg: InspectConfig) -> str:

@@ -110,6 +110,21 @@ def test_data_inspect_shows_format_marks_and_truncation(cli, tiny_model):
     assert "truncated at --max-length 20:" in out and "of 2000 examples" in out
 
 
+@pytest.mark.parametrize(("data", "kind", "stages"), [
+    ("arith-prefs", "preference pairs", "dpo, rm"), ("arith-prompts", "prompts", "grpo, ppo, pairs")])
+def test_data_inspect_reads_what_each_stage_reads(cli, tiny_model, data, kind, stages):
+    code, out, err = cli("data", "inspect", data, "--model", tiny_model)
+    assert code == 0, err
+    assert f"format:   {kind}" in out and f"({'as ' + kind})" in out and stages in out.split("usable by:")[1]
+    assert "tokens per example" in out
+
+
+def test_data_inspect_names_every_readers_reason_when_none_can_read(cli, data_dir):
+    code, _, err = cli("data", "inspect", data_dir / "unknown_format.jsonl")
+    assert code == 2 and "no stage can read this dataset" in err
+    assert all(f"as {kind}" in err for kind in ("conversations", "preference pairs", "prompts"))
+
+
 def test_resume_after_kill_continues_from_checkpoint(cli, tiny_model, tmp_path):
     run = tmp_path / "run"
     args = ["sft", "--model", tiny_model, "--data", "arith", "--output", str(run), "--batch-size", "4",
