@@ -20,19 +20,21 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the character spans of each assistant turn within it."""
-    full = _render(tokenizer, messages)
+def assistant_spans(tokenizer, messages: list[dict], tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendering and the character spans of each assistant turn within it (`tools`: the function schemas
+    the template shows the model)."""
+    full = _render(tokenizer, messages, tools=tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1])
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], tools=tools)
         if full.startswith(upto) and upto.startswith(before) and len(upto) > len(before):
             spans.append((len(before), len(upto)))
     return full, spans
@@ -45,7 +47,7 @@ def encode_example(example: dict[str, Any], tokenizer, completion_only: bool = T
         if tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
         return {"input_ids": ids, "assistant_masks": [1] * len(ids)}
-    text, spans = assistant_spans(tokenizer, example["messages"])
+    text, spans = assistant_spans(tokenizer, example["messages"], example.get("tools"))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if not completion_only:
         return {"input_ids": enc["input_ids"], "assistant_masks": [1] * len(enc["input_ids"])}
@@ -61,12 +63,12 @@ def with_labels(example: dict[str, list[int]]) -> dict[str, list[int]]:
 def encode_dataset(examples: list[dict], tokenizer, completion_only: bool = True, desc: str = "Tokenizing"):
     """A `datasets.Dataset` with input_ids / labels, dropping examples with nothing to train on."""
     import datasets
+    from tqdm.auto import tqdm
 
-    ds = datasets.Dataset.from_list(examples)
-    ds = ds.map(
-        encode_example, fn_kwargs={"tokenizer": tokenizer, "completion_only": completion_only},
-        remove_columns=ds.column_names, desc=desc,
-    )
+    # encoded here rather than by Dataset.map: tool schemas and call arguments differ from row to row, which one
+    # Arrow schema for the raw examples cannot hold
+    ds = datasets.Dataset.from_list([encode_example(ex, tokenizer, completion_only)
+                                     for ex in tqdm(examples, desc=desc, leave=False)])
     before = len(ds)
     ds = ds.filter(lambda ex: any(ex["assistant_masks"]), desc="Dropping examples without trainable tokens")
     if len(ds) < before:

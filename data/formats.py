@@ -3,6 +3,12 @@
 Internal form: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]} for conversational
 data, or {"text": str} for plain text (trained on every token, no chat template).
 
+Tool use (TRL's and OpenAI's form, `messages` format): a `tools` column (a list of JSON function schemas, or that
+list as a JSON string) travels with the example (`{"messages": ..., "tools": [...]}`) and reaches the chat
+template; assistant messages may carry `tool_calls` ([{"type": "function", "function": {"name", "arguments"}}],
+arguments an object or a JSON string; content may then be empty or null), and `tool` messages return their results
+(optional `name`, `tool_call_id`). The loss covers the assistant turns, tool calls included, never tool results.
+
     format              columns                                 becomes
     messages            messages: [{role, content}, ...]        as is
     sharegpt            conversations: [{from, value}, ...]     human->user, gpt->assistant, system->system
@@ -24,7 +30,7 @@ from typing import Any
 from align.data.loading import Records
 from align.errors import AlignError, unknown_name
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "bot": "assistant", "system": "system"}
 MAX_LISTED = 20
@@ -56,8 +62,45 @@ def _messages(value: Any, field: str, role_key="role", content_key="content", ro
         if mapped is None:
             allowed = ", ".join(sorted(roles or ROLES))
             raise RecordError(f"{where}.{role_key} is {role!r}; expected one of {allowed}")
-        out.append({"role": mapped, "content": _string(msg[content_key], f"{where}.{content_key}")})
+        if mapped == "assistant" and msg.get("tool_calls"):
+            content = msg[content_key] if msg[content_key] is not None else ""
+            out.append({"role": mapped, "content": _string(content, f"{where}.{content_key}"),
+                        "tool_calls": _tool_calls(msg["tool_calls"], f"{where}.tool_calls")})
+            continue
+        out.append({"role": mapped, "content": _string(msg[content_key], f"{where}.{content_key}"),
+                    **{k: _string(msg[k], f"{where}.{k}") for k in ("name", "tool_call_id")
+                       if mapped == "tool" and msg.get(k) is not None}})
     return out
+
+
+def _tool_calls(value: Any, field: str) -> list[dict]:
+    """[{"type": "function", "function": {"name": str, "arguments": dict}}] from TRL's / OpenAI's forms."""
+    if not isinstance(value, list):
+        raise RecordError(f"field '{field}' must be a list of tool calls, got {value!r:.60}")
+    out = []
+    for i, call in enumerate(value):
+        where = f"{field}[{i}]"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RecordError(f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                              f"\"arguments\": {{...}}}}}}, got {call!r:.60}")
+        arguments = _json_value(function.get("arguments", {}), f"{where}.function.arguments", dict)
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def _json_value(value: Any, field: str, kind: type) -> Any:
+    """`value`, or `value` parsed from a JSON string, which must be a `kind`."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"field '{field}' is not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, kind):
+        raise RecordError(f"field '{field}' must be a JSON {kind.__name__}, got {value!r:.60}")
+    return value
 
 
 def _turn(value: Any, field: str, role: str) -> list[dict]:
@@ -65,7 +108,13 @@ def _turn(value: Any, field: str, role: str) -> list[dict]:
 
 
 def _from_messages(row: dict) -> dict:
-    return {"messages": _messages(row["messages"], "messages")}
+    example = {"messages": _messages(row["messages"], "messages")}
+    if row.get("tools") is not None:
+        tools = _json_value(row["tools"], "tools", list)
+        if not all(isinstance(t, dict) for t in tools):
+            raise RecordError("field 'tools' must be a list of JSON function schemas (objects)")
+        example["tools"] = tools
+    return example
 
 
 def _from_sharegpt(row: dict) -> dict:

@@ -127,9 +127,50 @@ def test_every_bad_record_is_reported_at_once(data_dir):
     text = str(e.value)
     assert "2 invalid record(s)" in text
     assert "nonstring.jsonl:2: field 'messages[1].content' must be a string, got int" in text
-    assert "nonstring.jsonl:3: messages[0].role is 'robot'; expected one of assistant, system, user" in text
+    assert "nonstring.jsonl:3: messages[0].role is 'robot'; expected one of assistant, system, tool, user" in text
 
 
 def test_hub_id_offline_is_a_clear_error():
     with pytest.raises(AlignError, match="not a local file or directory, and the hub is offline"):
         load_examples("someorg/somedataset")
+
+
+def test_tool_calling_conversations_train_on_the_calls_never_on_the_results(data_dir, tiny_model, cli, tmp_path):
+    """TRL's tool-calling form (a `tools` column, assistant `tool_calls`, `tool` messages; objects or JSON strings) is
+    rendered by the chat template; the loss covers the tool call and the final answer, token for token, and no token
+    of the tool's result or of the tool schemas."""
+    from align.data.chat import encode_example
+    from align.models import load_tokenizer
+
+    examples, fmt, _ = load_examples(str(data_dir / "tool_calls.jsonl"))
+    assert fmt == "messages" and len(examples) == 12
+    assert all(isinstance(ex["tools"], list) and isinstance(ex["messages"][1]["tool_calls"][0]["function"]["arguments"],
+                                                            dict) for ex in examples)
+    tokenizer = load_tokenizer(tiny_model)
+    ex = examples[0]
+    encoded = encode_example(ex, tokenizer)
+    trained = tokenizer.decode([t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True) if m])
+    call, result = ex["messages"][1]["tool_calls"][0]["function"]["arguments"]["expression"], ex["messages"][2]["content"]
+    expected = (f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{call}"}}}}\n</tool_call><|im_end|>\n'
+                f"{result}<|im_end|>\n")
+    assert trained == expected  # the result appears once: in the final answer, not from the tool turn
+    code, _, err = cli("sft", "--model", tiny_model, "--data", data_dir / "tool_calls.jsonl", "-o", tmp_path / "run",
+                       "--max-steps", "1", "--batch-size", "2", "--max-length", "1024", "--no-tensorboard")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": "calc"}]},
+     "messages[1].tool_calls' must be a list of tool calls"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
+                                                     "tool_calls": [{"function": {"name": "c", "arguments": "{x"}}]}]},
+     "is not valid JSON"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": "[1, 2]"},
+     "'tools' must be a list of JSON function schemas"),
+])
+def test_bad_tool_calls_are_named(tmp_path, row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(AlignError) as e:
+        load_examples(str(path))
+    assert message in str(e.value) and "bad.jsonl:1" in str(e.value)
