@@ -62,7 +62,7 @@ _hashed: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime_
 def sha256_file(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key not in _hashed:
+    if key not in _hashed or full_verify():
         with open(path, "rb") as fh:
             _hashed[key] = hashlib.file_digest(fh, "sha256").hexdigest()
     return _hashed[key]
