@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.adapters import ADAPTERS, stage_limit
 from align import integrity
+from align.adapters import ADAPTERS, stage_limit
 from align.errors import AlignError
 from align.runs import read_manifest, sha256_path, verify_run
 
@@ -86,9 +86,22 @@ def base_problems(manifest: dict[str, Any]) -> list[str]:
     """How the base model named by a run's manifest differs from the one it recorded (empty: the same, or not
     recorded: a hub id, or a run written before align recorded it)."""
     recorded = manifest.get("base_files")
-    if not recorded or manifest.get("adapter") == "full":
-        return []
-    return integrity.verify_files(Path(manifest["base_model"]), recorded)
+    problems = [] if not recorded or manifest.get("adapter") == "full" else \
+        integrity.verify_files(Path(manifest["base_model"]), recorded)
+    for adapter, files in (manifest.get("merged_files") or {}).items():  # adapters merged into the base, in order
+        problems.extend(integrity.verify_files(Path(adapter), files))
+    return problems
+
+
+def merged_files(parent: Parent, handoff: str) -> dict[str, integrity.Records]:
+    """Records of every adapter merged into a child's base: the parent's, plus its own when the child merges it
+    (taken from the parent's manifest: nothing is hashed again)."""
+    out = dict(parent.manifest.get("merged_files") or {})
+    artifacts = parent.manifest.get("artifacts") or {}
+    if handoff == "merge" and not parent.full and artifacts:
+        out[str(parent.weights_dir.resolve())] = {k.removeprefix("adapter/"): v for k, v in artifacts.items()
+                                                  if k.startswith("adapter/")}
+    return out
 
 
 def resolve_parent(path: str | Path, child_stage: str, model: str | None = None) -> Parent:
@@ -115,8 +128,9 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None)
         raise AlignError(f"Base/adapter mismatch: {path} was trained on base {parent.base_model}, but --model is "
                          f"{model}. Drop --model (the base comes from the parent run) or pick the matching run.")
     if problems := base_problems(manifest):
-        raise AlignError(f"Base/adapter mismatch: the base model at {parent.base_model} is not the one {path} was "
-                         f"trained on ({'; '.join(problems)}). Restore the original base or retrain the parent.")
+        raise AlignError(f"Base/adapter mismatch: the base model at {parent.base_model} (with the adapters merged into "
+                         f"it) is not the one {path} was trained on ({'; '.join(problems)}). Restore the original base "
+                         "or retrain the parent.")
     recorded = manifest.get("base_config_sha256")
     if recorded and not parent.full:
         current = base_fingerprint(parent.base_model)
@@ -320,7 +334,8 @@ def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "
                   # a full fine-tuning parent is itself the child's base: fingerprint its model directory
                   base_config_sha256=base_fingerprint(parent.base_model) if parent.full
                   else parent.manifest.get("base_config_sha256"),
-                  base_files=base_files(parent.base_model) if parent.full else parent.manifest.get("base_files"))
+                  base_files=base_files(parent.base_model) if parent.full else parent.manifest.get("base_files"),
+                  merged_files=merged_files(parent, handoff))
     if handoff == "continue":
         base = materialize_base(parent.base_model, parent.merged_adapters, quantize_4bit=parent.quantized_4bit,
                                 task=task, **opts)

@@ -26,7 +26,7 @@ stage open one); a lock this process already holds is not taken twice. Processes
 inherit the launcher's locks through ALIGN_HELD_LOCKS (the launcher holds them while they run).
 
 Sources. `check_not_source` refuses an output that is, contains or lies inside one of the command's inputs (symlinks
-resolved), with or without --overwrite.
+resolved), with or without --overwrite; `command_inputs` lists a command's inputs from its config.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -172,8 +173,9 @@ def _holder_text(fd: int) -> str:
     return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}: {info.get('command')}"
 
 
-def _try_lock(path: Path) -> tuple[int | None, str | None]:
-    """(descriptor holding the lock, None) or (None, the holder's description)."""
+def _try_lock(path: Path, attempts: int = 5) -> tuple[int | None, str | None]:
+    """(descriptor holding the lock, None) or (None, the holder's description). A few short retries: another
+    process may be probing the lock (check_unlocked) for an instant."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -181,6 +183,10 @@ def _try_lock(path: Path) -> tuple[int | None, str | None]:
         except BlockingIOError:
             text = _holder_text(fd)
             os.close(fd)
+            attempts -= 1
+            if attempts > 0:
+                time.sleep(0.05)
+                continue
             return None, text
         try:  # the file may have been removed by its previous holder after we opened it: lock the current one
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -223,14 +229,16 @@ def check_unlocked(directory: str | Path, what: str) -> None:
     if fd is None:
         raise AlignError(f"{what} is being written by another align process ({holder}). Wait for it to finish, or "
                          f"stop it; its lock ({path}) is released as soon as it ends.")
-    os.close(fd)
+    _unlink_and_close(path, fd)  # a lock file left by a process that died
 
 
 def release(key: str) -> None:
     fd = _held.pop(key, None)
-    if fd is None:
-        return
-    path = lock_file(key)
+    if fd is not None:
+        _unlink_and_close(lock_file(key), fd)
+
+
+def _unlink_and_close(path: Path, fd: int) -> None:
     try:
         if os.stat(path).st_ino == os.fstat(fd).st_ino:
             path.unlink()  # still holding it: whoever opened this file retries on the current one
@@ -255,16 +263,58 @@ def writer_scope() -> Iterator[None]:
 
 
 # -- sources -----------------------------------------------------------------------------------------------------
-def check_not_source(output: str | Path, inputs: dict[str, str], flag: str = "--output") -> None:
+def check_not_source(output: str | Path, inputs: dict[str, str], flag: str = "--output",
+                     file_output: bool = False) -> None:
     """AlignError if `output` is, contains or lies inside one of `inputs` ({label: path}; paths that do not exist
-    are not inputs)."""
+    are not inputs). A `file_output` (one file written, e.g. eval's JSON) may be a new file inside an input directory;
+    never an existing one."""
     out = Path(output).resolve()
     for label, value in inputs.items():
         if not value or not Path(value).exists():
             continue
         source = Path(value).resolve()
-        relation = "is" if out == source else "lies inside" if source in out.parents else \
+        inside = source in out.parents and (out.exists() or not file_output)
+        relation = "is" if out == source else "lies inside" if inside else \
             "contains" if out in source.parents else None
         if relation:
             raise AlignError(f"{flag} {output} {relation} {label}, an input of this command; writing there would "
                              "destroy it. Choose an output directory outside every input.")
+
+
+INPUT_OPTIONS = {"model": "--model", "from_run": "--from", "reward_model": "--reward-model", "data": "--data",
+                 "eval_data": "--eval-data", "config": "--config", "teacher": "--teacher", "reward": "--reward",
+                 "gold_reward": "--gold-reward", "target": "the evaluated", "run": "the run", "reference": "--reference"}
+
+
+def check_file_output(cfg, problems) -> None:
+    """A command writing one file (--output FILE.json): never over one of its inputs (align.integrity)."""
+    if getattr(cfg, "output", None):
+        try:
+            check_not_source(cfg.output, command_inputs(cfg), file_output=True)
+        except AlignError as e:
+            problems.add(str(e))
+
+
+def command_inputs(cfg) -> dict[str, str]:
+    """{label: path} of everything a command reads from disk (options naming files or runs, reward specs' files and
+    runs, the parent run's base and merged adapters): its output may never be one of them (align.integrity)."""
+    inputs = {}
+    for field, flag in INPUT_OPTIONS.items():
+        value = getattr(cfg, field, None)
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, str | Path) and item:
+                path = str(item).partition("@")[0] if field in ("reward", "gold_reward") else str(item)
+                if field in ("reward", "gold_reward") and not Path(path).exists():
+                    path = path.rpartition(":")[0] or path  # path/to/file.py:fn
+                inputs[f"{flag} {item}"] = path
+    parent = next((v for v in (getattr(cfg, f, None) for f in ("from_run", "teacher", "target", "run")) if v), None)
+    if isinstance(parent, str | Path) and (Path(parent) / "run.json").is_file():
+        try:
+            manifest = json.loads((Path(parent) / "run.json").read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        if manifest.get("base_model"):
+            inputs[f"the base model {manifest['base_model']} of {parent}"] = str(manifest["base_model"])
+        for adapter in manifest.get("merged_adapters") or []:
+            inputs[f"the adapter {adapter} merged into {parent}"] = str(adapter)
+    return inputs

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from types import SimpleNamespace
 from pathlib import Path
 
 from align.config import Config, RemoteCodeOption, opt
@@ -37,13 +36,10 @@ class MergeConfig(RemoteCodeOption, Config):
         if not self.output:
             problems.add("--output is required: the directory for the merged model.")
             return
-        from align.integrity import check_not_source
-        from align.stages.common import command_inputs
+        from align.integrity import check_not_source, command_inputs
 
         try:
-            inputs = command_inputs(SimpleNamespace(from_run=self.run))
-            check_not_source(self.output, {f"the run {self.run}": self.run,
-                                           **{k: v for k, v in inputs.items() if not k.startswith("--from")}})
+            check_not_source(self.output, command_inputs(self))
         except AlignError as e:
             problems.add(str(e))
             return

@@ -286,15 +286,19 @@ def _refers_to_pending(value: Any, stage: Stage) -> bool:
 # -- planning ------------------------------------------------------------------------------------------------
 def stage_changes(stage: Stage, manifest: dict[str, Any]) -> list[str]:
     """Config keys (and data hashes) that differ between the recorded run and this stage's resolved config."""
-    from align.runs import sha256_path
+    from align.runs import sha256_path, verify_run
     from align.stages.common import config_changes
-
-    from align.runs import verify_run
 
     changed = [f"{k} ({old!r} -> {new!r})" for k, (old, new) in config_changes(manifest.get("config", {}), stage.cfg).items()
                if k not in IGNORED_CHANGES]
     if manifest.get("status") == "completed":
         changed.extend(verify_run(stage.run_dir, manifest))
+    else:
+        from align.runs import Run
+
+        run = Run(stage.run_dir)
+        if run.last_checkpoint() is None and run.damaged_checkpoints():
+            changed.append(f"no checkpoint in {run.checkpoints_dir} verifies (see the warnings above)")
 
     for split, described in (manifest.get("datasets") or {}).items():
         path, digest = (described or {}).get("path"), (described or {}).get("sha256")
@@ -305,9 +309,8 @@ def stage_changes(stage: Stage, manifest: dict[str, Any]) -> list[str]:
 
 def plan(stages: list[Stage], force: bool) -> None:
     """Set each stage's action (skip / resume / run / rerun); refuse changed completed stages unless `force`."""
-    from align.integrity import check_not_source, check_unlocked
+    from align.integrity import check_not_source, check_unlocked, command_inputs
     from align.runs import read_manifest
-    from align.stages.common import command_inputs
 
     rerun: set[str] = set()
     refused: list[str] = []

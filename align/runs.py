@@ -161,9 +161,9 @@ class Run:
             raise AlignError("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it.")
         if run.path.exists() and not run.path.is_dir():
             raise AlignError(f"--output {run.path} is a file, not a directory. Choose another output path.")
-        if run.writer:
-            integrity.check_unlocked(run.path.absolute().parent, f"The pipeline directory {run.path.parent}")
+        if run.writer:  # its own lock first, then the pipeline's: of a pipeline and a stage racing, one is refused
             integrity.lock(run.path, f"--output {run.path}")
+            integrity.check_unlocked(run.path.absolute().parent, f"The pipeline directory {run.path.parent}")
         occupied = run.path.is_dir() and any(run.path.iterdir())
         if occupied and not (resume or overwrite):
             raise AlignError(
@@ -184,25 +184,39 @@ class Run:
 
     def last_checkpoint(self, strict: bool = False) -> Path | None:
         """The newest checkpoint that verifies (sealed, every file as sealed), warning about newer ones skipped; None
-        if there is none. With `strict` (--resume), checkpoints that exist but none verifies is an AlignError."""
-        if not self.checkpoints_dir.is_dir():
-            return None
-        ckpts = sorted((p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                       key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+        if there is none. With `strict` (--resume), sealed checkpoints none of which verifies is an AlignError (an
+        unsealed one is a save that did not finish: skipped, and without another, the run starts over)."""
+        checkpoint, skipped = self.checkpoint_state()
+        if checkpoint is not None and skipped:
+            integrity.warn_once(f"{self.path}: using {checkpoint.name}; skipped the newer " + "; ".join(skipped))
+        if checkpoint is None and strict and self.damaged_checkpoints():
+            raise AlignError(f"--resume: no checkpoint in {self.checkpoints_dir} verifies (" + "; ".join(skipped)
+                             + "). Restore the checkpoint's files, or start the run again with --overwrite.")
+        return checkpoint
+
+    def checkpoint_state(self) -> tuple[Path | None, list[str]]:
+        """(the newest checkpoint that verifies or None, 'checkpoint-N: what is wrong' for each newer one)."""
+        ckpts = self.checkpoints()
         # a run begun before align sealed checkpoints: its complete unsealed checkpoints count
         sealed = self.manifest().get("sealed_checkpoints") or any((p / integrity.SEAL).is_file() for p in ckpts)
         skipped = []
         for checkpoint in ckpts:
             problem = integrity.checkpoint_problem(checkpoint, require_seal=bool(sealed))
             if problem is None:
-                if skipped:
-                    integrity.warn_once(f"{self.path}: using {checkpoint.name}; skipped the newer " + "; ".join(skipped))
-                return checkpoint
+                return checkpoint, skipped
             skipped.append(f"{checkpoint.name}: {problem}")
-        if skipped and strict:
-            raise AlignError(f"--resume: no checkpoint in {self.checkpoints_dir} verifies (" + "; ".join(skipped)
-                             + "). Restore the checkpoint's files, or start the run again with --overwrite.")
-        return None
+        return None, skipped
+
+    def checkpoints(self) -> list[Path]:
+        """checkpoint-N directories, newest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted((p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                      key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+    def damaged_checkpoints(self) -> bool:
+        """Some checkpoint was sealed and no longer verifies."""
+        return any((p / integrity.SEAL).is_file() and integrity.checkpoint_problem(p) for p in self.checkpoints())
 
     # -- manifest ----------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:

@@ -180,42 +180,12 @@ def open_run(cfg, problems: Problems) -> Run | None:
     if not cfg.output:
         return None
     try:
+        from align.integrity import command_inputs
+
         return Run.open(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite, inputs=command_inputs(cfg))
     except AlignError as e:
         problems.add(str(e))
         return None
-
-
-INPUT_OPTIONS = {"model": "--model", "from_run": "--from", "reward_model": "--reward-model", "data": "--data",
-                 "eval_data": "--eval-data", "config": "--config", "teacher": "--teacher", "reward": "--reward",
-                 "gold_reward": "--gold-reward"}
-
-
-def command_inputs(cfg) -> dict[str, str]:
-    """{label: path} of everything a command reads from disk (options naming files or runs, reward specs' files and
-    runs, the parent run's base and merged adapters): its output may never be one of them (align.integrity)."""
-    inputs = {}
-    for field, flag in INPUT_OPTIONS.items():
-        value = getattr(cfg, field, None)
-        for item in value if isinstance(value, list | tuple) else [value]:
-            if isinstance(item, str | Path) and item:
-                path = str(item).partition("@")[0] if field in ("reward", "gold_reward") else str(item)
-                if field in ("reward", "gold_reward") and not Path(path).exists():
-                    path = path.rpartition(":")[0] or path  # path/to/file.py:fn
-                inputs[f"{flag} {item}"] = path
-    parent = getattr(cfg, "from_run", None) or getattr(cfg, "teacher", None)
-    if parent and (Path(parent) / "run.json").is_file():
-        import json
-
-        try:
-            manifest = json.loads((Path(parent) / "run.json").read_text())
-        except (OSError, ValueError):
-            manifest = {}
-        if manifest.get("base_model"):
-            inputs[f"the base model {manifest['base_model']} of {parent}"] = str(manifest["base_model"])
-        for adapter in manifest.get("merged_adapters") or []:
-            inputs[f"the adapter {adapter} merged into {parent}"] = str(adapter)
-    return inputs
 
 
 def collect(problems: Problems, fn, *args, **kwargs):
