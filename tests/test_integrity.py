@@ -147,6 +147,16 @@ def test_a_base_rebuilt_with_another_seed_is_refused(tmp_path, cli):
         assert str(base.resolve() / "model.safetensors") in err
 
 
+def test_a_child_checks_the_adapter_merged_into_its_base(done, tmp_path, cli):
+    parent = copy_run(done, tmp_path / "parent")
+    child = align.sft(from_run=str(parent), handoff="merge", data="arith", output=tmp_path / "child", max_steps=1,
+                      batch_size=2, packing=False, tensorboard=False)
+    assert cli("generate", child, "--prompt", "hi", "--max-new-tokens", "2")[0] == 0
+    flip_byte(parent / ADAPTER)  # the parent's adapter is part of the child's base
+    code, _, err = cli("generate", child, "--prompt", "hi")
+    assert code == 2 and str((parent / ADAPTER).resolve()) in err, err
+
+
 def test_a_run_from_an_older_align_loads_with_a_warning(done, tmp_path, caplog):
     run = copy_run(done, tmp_path / "old")
     manifest = json.loads((run / "run.json").read_text())
@@ -234,6 +244,8 @@ def test_resume_falls_back_to_the_previous_sealed_checkpoint(tiny_model, straigh
 
 # -- sources are never destroyed -----------------------------------------------------------------------------------
 def test_an_output_over_an_input_is_refused_even_with_overwrite(done, tiny_model, tmp_path, cli):
+    from align.data.samples import bundled_path
+
     before = {p: p.stat().st_mtime_ns for p in done.rglob("*")}
     link = tmp_path / "link"
     link.symlink_to(done)
@@ -246,9 +258,15 @@ def test_an_output_over_an_input_is_refused_even_with_overwrite(done, tiny_model
          "lies inside --model"),
         (["sft", "--from", done, "--data", "arith", "-o", Path(tiny_model) / "x"], "lies inside the base model"),
     ]
+    data = tmp_path / "held.jsonl"
+    shutil.copy(bundled_path("arith-prompts-eval"), data)
+    cases += [(["eval", done, "--data", data, "--output", data], f"--output {data} is --data {data}"),
+              (["eval", done, "--data", data, "--output", done / ADAPTER], "lies inside the evaluated"),
+              (["rm", "score", done, "--data", data, "-o", data], f"--output {data} is --data {data}")]
     for command, expected in cases:
         code, _, err = cli(*command)
         assert code == 2 and expected in err, (command, err)
         assert "--overwrite" not in err, err
     assert {p: p.stat().st_mtime_ns for p in done.rglob("*")} == before
+    assert data.read_bytes() == Path(bundled_path("arith-prompts-eval")).read_bytes()
     assert not (Path(tiny_model) / "out").exists()
