@@ -240,6 +240,10 @@ def test_resume_falls_back_to_the_previous_sealed_checkpoint(tiny_model, straigh
     steps = [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     assert steps == [1, 2, 3, 4]
     assert max_adapter_difference(run, straight) <= 1e-5
+    # --save-total-limit 2 (the default) still rotates, after each new checkpoint is sealed
+    kept = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
+    assert kept == ["checkpoint-3", "checkpoint-4"]
+    assert all(integrity.checkpoint_problem(run / "checkpoints" / name) is None for name in kept)
 
 
 # -- sources are never destroyed -----------------------------------------------------------------------------------
