@@ -27,46 +27,54 @@ def _quiet_known_noise() -> None:
 _quiet_known_noise()
 
 
+def _scoped(fn, *args: Any, **kwargs: Any) -> Any:
+    """Call `fn` holding the output locks it takes only until it returns (align.integrity.writer_scope)."""
+    from align.integrity import writer_scope
+
+    with writer_scope():
+        return fn(*args, **kwargs)
+
+
 def sft(**options: Any) -> Path:
     """Supervised fine-tuning; options as `align sft --help` (e.g. model, data, output, adapter, lr)."""
     from align.stages.sft import SFTConfig, main
 
-    return main(SFTConfig.from_kwargs(**options))
+    return _scoped(main, SFTConfig.from_kwargs(**options))
 
 
 def rm(**options: Any) -> Path:
     """Reward-model training; options as `align rm --help`."""
     from align.stages.rm import RMConfig, main
 
-    return main(RMConfig.from_kwargs(**options))
+    return _scoped(main, RMConfig.from_kwargs(**options))
 
 
 def dpo(**options: Any) -> Path:
     """DPO from a base (model=...) or a run (from_run=... or **{"from": ...}); options as `align dpo --help`."""
     from align.stages.dpo import DPOConfig, main
 
-    return main(DPOConfig.from_kwargs(**options))
+    return _scoped(main, DPOConfig.from_kwargs(**options))
 
 
 def grpo(**options: Any) -> Path:
     """GRPO with reward functions (reward=[...]) from a base or a run; options as `align grpo --help`."""
     from align.stages.grpo import GRPOConfig, main
 
-    return main(GRPOConfig.from_kwargs(**options))
+    return _scoped(main, GRPOConfig.from_kwargs(**options))
 
 
 def ppo(**options: Any) -> Path:
     """PPO from a policy run (from_run=...) with reward_model=RM_RUN and/or reward=[...]; options as `align ppo --help`."""
     from align.stages.ppo import PPOConfig, main
 
-    return main(PPOConfig.from_kwargs(**options))
+    return _scoped(main, PPOConfig.from_kwargs(**options))
 
 
 def pairs(**options: Any) -> Path:
     """On-policy preference pairs from a run (from_run=...) scored by reward=[...]; options as `align pairs --help`."""
     from align.stages.pairs import PairsConfig, main
 
-    return main(PairsConfig.from_kwargs(**options))
+    return _scoped(main, PairsConfig.from_kwargs(**options))
 
 
 def evaluate(target: str | Path, **options: Any) -> dict[str, Any]:
@@ -82,7 +90,7 @@ def run(pipeline: str | Path | dict[str, Any], *, dry_run: bool = False, force: 
     """Run a pipeline (a YAML file or the same mapping); returns DIR/pipeline.json's content. See `align run --help`."""
     from align.pipeline import run_pipeline
 
-    return run_pipeline(pipeline, dry_run=dry_run, force=force)
+    return _scoped(run_pipeline, pipeline, dry_run=dry_run, force=force)
 
 
 __all__ = ["__version__", "dpo", "evaluate", "grpo", "pairs", "ppo", "rm", "run", "sft"]

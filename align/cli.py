@@ -14,6 +14,7 @@ import sys
 
 from align.config import build_parser, parse_args
 from align.errors import AlignError
+from align.integrity import writer_scope
 from align.interrupt import Interrupted, TermAsInterrupt
 from align.launch import LAUNCHED_BY_ALIGN, is_main_process
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(cls, top, argv, sub=parser)
         cfg.launch_argv = argv[len(name.split()):]  # what --num-processes hands to the launched processes
-        with TermAsInterrupt():
+        with TermAsInterrupt(), writer_scope():  # the output directories this command locks (align.integrity)
             result = _load(COMMANDS[name][2])(cfg)
     except AlignError as e:
         if is_main_process() and not getattr(e, "silent", False):  # launched processes: rank 0 speaks for all

@@ -62,6 +62,9 @@ class EvalConfig(RemoteCodeOption, Config):
                              aliases=["-o"])
 
     def check(self, problems: Problems) -> None:
+        from align.integrity import check_file_output
+
+        check_file_output(self, problems)
         if not self.target:
             problems.add("Give a run or model to evaluate: align eval RUN --data D.")
         elif self.target.startswith((".", "/")) and not Path(self.target).is_dir():

@@ -22,8 +22,10 @@ the kind and the reason (align.adapters.STAGE_LIMITS, prompt-learning parents wi
 under a 4-bit or fully fine-tuned child, adalora without --max-steps, LOMO with an adapter).
 
 Refused with AlignError (exit 2): a directory that is not a run, a run that is not `completed`, a reward-model
-run as the policy parent of dpo/grpo/ppo, a `--model` that is not the parent's base, a base whose config.json
-changed since the parent was trained, missing weights.
+run as the policy parent of dpo/grpo/ppo, a `--model` that is not the parent's base, missing weights, weights that
+are not the ones the run recorded when it completed (align.runs.verify_run), a base model whose weights or config
+changed since the parent was trained (run.json `base_files`: size + sha256 of the base's weight files and
+config.json, recorded when the first stage starts from it and handed down to every child).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align import integrity
 from align.adapters import ADAPTERS, stage_limit
 from align.errors import AlignError
-from align.runs import read_manifest, sha256_path
+from align.runs import read_manifest, sha256_path, verify_run
 
 POLICY_STAGES = ("sft", "dpo", "grpo", "ppo")
 
@@ -73,6 +76,34 @@ def base_fingerprint(base_model: str) -> str | None:
     return sha256_path(config) if config.is_file() else None
 
 
+def base_files(base_model: str) -> integrity.Records | None:
+    """Records of a local base model's weight files and config.json (None for a hub id)."""
+    files = integrity.model_files(Path(base_model))
+    return integrity.record_files(Path(base_model), files) if files else None
+
+
+def base_problems(manifest: dict[str, Any]) -> list[str]:
+    """How the base model named by a run's manifest differs from the one it recorded (empty: the same, or not
+    recorded: a hub id, or a run written before align recorded it)."""
+    recorded = manifest.get("base_files")
+    problems = [] if not recorded or manifest.get("adapter") == "full" else \
+        integrity.verify_files(Path(manifest["base_model"]), recorded)
+    for adapter, files in (manifest.get("merged_files") or {}).items():  # adapters merged into the base, in order
+        problems.extend(integrity.verify_files(Path(adapter), files))
+    return problems
+
+
+def merged_files(parent: Parent, handoff: str) -> dict[str, integrity.Records]:
+    """Records of every adapter merged into a child's base: the parent's, plus its own when the child merges it
+    (taken from the parent's manifest: nothing is hashed again)."""
+    out = dict(parent.manifest.get("merged_files") or {})
+    artifacts = parent.manifest.get("artifacts") or {}
+    if handoff == "merge" and not parent.full and artifacts:
+        out[str(parent.weights_dir.resolve())] = {k.removeprefix("adapter/"): v for k, v in artifacts.items()
+                                                  if k.startswith("adapter/")}
+    return out
+
+
 def resolve_parent(path: str | Path, child_stage: str, model: str | None = None) -> Parent:
     """Check that `path` is a finished run that `child_stage` may start from."""
     path = Path(path)
@@ -89,10 +120,17 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None)
                          + (" and pass the reward model with --reward-model." if parent.stage == "rm" else "."))
     if not parent.weights_dir.is_dir():
         raise AlignError(f"--from {path}: missing {parent.weights_dir.name}/ — the run's weights are not there.")
+    if problems := verify_run(path, manifest):
+        raise AlignError(f"{path}: its files are not the ones it recorded when it completed: " + "; ".join(problems)
+                         + ". Restore them, or train the run again (in a pipeline: align run --force rebuilds it).")
     if model and not parent.full and Path(model).resolve() != Path(parent.base_model).resolve() \
             and model != parent.base_model:
         raise AlignError(f"Base/adapter mismatch: {path} was trained on base {parent.base_model}, but --model is "
                          f"{model}. Drop --model (the base comes from the parent run) or pick the matching run.")
+    if problems := base_problems(manifest):
+        raise AlignError(f"Base/adapter mismatch: the base model at {parent.base_model} (with the adapters merged into "
+                         f"it) is not the one {path} was trained on ({'; '.join(problems)}). Restore the original base "
+                         "or retrain the parent.")
     recorded = manifest.get("base_config_sha256")
     if recorded and not parent.full:
         current = base_fingerprint(parent.base_model)
@@ -289,13 +327,15 @@ def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "
                                gradient_checkpointing=cfg.gradient_checkpointing)
         return Policy(model, load_tokenizer(cfg.model, cfg.trust_remote_code), kind.name, kind.quantize_4bit,
                       dict(base_model=_ref(cfg.model), merged_adapters=[], parent=None, lineage=[], handoff=None,
-                           base_config_sha256=base_fingerprint(cfg.model)))
+                           base_config_sha256=base_fingerprint(cfg.model), base_files=base_files(cfg.model)))
 
     tokenizer = load_tokenizer(str(parent.weights_dir), cfg.trust_remote_code)
     common = dict(parent=str(parent.path.resolve()), lineage=parent.lineage(), handoff=handoff,
                   # a full fine-tuning parent is itself the child's base: fingerprint its model directory
                   base_config_sha256=base_fingerprint(parent.base_model) if parent.full
-                  else parent.manifest.get("base_config_sha256"))
+                  else parent.manifest.get("base_config_sha256"),
+                  base_files=base_files(parent.base_model) if parent.full else parent.manifest.get("base_files"),
+                  merged_files=merged_files(parent, handoff))
     if handoff == "continue":
         base = materialize_base(parent.base_model, parent.merged_adapters, quantize_4bit=parent.quantized_4bit,
                                 task=task, **opts)

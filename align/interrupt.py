@@ -7,9 +7,9 @@ checks the flag after each step), marks run.json `interrupted` and raises `Inter
 naming the checkpoint and exits 130 (SIGINT) or 143 (SIGTERM), without a traceback. `--resume` continues from that
 checkpoint exactly.
 
-A second signal while the checkpoint is written is ignored (a checkpoint is complete only once its
-trainer_state.json is written, last, and `Run.last_checkpoint` skips incomplete ones, so even a kill -9 there leaves
-the previous checkpoint to resume from). A second signal before the step has finished stops at once, without a new
+A second signal while the checkpoint is written is ignored (a checkpoint counts only once its seal is written, last
+(align.integrity), and `Run.last_checkpoint` skips unsealed ones, so even a kill -9 there leaves the previous
+checkpoint to resume from). A second signal before the step has finished stops at once, without a new
 checkpoint. Outside training (loading, final save), SIGTERM is turned into the same `Interrupted` (exit 143) so the
 manifest is marked before the process ends.
 

@@ -10,7 +10,9 @@ Batch semantics (every stage): `--batch-size` is per process, so one optimizer s
 1-process run with batch B, split in two.
 
 Only the main process (global rank 0) writes the run directory (align.runs.Run.writer); every process takes part in
-the collective operations. A user error found by every process is printed once (by rank 0); every process exits 2.
+the collective operations. The run directory's writer lock (align.integrity) is held by the `align` process that
+launched the workers, for as long as they run (they are told through ALIGN_HELD_LOCKS); under a plain
+`accelerate launch`, rank 0 takes it. A user error found by every process is printed once (by rank 0); every process exits 2.
 
 Presets (align/accelerate/*.yaml, accelerate's config-file format): ddp, zero2, zero3 (DeepSpeed; `pip install
 deepspeed`), fsdp2. Their `mixed_precision` is 'no': align chooses the precision itself (`--dtype`; bf16 on GPUs that
@@ -193,8 +195,11 @@ def run(stage: str, cfg) -> None:
         # the launchers copy this process's environment into the workers. PYTHONSAFEPATH: `python -m align` must not
         # put the working directory first on sys.path — run from a clone of align's repository, the workers would
         # import its bare align/ folder (no align.stages) instead of the installed package
-        saved = {k: os.environ.get(k) for k in (LAUNCHED_BY_ALIGN, "PYTHONSAFEPATH")}
-        os.environ.update({LAUNCHED_BY_ALIGN: "1", "PYTHONSAFEPATH": "1"})
+        # HELD_ENV: this process holds the output's writer lock while the workers run; rank 0 writes under it
+        from align.integrity import HELD_ENV, held
+
+        saved = {k: os.environ.get(k) for k in (LAUNCHED_BY_ALIGN, "PYTHONSAFEPATH", HELD_ENV)}
+        os.environ.update({LAUNCHED_BY_ALIGN: "1", "PYTHONSAFEPATH": "1", HELD_ENV: os.pathsep.join(held())})
         try:
             launch_command(args)
         except SystemExit as e:

@@ -5,6 +5,10 @@ weights. Prompt-learning adapters (prompt, prefix, ptuning) cannot be merged; fu
 adapter merges when it added no bias (the biases are then ordinary weights of the model); a bitfit adapter that
 added biases, and a bottleneck adapter, are refused (a plain model directory cannot hold them; the run itself
 loads with `--from`, `align generate` and `align eval`).
+
+The output is written by one process at a time (its writer lock, align.integrity), and may never be, contain or lie
+inside the run, its base model or an adapter merged into it — with or without --overwrite. The run's weights are
+verified before they are read (align.handoff.resolve_parent).
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ class MergeConfig(RemoteCodeOption, Config):
             problems.add(f"{self.run}: no such directory. Give a run directory (the --output of a finished stage).")
         if not self.output:
             problems.add("--output is required: the directory for the merged model.")
+            return
+        from align.integrity import check_not_source, command_inputs
+
+        try:
+            check_not_source(self.output, command_inputs(self))
+        except AlignError as e:
+            problems.add(str(e))
+            return
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            problems.add(f"--output {self.output} is a file, not a directory. Choose another output path.")
         elif Path(self.output).exists() and any(Path(self.output).iterdir()) and not self.overwrite:
             problems.add(f"--output {self.output} exists and is not empty; pass --overwrite or choose another path.")
 
@@ -67,5 +81,9 @@ def merge(run: str | Path, output: str | Path, trust_remote_code: bool = False) 
 
 
 def main(cfg: MergeConfig) -> Path:
+    from align.integrity import lock
+
     cfg.validate()
+    lock(cfg.output, f"--output {cfg.output}")
+    cfg.validate()  # again, under the lock: another merge may have written the output meanwhile
     return merge(cfg.run, cfg.output, cfg.trust_remote_code)

@@ -20,8 +20,14 @@ Order of work: the whole pipeline is validated first — every stage's options, 
 (unknown, duplicate, forward references), a ppo/grpo without a reward — and every problem is reported at once,
 naming its stage (exit 2). Then each stage is planned: `skip` (completed with the same resolved config and data
 hashes), `resume` (interrupted: continues from its checkpoint), `run`, or `rerun` (`--force`: a completed stage
-whose config or data changed, and everything downstream of it). Without --force such a change is refused (exit 2,
-naming the stage and the changed keys). `--dry-run` prints the plan and stops.
+whose config or data changed, or whose artifacts no longer verify — a weight file deleted, truncated or replaced —
+and everything downstream of it). Without --force such a change is refused (exit 2, naming the stage and the
+changed keys or files). `--dry-run` prints the plan and stops.
+
+One `align run` at a time per output directory: it holds the directory's writer lock (align.integrity) from planning
+to the end, each stage takes its run directory's lock while it runs, and a stage directory locked by another process
+(e.g. an `align sft -o DIR/sft`) is refused before anything runs. A stage whose directory would be, contain or lie
+inside one of its inputs is refused at planning.
 
 After every policy stage (and for the base, before the first) the `eval` block runs `align eval` (align.evaluation —
 the same code as the command) on held-out data, with the KL to the stage's parent; rm stages are evaluated on
@@ -280,11 +286,19 @@ def _refers_to_pending(value: Any, stage: Stage) -> bool:
 # -- planning ------------------------------------------------------------------------------------------------
 def stage_changes(stage: Stage, manifest: dict[str, Any]) -> list[str]:
     """Config keys (and data hashes) that differ between the recorded run and this stage's resolved config."""
-    from align.runs import sha256_path
+    from align.runs import sha256_path, verify_run
     from align.stages.common import config_changes
 
     changed = [f"{k} ({old!r} -> {new!r})" for k, (old, new) in config_changes(manifest.get("config", {}), stage.cfg).items()
                if k not in IGNORED_CHANGES]
+    if manifest.get("status") == "completed":
+        changed.extend(verify_run(stage.run_dir, manifest))
+    else:
+        from align.runs import Run
+
+        run = Run(stage.run_dir)
+        if run.last_checkpoint() is None and run.damaged_checkpoints():
+            changed.append(f"no checkpoint in {run.checkpoints_dir} verifies (see the warnings above)")
 
     for split, described in (manifest.get("datasets") or {}).items():
         path, digest = (described or {}).get("path"), (described or {}).get("sha256")
@@ -295,11 +309,17 @@ def stage_changes(stage: Stage, manifest: dict[str, Any]) -> list[str]:
 
 def plan(stages: list[Stage], force: bool) -> None:
     """Set each stage's action (skip / resume / run / rerun); refuse changed completed stages unless `force`."""
+    from align.integrity import check_not_source, check_unlocked, command_inputs
     from align.runs import read_manifest
 
     rerun: set[str] = set()
     refused: list[str] = []
     for stage in stages:
+        try:
+            check_not_source(stage.run_dir, command_inputs(stage.cfg), flag=f"stage '{stage.name}': its run directory")
+            check_unlocked(stage.run_dir, f"stage '{stage.name}': its run directory {stage.run_dir}")
+        except AlignError as e:
+            raise AlignError(f"Cannot run the pipeline: {e}") from None
         manifest_path = stage.run_dir / "run.json"
         upstream = stage.refs & rerun
         if not manifest_path.is_file():
@@ -404,8 +424,11 @@ class Pipeline:
             logger.info("Stage '%s': completed with the same config and data; skipped.", stage.name)
         else:
             logger.info("Stage '%s' (%s): %s.", stage.name, stage.kind, stage.action)
+            from align.integrity import writer_scope
+
             cfg = dataclasses.replace(cfg, resume=stage.action == "resume", overwrite=stage.action == "rerun")
-            stage_parts(stage.kind)[1](cfg)
+            with writer_scope():  # the stage's run directory is locked while it runs
+                stage_parts(stage.kind)[1](cfg)
         manifest = read_manifest(stage.run_dir)
         old = self.previous.get(stage.name, {})
         evaluation = old.get("eval") if stage.action == "skip" and "eval" in old else \
@@ -476,8 +499,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_pipeline(source: str | Path | dict[str, Any], *, dry_run: bool = False, force: bool = False) -> dict[str, Any]:
     """Validate, plan and run a pipeline; returns the content of DIR/pipeline.json (or the plan with dry_run)."""
+    from align.integrity import lock
+
     raw, where = read_pipeline(source)
     spec, stages = resolve(raw, where)
+    if not dry_run:
+        lock(spec["output"], f"The pipeline output {spec['output']}")
     plan(stages, force)
     if dry_run:
         return {"plan": [{"name": s.name, "kind": s.kind, "from": s.parent or "base", "action": s.action,

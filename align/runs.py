@@ -12,6 +12,16 @@ Artifacts are written to a temporary sibling and renamed into place, and `run.js
 so a run is `completed` only once everything it names is on disk. A run directory that already holds a run
 is refused unless `resume` (continue it) or `overwrite` (replace it) is given.
 
+Integrity (the mechanisms live in align.integrity):
+- One writer: `Run.open` takes the directory's OS lock (and refuses a run inside a pipeline directory that another
+  process is running); a second writer exits 2 naming the holder.
+- Never over an input: `Run.open` refuses an output that is, contains or lies inside one of the command's inputs.
+- Verified artifacts: on completion run.json `artifacts` records size, mtime and sha256 of every file of adapter/,
+  model/, critic/ and pairs.jsonl; `verify_run` checks them on every reuse. A run written before align recorded
+  them is loaded with one warning.
+- Sealed checkpoints: a checkpoint counts once its seal is written (align.integrity.seal); `last_checkpoint` takes
+  the newest that verifies, warning about the newer ones it skips.
+
 In a multi-process run (align.launch) only the main process writes: on the others (`writer` False) clearing, the
 manifest, metrics and the lifecycle are no-ops, and artifacts are written by the caller on the main process only.
 """
@@ -28,9 +38,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from align import integrity
 from align.errors import AlignError
 
 MANIFEST = "run.json"
+ARTIFACTS = ("adapter", "model", "critic", "pairs.jsonl")  # what a completed run records and every reuse verifies
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "vllm")
 
 
@@ -100,13 +112,21 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise AlignError(f"{manifest}:{e.lineno}: corrupt run manifest ({e.msg}).") from None
 
 
-def _complete(checkpoint: Path) -> bool:
-    """A checkpoint is complete once its trainer_state.json (written last) is whole."""
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True
+def record_artifacts(path: Path) -> integrity.Records:
+    """Records (size, mtime, sha256) of every file of a run's artifacts, keyed by their path in the run."""
+    files = [f for name in ARTIFACTS for f in ([path / name] if (path / name).is_file()
+                                              else integrity.files_under(path / name))]
+    return integrity.record_files(path, files)
+
+
+def verify_run(path: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """What is wrong with a completed run's artifacts (empty: they are the ones it recorded). A run written before
+    align recorded them passes, with one warning."""
+    if "artifacts" not in manifest:
+        integrity.warn_once(f"{path} was written by an older align that did not record its weights' sha256; they "
+                            "are used unverified.")
+        return []
+    return integrity.verify_files(Path(path), manifest["artifacts"])
 
 
 class Run:
@@ -127,17 +147,23 @@ class Run:
 
     # -- opening -----------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, *, resume: bool = False, overwrite: bool = False) -> Run:
-        """Check that `path` may be written; with `overwrite`, clear it. Does not create anything yet."""
+    def open(cls, path: str | Path, *, resume: bool = False, overwrite: bool = False,
+             inputs: dict[str, str] | None = None) -> Run:
+        """Check that `path` may be written (never one of `inputs`, {label: path}) and take its writer lock (the main
+        process). Nothing is cleared or created yet, but the lock file beside it."""
         run = cls(path)
         unwritable = not_writable(run.path)
         if unwritable:
             raise AlignError(f"--output {run.path}: {unwritable} is not writable (a read-only file system, or no "
                              "permission). Choose a writable location.")
+        integrity.check_not_source(run.path, inputs or {})
         if resume and overwrite:
             raise AlignError("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it.")
         if run.path.exists() and not run.path.is_dir():
             raise AlignError(f"--output {run.path} is a file, not a directory. Choose another output path.")
+        if run.writer:  # its own lock first, then the pipeline's: of a pipeline and a stage racing, one is refused
+            integrity.lock(run.path, f"--output {run.path}")
+            integrity.check_unlocked(run.path.absolute().parent, f"The pipeline directory {run.path.parent}")
         occupied = run.path.is_dir() and any(run.path.iterdir())
         if occupied and not (resume or overwrite):
             raise AlignError(
@@ -156,12 +182,41 @@ class Run:
         if self.writer and self.path.is_dir():
             shutil.rmtree(self.path)
 
-    def last_checkpoint(self) -> Path | None:
+    def last_checkpoint(self, strict: bool = False) -> Path | None:
+        """The newest checkpoint that verifies (sealed, every file as sealed), warning about newer ones skipped; None
+        if there is none. With `strict` (--resume), sealed checkpoints none of which verifies is an AlignError (an
+        unsealed one is a save that did not finish: skipped, and without another, the run starts over)."""
+        checkpoint, skipped = self.checkpoint_state()
+        if checkpoint is not None and skipped:
+            integrity.warn_once(f"{self.path}: using {checkpoint.name}; skipped the newer " + "; ".join(skipped))
+        if checkpoint is None and strict and self.damaged_checkpoints():
+            raise AlignError(f"--resume: no checkpoint in {self.checkpoints_dir} verifies (" + "; ".join(skipped)
+                             + "). Restore the checkpoint's files, or start the run again with --overwrite.")
+        return checkpoint
+
+    def checkpoint_state(self) -> tuple[Path | None, list[str]]:
+        """(the newest checkpoint that verifies or None, 'checkpoint-N: what is wrong' for each newer one)."""
+        ckpts = self.checkpoints()
+        # a run begun before align sealed checkpoints: its complete unsealed checkpoints count
+        sealed = self.manifest().get("sealed_checkpoints") or any((p / integrity.SEAL).is_file() for p in ckpts)
+        skipped = []
+        for checkpoint in ckpts:
+            problem = integrity.checkpoint_problem(checkpoint, require_seal=bool(sealed))
+            if problem is None:
+                return checkpoint, skipped
+            skipped.append(f"{checkpoint.name}: {problem}")
+        return None, skipped
+
+    def checkpoints(self) -> list[Path]:
+        """checkpoint-N directories, newest first."""
         if not self.checkpoints_dir.is_dir():
-            return None
-        ckpts = [p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-        complete = [p for p in ckpts if _complete(p)]
-        return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+            return []
+        return sorted((p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                      key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+    def damaged_checkpoints(self) -> bool:
+        """Some checkpoint was sealed and no longer verifies."""
+        return any((p / integrity.SEAL).is_file() and integrity.checkpoint_problem(p) for p in self.checkpoints())
 
     # -- manifest ----------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -188,6 +243,7 @@ class Run:
             resumed_at=[*previous.get("resumed_at", []), now()] if previous else [],
             ended_at=None,
             versions=package_versions(),
+            sealed_checkpoints=True,
         )
         try:
             yield self
@@ -195,7 +251,8 @@ class Run:
             self.update_manifest(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                                  ended_at=now(), error=f"{type(e).__name__}: {e}")
             raise
-        self.update_manifest(status="completed", ended_at=now(), error=None)
+        self.update_manifest(status="completed", ended_at=now(), error=None,
+                             artifacts=record_artifacts(self.path) if self.writer else None)
 
     # -- artifacts ---------------------------------------------------------------------------------------
     @contextmanager

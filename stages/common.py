@@ -181,11 +181,13 @@ def as_dataset(rows: list | None):
 
 
 def open_run(cfg, problems: Problems) -> Run | None:
-    """Check the output directory rules; problems are collected, not raised."""
+    """Check the output directory rules and take its writer lock; problems are collected, not raised."""
     if not cfg.output:
         return None
     try:
-        return Run.open(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite)
+        from align.integrity import command_inputs
+
+        return Run.open(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite, inputs=command_inputs(cfg))
     except AlignError as e:
         problems.add(str(e))
         return None
@@ -242,7 +244,8 @@ def start_run(run: Run, cfg) -> Path | None:
                 f"--{k.replace('_', '-')}" for k in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite", "config"}))
             + " may change), or use --overwrite to start over."
         )
-    checkpoint = run.last_checkpoint()
+    check_base(manifest, run.path)
+    checkpoint = run.last_checkpoint(strict=True)
     step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
     recorded = {k: list(v) for k, v in changed.items() if k not in ("resume", "overwrite", "config")}
     if recorded:
@@ -250,6 +253,16 @@ def start_run(run: Run, cfg) -> Path | None:
     run.truncate_metrics(after_step=step)
     logger.info("Resuming %s from %s", run.path, checkpoint or "the start (no checkpoint yet)")
     return checkpoint
+
+
+def check_base(manifest: dict[str, Any], run_path: Path) -> None:
+    """--resume: the base model's weights must still be the ones the run started from."""
+    from align.handoff import base_problems
+
+    problems = base_problems(manifest)
+    if problems:
+        raise AlignError(f"--resume: the base model {manifest.get('base_model')} of {run_path} changed since the run "
+                         f"started ({'; '.join(problems)}). Restore that base, or start over with --overwrite.")
 
 
 def seed_everything(seed: int) -> None:
@@ -347,6 +360,7 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
 
     if resume_from is not None:
         load_trained_adapter(trainer.accelerator.unwrap_model(trainer.model), resume_from)
+    seal_checkpoints(trainer)
     stop = GracefulStop()
     trainer.add_callback(stop.callback())
     with stop:  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop (align.interrupt)
@@ -367,6 +381,33 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
         with run.artifact("model" if full else "adapter") as tmp:
             save_policy(accelerator.unwrap_model(trainer.model), tokenizer, tmp, state_dict=state_dict)
     return metrics
+
+
+def seal_checkpoints(trainer) -> None:
+    """Make every checkpoint the Trainer saves count only once sealed (align.integrity.seal): after all its files are
+    written (every process's, e.g. grpo's buffers), the main process seals it, and only then are old checkpoints
+    rotated out (transformers rotates before its on_save callbacks, which would leave no sealed checkpoint to fall back
+    on with --save-total-limit 1)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+    from align.integrity import seal
+
+    save = trainer._save_checkpoint
+
+    def sealed_save(model, trial):
+        limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None
+        try:
+            save(model, trial)
+        finally:
+            trainer.args.save_total_limit = limit
+        trainer.accelerator.wait_for_everyone()
+        if trainer.args.should_save:
+            run_dir = trainer._get_output_dir(trial=trial)
+            seal(Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, use_mtime=True,
+                               best_model_checkpoint=trainer.state.best_model_checkpoint)
+
+    trainer._save_checkpoint = sealed_save
 
 
 def load_trained_adapter(model, checkpoint: Path) -> None:

@@ -452,6 +452,8 @@ class PPO:
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        from align.integrity import seal
+
         rngs = self.processes.gather([rng_state()])
         if not self.run.writer:
             self.processes.wait()
@@ -467,6 +469,7 @@ class PPO:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "rng": rngs[0], **({"rng_per_process": rngs} if len(rngs) > 1 else {})}, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"global_step": self.step, "kl_coef": self.kl.value}) + "\n")
+        seal(tmp)  # last: the checkpoint counts from here (align.integrity); older ones are deleted only after it
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         limit = self.cfg.save_total_limit

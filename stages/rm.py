@@ -62,6 +62,9 @@ class ScoreConfig(RemoteCodeOption, Config):
     batch_size: int = opt(16, "Examples per forward pass.")
 
     def check(self, problems: Problems) -> None:
+        from align.integrity import check_file_output
+
+        check_file_output(self, problems)
         if not self.run:
             problems.add("Give the reward-model run: align rm score RUN --data D.")
         if not self.data:
