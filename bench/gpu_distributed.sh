@@ -16,7 +16,7 @@ set -uo pipefail
 SMOKE=0
 if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
 if [ "$SMOKE" = 1 ]; then
-  OUT=${1:-$(mktemp -d /tmp/align-gpu-distributed-smoke.XXXXXX)}
+  OUT=${1:-$(mktemp -d -t align-gpu-distributed-smoke.XXXXXX)}
   STEPS=2 SIZE=() TRAIN=(--batch-size 4 --max-length 64)
   export OMP_NUM_THREADS=1
 else

