@@ -77,8 +77,7 @@ from _common import (  # noqa: E402
 GOAL = 0.6
 BIG = dict(hidden_size=2048, num_layers=12, num_heads=16)
 MID = dict(hidden_size=512, num_layers=4, num_heads=8)
-SMOKE_BIG = dict(hidden_size=256, num_layers=2, num_heads=4)
-SMOKE_MID = dict(hidden_size=128, num_layers=2, num_heads=2)
+SMOKE = dict(hidden_size=256, num_layers=2, num_heads=4)  # --smoke: one model for both parts
 VARIANTS = (("a_align_adapter_ref", "memory_align"), ("b_separate_ref_model", "memory_separate"))
 
 
@@ -389,11 +388,23 @@ def spawn(kind: str, spec: dict, work: Path) -> dict:
     return {**json.loads(out_path.read_text()), "process_wall_s": time.perf_counter() - t0}
 
 
+_BUILT: dict[str, tuple[Path, dict]] = {}
+
+
+def build(size: dict, path: Path, bf16_path: Path | None, work: Path) -> tuple[Path, dict]:
+    """The fp32 model of this size (built in a worker, once per size: --smoke's two parts share one) and its info."""
+    key = json.dumps(size)
+    if key not in _BUILT or bf16_path is not None:
+        spec = {"path": str(path), "size": size, **({"bf16_path": str(bf16_path)} if bf16_path else {})}
+        _BUILT[key] = (path, spawn("build", spec, work))
+    return _BUILT[key]
+
+
 def memory_part(args, work: Path, log) -> dict:
-    size = SMOKE_BIG if args.smoke else {**BIG, "num_layers": args.big_layers}
+    size = SMOKE if args.smoke else {**BIG, "num_layers": args.big_layers}
     paths = {"bf16": work / "big-bf16", "fp32": work / "big-fp32"}
     t0 = time.perf_counter()
-    info = spawn("build", {"path": str(paths["fp32"]), "bf16_path": str(paths["bf16"]), "size": size}, work)
+    _, info = build(size, paths["fp32"], paths["bf16"], work)
     log(f"built {size} ({info['params'] / 1e6:.0f} M params, {info['fp32_mib']:.0f} MiB in fp32), fp32 and bf16 "
         f"checkpoints, in {time.perf_counter() - t0:.0f} s")
     others = set(busy_processes())
@@ -428,9 +439,8 @@ def memory_part(args, work: Path, log) -> dict:
 
 
 def timing_part(args, work: Path, log) -> dict:
-    size = SMOKE_MID if args.smoke else MID
-    path = work / "mid"
-    info = spawn("build", {"path": str(path), "size": size}, work)
+    size = SMOKE if args.smoke else MID
+    path, info = build(size, work / "mid", None, work)
     spec = {"model": str(path), "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
             "warmup": args.warmup}
     runs: dict[str, list] = {"off": [], "on": []}
@@ -562,7 +572,7 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2, help="repeats of a timed run that overlapped other work")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
-    add_smoke_flag(parser, "hidden 256 / 128 models, bf16 checkpoint only, 2 memory steps, 4 timed steps (2 warm-up), "
+    add_smoke_flag(parser, "one hidden-256 model for both parts, bf16 checkpoint only, 2 memory steps, 4 timed steps (2 warm-up), "
                            "one round, no repeats")
     args = parser.parse_args()
     offline()

