@@ -572,8 +572,8 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2, help="repeats of a timed run that overlapped other work")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
-    add_smoke_flag(parser, "one hidden-256 model for both parts, bf16 checkpoint only, 2 memory steps, 4 timed steps (2 warm-up), "
-                           "one round, no repeats")
+    add_smoke_flag(parser, "one hidden-256 model for both parts, bf16 checkpoint only, 2 memory steps, 4 timed steps "
+                           "(2 warm-up), one round, no repeats")
     args = parser.parse_args()
     offline()
     if args.worker:

@@ -256,6 +256,14 @@ def adapter_sync_step(engine, model, step: int, one) -> dict:
             **sizes}
 
 
+def set_engine(engine, name: str, value) -> None:
+    """Set one of VLLMEngine's public attributes (`sampling`, `request`: what its `generate` samples with); fails
+    loudly if align renamed it, rather than measuring something else."""
+    if not hasattr(engine, name):
+        raise SystemExit(f"align.stages.vllm_backend.VLLMEngine has no attribute {name!r} any more: update bench/rollout.py")
+    setattr(engine, name, value)
+
+
 def merge_and_push_step(engine, model, one) -> dict:
     llm = engine.llm
     t0 = time.perf_counter()
@@ -275,7 +283,7 @@ def merge_and_push_step(engine, model, one) -> dict:
     t4 = time.perf_counter()
     model.unmerge_adapter()
     t5 = time.perf_counter()
-    engine.request = None  # the merged weights are the policy now: sample without a LoRA request
+    set_engine(engine, "request", None)  # the merged weights are the policy now: sample without a LoRA request
     first = probe(engine, model, one)
     busy1, tree1 = cpu_seconds()[0], tree_cpu()
     span = time.perf_counter() - t0
@@ -291,7 +299,7 @@ def greedy_agreement(engine, hf_greedy, model, prompt_ids) -> dict:
     from align.stages.rollout import Sampling
 
     saved = engine.sampling
-    engine.sampling = Sampling(MAX_NEW_TOKENS, 0.0, 1.0)
+    set_engine(engine, "sampling", Sampling(MAX_NEW_TOKENS, 0.0, 1.0))
     try:
         ours, _ = engine.generate(model, prompt_ids)
     finally:
