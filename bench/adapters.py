@@ -192,7 +192,8 @@ def main() -> None:
         return smoke_check("adapters", {
             f"{name}: trained, saved and scored": any(
                 match(r) and r["trainable"] > 0 and r["disk_bytes"] > 0
-                and finite(r["train_loss"], r["eval_loss"], r["accuracy"], r["step_s"], r["peak_rss_mib"]) for r in rows)
+                and finite(r["train_loss"], r["eval_loss"], r["accuracy"], r["step_s"], r["peak_rss_mib"])
+                for r in rows)
             for name, match in expected.items()})
     command = " ".join(["python bench/adapters.py", *sys.argv[1:]])
     path = write_results("adapters", {"command": command, "setting": setting, "rows": rows})

@@ -21,7 +21,8 @@ if [ "$SMOKE" = 1 ]; then
   export OMP_NUM_THREADS=1
 else
   OUT=${1:-/tmp/align-gpu-distributed}
-  STEPS=20 SIZE=(--hidden-size 512 --num-layers 4 --num-heads 8) TRAIN=(--batch-size 16 --max-length 256 --dtype bfloat16)
+  STEPS=20 SIZE=(--hidden-size 512 --num-layers 4 --num-heads 8)
+  TRAIN=(--batch-size 16 --max-length 256 --dtype bfloat16)
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 rm -rf "$OUT" && mkdir -p "$OUT"
@@ -69,7 +70,8 @@ EOF
   [ "$code" -eq 0 ] || { echo "--- $preset log (tail) ---"; tail -30 "$OUT/$preset.log"; failed=1; }
 done
 if [ "$SMOKE" = 1 ]; then
-  [ "$failed" = 0 ] && echo "smoke OK: gpu_distributed" || echo "smoke FAILED: gpu_distributed (a preset's run failed or is incomplete: see above)"
+  [ "$failed" = 0 ] && echo "smoke OK: gpu_distributed" \
+    || echo "smoke FAILED: gpu_distributed (a preset's run failed or is incomplete: see above)"
   [ -z "${1:-}" ] && rm -rf "$OUT"
 fi
 exit $failed

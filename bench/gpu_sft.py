@@ -131,8 +131,9 @@ def main() -> None:
             print(json.dumps(result), flush=True)
     if args.smoke:
         return smoke_check("gpu_sft", {"a result per kind": len(results) == len(args.kinds.split(","))} | {
-            f"{r['kind']}: trained with step times, tokens/s and a loss": "failed" not in r and r["real_tokens_per_s"] > 0
-            and finite(r["median_step_ms"], r["final_loss"]) for r in results})
+            f"{r['kind']}: trained with step times, tokens/s and a loss": (
+                "failed" not in r and r["real_tokens_per_s"] > 0 and finite(r["median_step_ms"], r["final_loss"]))
+            for r in results})
     write_results(f"gpu_sft_{args.size}", {"args": vars(args), "results": results})
     if any("failed" in r for r in results):
         sys.exit(1)

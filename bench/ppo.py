@@ -107,7 +107,8 @@ def timing(work: Path, args) -> dict:
         run_dir = work / f"ppo-{backend}"
         start = time.perf_counter()
         run("ppo", "--from", sft, "--reward-model", rm, "--data", "arith-prompts", "--output", run_dir,
-            "--max-steps", args.steps, "--batch-size", args.batch_size, "--max-completion-length", args.completion_length,
+            "--max-steps", args.steps, "--batch-size", args.batch_size,
+            "--max-completion-length", args.completion_length,
             "--ppo-epochs", "4", "--num-minibatches", "2", "--backend", backend, "--vllm-memory", "0.2",
             "--no-tensorboard", "--seed", "0")
         wall = time.perf_counter() - start

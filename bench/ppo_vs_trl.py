@@ -133,8 +133,8 @@ def align_cmd(*args) -> list[str]:
 
 
 def prepare(work: Path, size: dict) -> dict[str, Path]:
-    """tiny model → sft (3 steps) → rm → merged copies for TRL (in one child process: this one stays small, since a
-    child's peak RSS starts at its parent's RSS), and the rendered prompts."""
+    """tiny model → sft (3 steps) → rm → merged copies for TRL (in one child process: this one stays small, since
+    a child's peak RSS starts at its parent's RSS), and the rendered prompts."""
     from transformers import AutoTokenizer
 
     from align.data.prompts import load_prompts

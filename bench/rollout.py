@@ -260,7 +260,8 @@ def set_engine(engine, name: str, value) -> None:
     """Set one of VLLMEngine's public attributes (`sampling`, `request`: what its `generate` samples with); fails
     loudly if align renamed it, rather than measuring something else."""
     if not hasattr(engine, name):
-        raise SystemExit(f"align.stages.vllm_backend.VLLMEngine has no attribute {name!r} any more: update bench/rollout.py")
+        raise SystemExit(f"align.stages.vllm_backend.VLLMEngine has no attribute {name!r} any more: "
+                         "update bench/rollout.py")
     setattr(engine, name, value)
 
 
@@ -493,7 +494,8 @@ def main() -> None:
                 f"sync, {name}: {args.sync_reps} steps after the warm-up, timed": len(steps) == args.sync_reps + 1
                 and finite(*(x["total_s"] for x in steps)) for name, steps in (("adapter-only", adapter_steps),
                                                                                ("merge-and-push", push_steps))} | {
-                "greedy vLLM vs HF compared after each sync method": adapter_check["of"] == push_check["of"] == len(check),
+                "greedy vLLM vs HF compared after each sync method":
+                    adapter_check["of"] == push_check["of"] == len(check),
                 "vllm with merged weights, no LoRA: generated": all(r["tokens"] > 0 for r in merged_runs)})
 
         import vllm as vllm_pkg

@@ -313,10 +313,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         only = rounds[0]
         smoke_check("sft_overhead", {
-            f"{side} side: {args.steps} steps, timed blocks after the warm-up": only["steps_done"].get(side) == args.steps
-            and only["blocks_per_side"] >= 1 for side in ("align", "trl")} | {
+            f"{side} side: {args.steps} steps, timed blocks after the warm-up":
+                only["steps_done"].get(side) == args.steps and only["blocks_per_side"] >= 1
+            for side in ("align", "trl")} | {
             "both sides trained on identical batches": only["identical_batches"],
-            "both sides logged a loss at step 10": len(only["losses"]["align"]) >= 2 and len(only["losses"]["trl"]) >= 1})
+            "both sides logged a loss at step 10":
+                len(only["losses"]["align"]) >= 2 and len(only["losses"]["trl"]) >= 1})
         return result
     path = write_results("sft_overhead", result)
     print(f"wrote {path}")
