@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks in bench/ (not a benchmark itself).
 
 - `offline()`: environment for running with no network and quiet logs.
+- `align_steps(...)`: several `align ...` setup commands (not measured) in one fresh process.
 - `StepProbe`: records, for every optimizer step of a Trainer, the wall-clock time of `on_step_begin` and
   `on_step_end`, and the non-pad / trained tokens of the batch. `install_probe()` hooks it into *every*
   Trainer built afterwards (through transformers' CallbackHandler and Trainer.training_step), so the align
@@ -10,6 +11,12 @@
   second busy process makes torch's two OpenMP threads wait on each other and single steps take seconds, which
   would swamp the differences measured here. The benchmarks repeat such runs.
 - `write_results()`, `table()`: JSON results in bench/results/ and a small text table.
+- Smoke mode (`add_smoke_flag`, `smoke_mode`, `smoke_check`): every bench takes `--smoke` (tiny sizes, one round, a
+  couple of steps) and tests/test_bench.py runs it, so a bench that breaks fails the test suite. In smoke mode
+  (an environment variable, so the workers a bench starts inherit it) `wait_quiet` returns at once and
+  `write_results` refuses to write; the bench ends with `smoke_check`, which exits non-zero listing every side that
+  did not run, or prints `smoke OK: NAME`. Nothing is timed against a limit: a smoke's verdict never depends on the
+  machine's speed.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +33,60 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
+SMOKE_ENV = "ALIGN_BENCH_SMOKE"  # "1": smoke mode, in this process and the workers it starts
+
+
+# -- smoke mode ----------------------------------------------------------------------------------------------------
+def add_smoke_flag(parser, what: str) -> None:
+    """The uniform `--smoke` option; `what` says what the smoke runs."""
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smoke run ({what}): writes no results, does not wait for a quiet machine, checks that "
+                             "every side ran and prints 'smoke OK: <bench>' (run by tests/test_bench.py)")
+
+
+def smoke_mode(on: bool = False) -> bool:
+    """Turn smoke mode on (for this process and every process it starts) when `on`; whether it is on.
+    A smoke runs torch on one thread (OMP_NUM_THREADS=1, inherited by workers): on a loaded machine two OpenMP
+    threads wait on each other and tiny steps take seconds."""
+    if on:
+        os.environ[SMOKE_ENV] = "1"
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+    return os.environ.get(SMOKE_ENV) == "1"
+
+
+def smoke_check(name: str, checks: dict[str, bool]) -> None:
+    """End of a smoke run: `checks` maps what must hold ("align side logged step times") to whether it does.
+    Exits with every failed one listed, or prints `smoke OK: NAME`."""
+    failed = [what for what, ok in checks.items() if not ok]
+    if failed:
+        raise SystemExit(f"smoke FAILED: {name}: " + "; ".join(failed))
+    print(f"smoke OK: {name}", flush=True)
+
+
+def finite(*values) -> bool:
+    """All values are numbers (not None, not NaN, not infinite)."""
+    import math
+
+    return all(isinstance(v, int | float) and math.isfinite(v) for v in values)
+
+
+def align_steps(*commands) -> None:
+    """Run the `align` commands (each a list of arguments) one after the other in ONE fresh process: the setup steps
+    that are not measured (sft / rm / merge of the parents) pay for one interpreter start, not one each. Not in this
+    process: a child's ru_maxrss starts at its parent's RSS, so a bench that measures children must stay small.
+    Exits with the failing command's output when one fails."""
+    import subprocess
+
+    code = ("import json, sys\nfrom align.cli import main\nfor argv in json.loads(sys.argv[1]):\n"
+            "    print('$ align', *argv, flush=True)\n    code = main(argv)\n    if code:\n        sys.exit(code)")
+    argv = [[str(a) for a in command] for command in commands]
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode:
+        ran = [line for line in proc.stdout.splitlines() if line.startswith("$ align")]
+        raise SystemExit(f"{ran[-1] if ran else 'align'} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
 def offline() -> None:
@@ -204,7 +266,9 @@ class PipeBaton:
 
 def wait_quiet(max_foreign: float = 0.1, window: float = 1.0, need: int = 3, timeout: float = 120.0) -> float:
     """Wait (up to `timeout` s) until other processes use at most `max_foreign` cores for `need` windows in a row.
-    Returns the seconds waited."""
+    Returns the seconds waited (0 at once in smoke mode)."""
+    if smoke_mode():
+        return 0.0
     start = time.perf_counter()
     quiet = 0
     while quiet < need and time.perf_counter() - start < timeout:
@@ -281,6 +345,8 @@ def machine() -> dict:
 
 
 def write_results(name: str, data: dict) -> Path:
+    if smoke_mode():
+        raise RuntimeError(f"a smoke run writes no results (bench/results/{name}.json left alone)")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     data = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **data}

@@ -2,6 +2,7 @@
 
     python bench/adapters.py                        # every kind, ~15 minutes on a 2-core CPU
     python bench/adapters.py --kinds lora,full --steps 20
+    python bench/adapters.py --smoke                # lora and the TRL peer, 2 steps, rows of 64, no JSON
 
 Setting (the same for every kind): the demo's tiny Qwen2 (align.tiny, hidden 128, 2 layers, digits tokenized one by
 one, random weights, built in a temp dir), `align sft` on the bundled `arith` task with align's defaults (assistant
@@ -45,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import TRL_TEMPLATE, offline, write_results  # noqa: E402
+from _common import TRL_TEMPLATE, add_smoke_flag, finite, offline, smoke_check, smoke_mode, write_results  # noqa: E402
 
 LR = {"prompt": 3e-2, "prefix": 3e-2, "ptuning": 3e-2, "full": 3e-4, "loraplus": 1.5e-3}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -155,7 +156,10 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_smoke_flag(parser, "lora and the TRL peer, 2 steps of 2 rows of 64 tokens, scored as in a full run")
     args = parser.parse_args()
+    if smoke_mode(args.smoke) and not args.worker:
+        args.kinds, args.steps, args.batch_size, args.max_length, args.no_peer = "lora", 2, 2, 64, False
     offline()
     if args.worker == "trl":
         print(json.dumps(trl_worker(args.model, args.steps, args.batch_size, args.max_length, Path(args.out))))
@@ -182,6 +186,15 @@ def main() -> None:
     setting = (f"tiny Qwen2 (hidden 128, 2 layers, split digits), arith, {args.steps} steps x {args.batch_size} rows of "
                f"{args.max_length} tokens (packed; prompt-learning kinds: {args.batch_size} examples), align sft "
                "defaults, seed 0, 1 torch thread")
+    if args.smoke:
+        expected = {kind: lambda r, kind=kind: r["kind"] == kind for kind in args.kinds.split(",")}
+        expected["TRL peer"] = lambda r: r["kind"].startswith("lora (TRL")
+        return smoke_check("adapters", {
+            f"{name}: trained, saved and scored": any(
+                match(r) and r["trainable"] > 0 and r["disk_bytes"] > 0
+                and finite(r["train_loss"], r["eval_loss"], r["accuracy"], r["step_s"], r["peak_rss_mib"])
+                for r in rows)
+            for name, match in expected.items()})
     command = " ".join(["python bench/adapters.py", *sys.argv[1:]])
     path = write_results("adapters", {"command": command, "setting": setting, "rows": rows})
     print(f"wrote {path}")

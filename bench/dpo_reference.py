@@ -2,7 +2,7 @@
 reference model, and step time with and without precomputed reference log-probs.
 
     python bench/dpo_reference.py                  # ~7-9 minutes on this 2-core CPU, offline
-    python bench/dpo_reference.py --quick          # tiny sizes, ~2 minutes: checks that the script runs (no JSON)
+    python bench/dpo_reference.py --smoke          # tiny sizes, both parts, bf16 checkpoint only, no JSON
     python bench/dpo_reference.py --part timing    # rerun one part; replaces that part in the results JSON
 
 Part 1 - peak memory. A random-weight tiny Qwen2 large enough that its fp32 weights dominate the process
@@ -61,13 +61,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, cpu_seconds, offline, table, wait_quiet, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    add_smoke_flag,
+    cpu_seconds,
+    finite,
+    offline,
+    smoke_check,
+    smoke_mode,
+    table,
+    wait_quiet,
+    write_results,
+)
 
 GOAL = 0.6
 BIG = dict(hidden_size=2048, num_layers=12, num_heads=16)
 MID = dict(hidden_size=512, num_layers=4, num_heads=8)
-QUICK_BIG = dict(hidden_size=256, num_layers=2, num_heads=4)
-QUICK_MID = dict(hidden_size=128, num_layers=2, num_heads=2)
+SMOKE = dict(hidden_size=256, num_layers=2, num_heads=4)  # --smoke: one model for both parts
 VARIANTS = (("a_align_adapter_ref", "memory_align"), ("b_separate_ref_model", "memory_separate"))
 
 
@@ -339,7 +349,10 @@ WORKERS = {"build": worker_build, "memory_align": worker_memory_align, "memory_s
 
 # -- driver ----------------------------------------------------------------------------------------------------
 def busy_processes(window: float = 1.0, min_cores: float = 0.2) -> list[str]:
-    """Command lines of other processes that used more than `min_cores` of CPU over `window` seconds."""
+    """Command lines of other processes that used more than `min_cores` of CPU over `window` seconds (none looked
+    for in smoke mode)."""
+    if smoke_mode():
+        return []
 
     def sample() -> dict[int, tuple[float, str]]:
         out = {}
@@ -375,11 +388,23 @@ def spawn(kind: str, spec: dict, work: Path) -> dict:
     return {**json.loads(out_path.read_text()), "process_wall_s": time.perf_counter() - t0}
 
 
+_BUILT: dict[str, tuple[Path, dict]] = {}
+
+
+def build(size: dict, path: Path, bf16_path: Path | None, work: Path) -> tuple[Path, dict]:
+    """The fp32 model of this size (built in a worker, once per size: --smoke's two parts share one) and its info."""
+    key = json.dumps(size)
+    if key not in _BUILT or bf16_path is not None:
+        spec = {"path": str(path), "size": size, **({"bf16_path": str(bf16_path)} if bf16_path else {})}
+        _BUILT[key] = (path, spawn("build", spec, work))
+    return _BUILT[key]
+
+
 def memory_part(args, work: Path, log) -> dict:
-    size = QUICK_BIG if args.quick else {**BIG, "num_layers": args.big_layers}
+    size = SMOKE if args.smoke else {**BIG, "num_layers": args.big_layers}
     paths = {"bf16": work / "big-bf16", "fp32": work / "big-fp32"}
     t0 = time.perf_counter()
-    info = spawn("build", {"path": str(paths["fp32"]), "bf16_path": str(paths["bf16"]), "size": size}, work)
+    _, info = build(size, paths["fp32"], paths["bf16"], work)
     log(f"built {size} ({info['params'] / 1e6:.0f} M params, {info['fp32_mib']:.0f} MiB in fp32), fp32 and bf16 "
         f"checkpoints, in {time.perf_counter() - t0:.0f} s")
     others = set(busy_processes())
@@ -414,9 +439,8 @@ def memory_part(args, work: Path, log) -> dict:
 
 
 def timing_part(args, work: Path, log) -> dict:
-    size = QUICK_MID if args.quick else MID
-    path = work / "mid"
-    info = spawn("build", {"path": str(path), "size": size}, work)
+    size = SMOKE if args.smoke else MID
+    path, info = build(size, work / "mid", None, work)
     spec = {"model": str(path), "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
             "warmup": args.warmup}
     runs: dict[str, list] = {"off": [], "on": []}
@@ -426,7 +450,7 @@ def timing_part(args, work: Path, log) -> dict:
             for attempt in range(args.retries + 1):
                 others.update(busy_processes())
                 timeout = args.quiet_timeout * (1 + 2 * attempt)
-                waited.append(0.0 if args.quick else wait_quiet(timeout=timeout))
+                waited.append(wait_quiet(timeout=timeout))
                 res = spawn("timing", {**spec, "precompute": precompute, "round": f"{r}-{attempt}"}, work)
                 res["clean"] = max(res["foreign_cpu"], res["foreign_cpu_trainer_init"]) <= args.max_foreign
                 log(f"timing, round {r}, precompute={precompute}: median step {res['median_step_s'] * 1000:.0f} ms, "
@@ -503,9 +527,32 @@ def report_timing(timing: dict) -> None:
           f"(max diff {timing['max_abs_loss_diff_off_on']:.1e})")
 
 
+def smoke_checks(memory: dict | None, timing: dict | None, args) -> dict[str, bool]:
+    """Each side of each part ran its steps and measured what it claims."""
+    checks = {}
+    if args.part in ("all", "memory"):
+        runs = memory["checkpoints"]["bf16"]["runs"]
+        for name, _ in VARIANTS:
+            r = runs.get(name, {})
+            checks[f"memory, {name}: {args.mem_steps} steps with losses and a peak RSS / PSS"] = (
+                r.get("steps") == args.mem_steps and len(r.get("losses", [])) >= args.mem_steps
+                and finite(r.get("peak_rss_mib"), r.get("peak_pss_mib")))
+        checks["memory: (a) trained with TRL's 'ref' adapter copy, (b) with a separate reference model"] = (
+            runs["a_align_adapter_ref"].get("ref_adapter") is True
+            and runs["b_separate_ref_model"].get("separate_ref_model") is True)
+    if args.part in ("all", "timing"):
+        for side, precompute in (("off", False), ("on", True)):
+            rs = timing["runs"][side]
+            checks[f"timing, precompute {side}: {args.rounds} run(s) of {args.steps} timed steps"] = (
+                len(rs) == args.rounds and all(r["steps"] == args.steps and r["precompute"] is precompute
+                                               and finite(r["median_step_s"], *r["step_s"]) for r in rs))
+        checks["timing: the precompute pass and TRL's weight hash were timed"] = all(
+            r["precompute_pass_s"] > 0 and r["hash_s"] > 0 for r in timing["runs"]["on"])
+    return checks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (smoke test; writes no JSON)")
     parser.add_argument("--mem-batch-size", type=int, default=2)
     parser.add_argument("--mem-steps", type=int, default=3)
     parser.add_argument("--big-layers", type=int, default=BIG["num_layers"], help="layers of the memory-part model")
@@ -525,14 +572,17 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2, help="repeats of a timed run that overlapped other work")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    add_smoke_flag(parser, "one hidden-256 model for both parts, bf16 checkpoint only, 2 memory steps, 4 timed steps "
+                           "(2 warm-up), one round, no repeats")
     args = parser.parse_args()
     offline()
     if args.worker:
         kind, spec_path, out_path = args.worker
         Path(out_path).write_text(json.dumps(WORKERS[kind](json.loads(Path(spec_path).read_text()))))
         return
-    if args.quick:
-        args.steps, args.rounds, args.mem_steps = 6, 1, 2
+    if smoke_mode(args.smoke):
+        args.steps, args.warmup, args.rounds, args.mem_steps, args.retries = 4, 2, 1, 2, 0
+        args.no_fp32_checkpoint = True
     started = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -546,7 +596,9 @@ def main() -> None:
         memory = memory_part(args, Path(tmp), log) if args.part != "timing" else previous.get("memory")
         timing = timing_part(args, Path(tmp), log) if args.part != "memory" else previous.get("timing")
     report(memory if args.part != "timing" else None, timing if args.part != "memory" else None)  # this run's parts
-    if not (args.quick or args.no_write):
+    if args.smoke:
+        return smoke_check("dpo_reference", smoke_checks(memory, timing, args))
+    if not args.no_write:
         command = "python bench/dpo_reference.py " + " ".join(sys.argv[1:])
         parts = {"memory": memory, "timing": timing}
         commands = dict(previous.get("commands", {}))

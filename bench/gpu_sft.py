@@ -1,7 +1,7 @@
 """SFT on one GPU per adapter kind: step time, tokens/s, model FLOPs utilisation and peak GPU memory.
 
     python bench/gpu_sft.py                          # lora, qlora, full on a ~0.3B random Qwen2 (needs CUDA)
-    python bench/gpu_sft.py --kinds lora --size tiny --steps 8    # a CPU smoke run of the script itself
+    python bench/gpu_sft.py --smoke                  # CPU or GPU: lora, tiny model, 8 steps of 4 rows of 128, no JSON
 
 Setting: a random-weight Qwen2 built by align.tiny (`--size medium`: hidden 1024, 24 layers, 16 heads, MLP 2816,
 vocabulary 1024 with digits split, ~0.31B parameters; saved in float32, trained in bf16 on a GPU), `align sft` on
@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import offline, write_results  # noqa: E402
+from _common import add_smoke_flag, finite, offline, smoke_check, smoke_mode, write_results  # noqa: E402
 
 SIZES = {
     "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256),
@@ -102,9 +102,12 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
+    add_smoke_flag(parser, "runs on CPU: --kinds lora --size tiny --steps 8, warm-up 2, 4 rows of 128 tokens")
     args = parser.parse_args()
     if args.model:
         return worker(args)
+    if smoke_mode(args.smoke):
+        args.kinds, args.size, args.steps, args.warmup, args.batch_size, args.max_length = "lora", "tiny", 8, 2, 4, 128
     offline()
     from align.tiny import build_tiny_model
 
@@ -126,6 +129,11 @@ def main() -> None:
             result = json.loads(lines[-1].removeprefix("RESULT "))
             results.append(result)
             print(json.dumps(result), flush=True)
+    if args.smoke:
+        return smoke_check("gpu_sft", {"a result per kind": len(results) == len(args.kinds.split(","))} | {
+            f"{r['kind']}: trained with step times, tokens/s and a loss": (
+                "failed" not in r and r["real_tokens_per_s"] > 0 and finite(r["median_step_ms"], r["final_loss"]))
+            for r in results})
     write_results(f"gpu_sft_{args.size}", {"args": vars(args), "results": results})
     if any("failed" in r for r in results):
         sys.exit(1)

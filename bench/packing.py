@@ -2,6 +2,7 @@
 
     python bench/packing.py                 # ~3 minutes on a 2-core CPU
     python bench/packing.py --examples 400  # quicker
+    python bench/packing.py --smoke         # 48 examples, both sides, no results written (tests/test_bench.py)
 
 Data: a generated "messages" jsonl (in a temp dir) of counting exercises, user "Count from 17 in steps of 3."
 and assistant "17 20 23 ...", with skewed lengths: 90% of the examples are 20-60 tokens long, 10% are 400-500
@@ -48,7 +49,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import StepProbe, install_probe, offline, table, use_probe, wait_quiet, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    StepProbe,
+    add_smoke_flag,
+    finite,
+    install_probe,
+    offline,
+    smoke_check,
+    smoke_mode,
+    table,
+    use_probe,
+    wait_quiet,
+    write_results,
+)
 
 GOAL = 2.0
 MODEL = dict(hidden_size=256, num_layers=4, num_heads=4)
@@ -190,7 +203,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-clean-fraction", type=float, default=0.5,
                         help="repeat a run when fewer of its steps than this were clean")
     parser.add_argument("--retries", type=int, default=3, help="repeats of a contended run (the last one is kept)")
+    add_smoke_flag(parser, "48 examples, 8 held out, batch 4, 1 warm-up step, no repeats")
     args = parser.parse_args(argv)
+    if smoke_mode(args.smoke):
+        args.examples, args.heldout, args.padded_batch, args.warmup, args.retries = 48, 8, 4, 1, 0
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     offline()
@@ -273,6 +289,14 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_real_tokens_per_s": ratio, "same_real_tokens": same_tokens,
         "goal": GOAL, "goal_met": ratio >= GOAL, "discarded_contended_runs": discarded,
     }
+    if args.smoke:
+        smoke_check("packing", {
+            f"{name} side trained {args.examples} examples with a loss": (
+                r["epoch_examples"] == args.examples and finite(r["final_train_loss"], r["heldout_loss"])
+                and r["steps"] > 0) for name, r in runs.items()} | {
+            "both sides saw the same real tokens": same_tokens,
+            "packed held-out loss computed both ways": finite(packed_eval, base_loss)})
+        return result
     path = write_results("packing", result)
     print(f"wrote {path}")
     return result

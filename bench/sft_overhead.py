@@ -3,6 +3,7 @@ idiomatic TRL code a user would write by hand, measured side by side in one run 
 
     python bench/sft_overhead.py            # ~2-3 minutes on a quiet 2-core CPU
     python bench/sft_overhead.py --rounds 5 --steps 200
+    python bench/sft_overhead.py --smoke    # one round of 12 steps in 4-step turns, batch 4, no JSON
 
 Both sides: the same tiny Qwen2 (align.tiny.build_tiny_model, hidden 256, 4 layers, 4 heads, random weights,
 built into a temp dir), the bundled `arith` sample (data/samples/arith_sft.jsonl, a "messages" column),
@@ -51,8 +52,11 @@ from _common import (  # noqa: E402
     TRL_TEMPLATE,
     PipeBaton,
     StepProbe,
+    add_smoke_flag,
     install_probe,
     offline,
+    smoke_check,
+    smoke_mode,
     table,
     use_probe,
     wait_quiet,
@@ -231,7 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-clean-pairs", type=int, default=40,
                         help="run extra rounds (up to --max-rounds) until this many clean block pairs are measured")
     parser.add_argument("--max-rounds", type=int, default=10)
+    add_smoke_flag(parser, "one round of 12 steps taken 4 at a time (4 warm-up; a loss is logged at step 10), batch 4, "
+                           "rows of <= 64 tokens")
     args = parser.parse_args(argv)
+    if smoke_mode(args.smoke):
+        args.rounds = args.max_rounds = 1
+        args.steps, args.block, args.warmup, args.batch_size, args.max_length, args.min_clean_pairs = 12, 4, 4, 4, 64, 0
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     offline()
@@ -301,6 +310,16 @@ def main(argv: list[str] | None = None) -> dict:
         "identical_losses": all(o["identical_losses"] for o in rounds), "rounds": rounds,
         "wall_s": time.perf_counter() - t_start,
     }
+    if args.smoke:
+        only = rounds[0]
+        smoke_check("sft_overhead", {
+            f"{side} side: {args.steps} steps, timed blocks after the warm-up":
+                only["steps_done"].get(side) == args.steps and only["blocks_per_side"] >= 1
+            for side in ("align", "trl")} | {
+            "both sides trained on identical batches": only["identical_batches"],
+            "both sides logged a loss at step 10":
+                len(only["losses"]["align"]) >= 2 and len(only["losses"]["trl"]) >= 1})
+        return result
     path = write_results("sft_overhead", result)
     print(f"wrote {path}")
     return result
