@@ -42,7 +42,7 @@ from align import integrity
 from align.errors import AlignError
 
 MANIFEST = "run.json"
-ARTIFACTS = ("adapter", "model", "critic", "pairs.jsonl")  # what a completed run records and every reuse verifies
+ARTIFACTS = ("adapter", "model", "critic", "base", "pairs.jsonl")  # what a completed run records and every reuse verifies
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "vllm")
 
 
