@@ -2,6 +2,7 @@
 read back from disk (cache dropped when the machine allows it), and the size + mtime check that every reuse does.
 
     python bench/hash_cost.py [--size-gib 1] [--repeat 3]
+    python bench/hash_cost.py --smoke        # 8 MiB, once; checks that a changed file is caught (writes nothing)
 
 Writes bench/results/hash_cost.json (date, commit, machine, CPU load seen) and prints a table.
 """
@@ -14,11 +15,15 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from align import integrity
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_smoke_flag, finite, smoke_check, smoke_mode  # noqa: E402
+
+from align import integrity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hash_cost.json"
 
@@ -45,7 +50,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-gib", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
+    add_smoke_flag(parser, "8 MiB, once")
     args = parser.parse_args()
+    if smoke_mode(args.smoke):
+        args.size_gib, args.repeat = 8 / 1024, 1
     size = int(args.size_gib * (1 << 30))
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         path = Path(tmp) / "weights.safetensors"
@@ -61,6 +69,14 @@ def main() -> None:
             integrity._hashed.clear()
             cold.append(timed(lambda: integrity.sha256_file(path)))
             check.append(timed(lambda: integrity.verify_files(Path(tmp), records)))
+        if smoke_mode():
+            clean = integrity.verify_files(Path(tmp), records)
+            with open(path, "r+b") as fh:
+                fh.truncate(size - 1)
+            smoke_check("hash_cost", {"hashes timed": finite(*warm, *cold, *check),
+                                      "the written file verifies": not clean,
+                                      "a truncated file is caught": bool(integrity.verify_files(Path(tmp), records))})
+            return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
