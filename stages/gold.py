@@ -118,4 +118,5 @@ def column_problems(cfg, row: dict[str, Any]) -> list[str]:
         golds = resolve_rewards(getattr(cfg, "gold_reward", []) or [])
     except AlignError:  # reported by GoldOptions.check
         return []
-    return [f"--gold-reward: {p}" for p in missing_columns(golds, row)]
+    return [f"--gold-reward: {p} (in a pipeline, gold_reward defaults to the eval block's rewards and accuracy for a "
+            "stage on a reward model; set gold_reward: [] to turn them off)" for p in missing_columns(golds, row)]

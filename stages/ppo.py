@@ -40,6 +40,11 @@ its share of the step's prompts; whitening, the per-token loss normalisation and
 batch, and the gradients are averaged before each optimizer step (`Processes` below) — N processes with batch B/N
 follow the 1-process run with batch B.
 
+Gold metrics (`--gold-reward`, align.stages.gold) are scored on each step's rollouts and on the held-out prompts
+(`gold/<name>/mean`, `eval/gold/<name>/mean`, with `eval/kl` the sequence KL of the held-out completions) and never
+enter the score. `--keep-best METRIC` (align.stages.best) saves the actor at each new best held-out value (step 0, the
+starting policy, included) to RUN/best/ and installs it as adapter/ at the end; critic/ stays the last step's.
+
 Run directory: adapter/ (the actor; a policy for the next stage), critic/ (critic.safetensors: the critic's adapter
 and value head; critic.json), metrics.jsonl, logs/, checkpoints/checkpoint-N (actor, critic, optimizer, scheduler,
 KL coefficient, RNG states: `--resume` continues exactly where it stopped).
@@ -198,9 +203,9 @@ class PPO:
         from transformers import get_scheduler
 
         from align.models import disable_dropout
+        from align.stages.best import Keeper
         from align.stages.common import tensorboard_writer, uses_tensorboard
         from align.stages.critic import CRITIC, build_critic
-        from align.stages.best import Keeper
         from align.stages.gold import Gold
         from align.stages.ppo_losses import AdaptiveKL
         from align.trackers import Trackers
@@ -636,7 +641,10 @@ def main(cfg: PPOConfig) -> Path:
         best = ppo.best.finish() if ppo.best is not None else None
         if run.writer:  # the main process; the processes' copies are identical
             with run.artifact("adapter") as tmp:
-                ppo.best.install(tmp) if best else save_policy(ppo.model, ppo.tokenizer, tmp)
+                if best:  # --keep-best: the best evaluation step's actor
+                    ppo.best.install(tmp)
+                else:
+                    save_policy(ppo.model, ppo.tokenizer, tmp)
             with run.artifact("critic") as tmp:  # the last step's critic, also with --keep-best
                 ppo.critic.save(tmp)
         run.update_manifest(metrics=metrics, **({"best": best} if best else {}))
