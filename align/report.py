@@ -350,7 +350,7 @@ def _overoptimization_text(found: list[Overoptimization], best: dict[str, Any] |
                      f"({best['value']:.4g}); it is this run's adapter.")
     lines.append("Gold metrics are scored on the same completions as the proxy and never trained on; see "
                  + ", ".join(f"overoptimization_{_slug(o.name)}_steps.png / _kl.png" for o in found) + ".")
-    return "\n".join(lines)
+    return "\n".join(f"- {line}" for line in lines)
 
 
 def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
