@@ -183,6 +183,7 @@ def plot_overoptimization(found: list[Overoptimization], out: Path, title: str) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,7 @@ def plot_overoptimization(found: list[Overoptimization], out: Path, title: str) 
     for o in found:
         peak_step, peak_value = o.peak()
         # 1. over steps
-        fig, left = plt.subplots(figsize=(7.5, 4.2))
+        fig, left = plt.subplots(figsize=(7.5, 4.8))
         right = left.twinx()
         lines = []
         for ax, series, color, label in ((left, o.proxy, proxy_color, f"proxy: {o.proxy_label}"),
@@ -210,7 +211,7 @@ def plot_overoptimization(found: list[Overoptimization], out: Path, title: str) 
         right.set_ylabel(f"gold: {o.name}", color=gold_color)
         left.xaxis.set_major_locator(MaxNLocator(integer=True))
         left.grid(alpha=0.3)
-        left.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best")
+        _legend_below(left, lines)
         left.set_title(f"{title}: proxy vs gold over training", fontsize=10)
         fig.tight_layout()
         path = out / f"overoptimization_{_slug(o.name)}_steps.png"
@@ -222,26 +223,31 @@ def plot_overoptimization(found: list[Overoptimization], out: Path, title: str) 
         kl = dict(o.kl[split])
         if not kl:
             continue
-        fig, left = plt.subplots(figsize=(7.5, 4.2))
+        fig, left = plt.subplots(figsize=(7.5, 4.8))
         right = left.twinx()
         lines = []
-        for ax, series, color, label, marker in ((left, o.proxy, proxy_color, f"proxy: {o.proxy_label}", "s-"),
-                                                 (right, o.gold, gold_color, f"gold: {o.name}", "o-")):
+        for ax, series, color, label, marker in ((left, o.proxy, proxy_color, f"proxy: {o.proxy_label}", "s"),
+                                                 (right, o.gold, gold_color, f"gold: {o.name}", "o")):
             pts = [(math.sqrt(max(kl[s], 0.0)), v, s) for s, v in series[split] if s in kl]
-            if pts:
-                xs, ys, _ = zip(*pts, strict=True)
-                lines += ax.plot(xs, ys, marker, color=color, lw=1.5, ms=4, label=label)
+            if pts:  # points, not a path: the KL need not grow monotonically with the steps
+                xs, ys, steps = zip(*pts, strict=True)
+                lines += ax.plot(xs, ys, marker, color=color, ms=6, alpha=0.85, label=label)
+                if len(pts) <= 25:
+                    for x, y, step in pts:
+                        ax.annotate(str(step), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                                    color=color)
         gold_pts = {s: v for s, v in o.gold[split]}
         if peak_step in kl and peak_step in gold_pts and split == ("eval" if o.held_out else "train"):
             x = math.sqrt(max(kl[peak_step], 0.0))
             lines += right.plot([x], [gold_pts[peak_step]], "*", color="black", ms=12,
                                 label=f"gold peak (step {peak_step})")
         where = "held-out completions" if split == "eval" else "training rollouts"
+        lines.append(Line2D([], [], ls="none", label="numbers: training step"))
         left.set_xlabel(f"√KL to the parent policy  ({o.kl_label}; {where})")
         left.set_ylabel(f"proxy: {o.proxy_label}", color=proxy_color)
         right.set_ylabel(f"gold: {o.name}", color=gold_color)
         left.grid(alpha=0.3)
-        left.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best")
+        _legend_below(left, lines)
         left.set_title(f"{title}: proxy and gold against distance from the parent", fontsize=10)
         fig.tight_layout()
         path = out / f"overoptimization_{_slug(o.name)}_kl.png"
@@ -249,6 +255,11 @@ def plot_overoptimization(found: list[Overoptimization], out: Path, title: str) 
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _legend_below(ax, lines: list) -> None:
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=2, frameon=False)
 
 
 def _fmt(value: Any) -> str:
@@ -364,10 +375,11 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
         run_dir = Path(stage["run"])
         if (run_dir / "run.json").is_file():
             run_report(run_dir, run_dir / "report")
-            links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status"),
+            links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status"), _kept(stage),
                           f"../{run_dir.name}/report/report.html"])
         else:
-            links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status", "pending"), "-"])
+            links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status", "pending"), "-",
+                          "-"])
     rows = data.get("table", [])
     header = ["stage", "kind", "from", "held-out accuracy", "mean reward", "KL to parent", "preference accuracy"]
     def cell(row: dict[str, Any], metric: str) -> str:
@@ -382,7 +394,7 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
     sections = [
         ("Held-out metrics, base → each stage", table + f"\n\nHeld-out data: {evaluation.get('data', '-')} "
                                                        f"({evaluation.get('max_samples', 'all')} samples)."),
-        ("Stages", _md_table(["stage", "kind", "from", "status", "report"], links)),
+        ("Stages", _md_table(["stage", "kind", "from", "status", "handed on (--keep-best)", "report"], links)),
         ("Pipeline", _md_table(["field", "value"], [[k, data.get(k)] for k in ("pipeline", "status", "model",
                                                                                "output", "seed")])),
     ]
@@ -391,6 +403,11 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
     write_pages(out, f"pipeline {pipeline_dir.name}", sections, images)
     (out / "table.txt").write_text(format_table(rows) + "\n")
     return out
+
+
+def _kept(stage: dict[str, Any]) -> str:
+    best = stage.get("best")
+    return f"step {best['step']} ({best['metric']} = {best['value']:.4g})" if best else "last step"
 
 
 def _stage_bars(rows: list[dict[str, Any]], out: Path) -> list[Path]:

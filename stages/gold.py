@@ -46,7 +46,8 @@ class GoldOptions:
         try:
             golds = resolve_rewards(self.gold_reward)
         except AlignError as e:
-            problems.add(f"--gold-reward: {e}")
+            for problem in e.problems or [str(e)]:
+                problems.add(f"--gold-reward: {problem}")
             return
         names = [g.name for g in golds]
         if len(set(names)) < len(names):

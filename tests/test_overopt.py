@@ -199,7 +199,7 @@ def test_report_draws_gold_against_proxy_and_kl_and_names_the_peak(cli, rlhf_run
 
 
 # -- a pipeline hands the best step on ---------------------------------------------------------------------------
-def test_pipeline_hands_the_best_step_on_and_names_it(sft_run, rm_run, eval_prompts, tmp_path):
+def test_pipeline_hands_the_best_step_on_and_names_it(cli, sft_run, rm_run, eval_prompts, tmp_path):
     from align.pipeline import run_pipeline
 
     result = run_pipeline({
@@ -219,6 +219,10 @@ def test_pipeline_hands_the_best_step_on_and_names_it(sft_run, rm_run, eval_prom
     assert ppo["best"]["step"] in (0, 1, 2)
     child = json.loads((tmp_path / "pipe" / "sft2" / "run.json").read_text())
     assert Path(child["parent"]).name == "ppo" and sft2["from"] == "ppo"
+    code, _, err = cli("report", tmp_path / "pipe")
+    assert code == 0, err
+    page = (tmp_path / "pipe" / "report" / "report.md").read_text()
+    assert f"| ppo | ppo | base | completed | step {ppo['best']['step']} (eval/gold/accuracy/mean = " in page, page
 
 
 def test_keep_best_in_a_trl_stage_keeps_that_steps_adapter(tiny_model, tmp_path):
