@@ -20,7 +20,6 @@ A gold function's own log_metric / log_extra calls are dropped (they would mix w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,15 +70,8 @@ class GoldOptions:
             [f"{PREFIX}{g.name}/mean" for g in golds]
 
 
-def gold_names(cfg) -> list[str]:
-    """The names gold metrics are logged under (gold/<name>/mean), [] without --gold-reward."""
-    from align.rewards import resolve_rewards
-
-    return [g.name for g in resolve_rewards(getattr(cfg, "gold_reward", []) or [])]
-
-
 class Gold:
-    """The gold reward functions of a run, guarded like training rewards; `score` gives per-function means."""
+    """The gold reward functions of a run, guarded like training rewards; `scores` scores a call."""
 
     def __init__(self, specs: list[str], timeout: float | None, on_fault: str, trust_remote_code: bool = False):
         from align.rewards import guard_all
@@ -100,14 +92,6 @@ class Gold:
         quiet = type(call)(call.prompts, call.completions, {**call.kwargs, "log_metric": _ignore, "log_extra": _ignore})
         return {f"{PREFIX}{fn.__name__}/mean": values for fn, values in zip(self.rewards, quiet.score(self.rewards),
                                                                              strict=True)}
-
-    @staticmethod
-    def means(scores: dict[str, list[float | None]]) -> dict[str, float]:
-        return {key: _mean([v for v in values if v is not None]) for key, values in scores.items()}
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
 
 
 def column_problems(cfg, row: dict[str, Any]) -> list[str]:

@@ -105,17 +105,19 @@ def test_keep_best_and_gold_are_validated_with_every_problem(cli, sft_run, tmp_p
 # -- gold is logged, and never trained on ------------------------------------------------------------------------
 STAGE_ARGS = {
     "ppo": ["--batch-size", "8", "--ppo-epochs", "1", "--lr", "1e-3", "--kl-coef", "0.01"],
-    "grpo": ["--batch-size", "8", "--num-generations", "4", "--lr", "1e-3", "--logging-steps", "1"],
+    "grpo": ["--batch-size", "4", "--num-generations", "2", "--lr", "1e-3", "--logging-steps", "1"],
 }
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_gold_is_logged_beside_the_proxy_and_never_reaches_the_loss(cli, sft_run, eval_prompts, tmp_path, stage):
+    few = tmp_path / "eval4.jsonl"
+    few.write_text("".join(eval_prompts.read_text().splitlines(True)[:4]))
     runs = {}
     for name, gold in (("plain", []), ("gold", ["--gold-reward", ANTI_LENGTH, "accuracy"])):
         runs[name] = tmp_path / name
         code, _, err = cli(stage, "--from", sft_run, "--data", "arith-prompts", "--reward", "reward_plugins:text_len",
-                           *gold, "--eval-data", eval_prompts, "--eval-steps", "2", "--max-steps", "3",
+                           *gold, "--eval-data", few, "--eval-steps", "1", "--max-steps", "2",
                            "--output", runs[name], *STAGE_ARGS[stage], *FAST)
         assert code == 0, err
     assert max_adapter_difference(runs["plain"], runs["gold"]) < 1e-6  # the gold would pull the other way
@@ -123,7 +125,7 @@ def test_gold_is_logged_beside_the_proxy_and_never_reaches_the_loss(cli, sft_run
     proxy = "objective/scores" if stage == "ppo" else "reward"
     held_out = "eval/" if stage == "ppo" else "eval_"
     trained = [m for m in gold if proxy in m]
-    assert len(trained) == 3
+    assert len(trained) == 2
     for m, p in zip(trained, [m for m in plain if proxy in m], strict=True):
         assert m[proxy] == pytest.approx(p[proxy], abs=1e-6)  # the same rollouts, scored the same by the proxy
         assert m["gold/short_is_better/mean"] == pytest.approx(-m["rewards/text_len/mean"], abs=1e-4)  # side by side
@@ -204,7 +206,7 @@ def test_pipeline_hands_the_best_step_on_and_names_it(cli, sft_run, rm_run, eval
 
     result = run_pipeline({
         "output": str(tmp_path / "pipe"), "seed": 0,
-        "eval": {"data": str(eval_prompts), "max_new_tokens": 6},
+        "eval": {"data": str(eval_prompts), "max_new_tokens": 6, "reward": ["closeness(scale=50)"]},
         "stages": [
             {"name": "ppo", "kind": "ppo", "from": str(sft_run), "data": "arith-prompts", "reward_model": str(rm_run),
              "eval_data": str(eval_prompts), "eval_steps": 1, "max_steps": 2, "keep_best": "eval/gold/accuracy/mean",
@@ -214,7 +216,7 @@ def test_pipeline_hands_the_best_step_on_and_names_it(cli, sft_run, rm_run, eval
         ]})
     ppo, sft2 = result["stages"]
     manifest = json.loads((tmp_path / "pipe" / "ppo" / "run.json").read_text())
-    assert manifest["config"]["gold_reward"] == ["accuracy"]  # the eval block's accuracy, by default
+    assert manifest["config"]["gold_reward"] == ["closeness(scale=50)", "accuracy"]  # the eval block's, by default
     assert ppo["best"] == manifest["best"] and ppo["best"]["metric"] == "eval/gold/accuracy/mean"
     assert ppo["best"]["step"] in (0, 1, 2)
     child = json.loads((tmp_path / "pipe" / "sft2" / "run.json").read_text())
