@@ -34,6 +34,11 @@ the same code as the command) on held-out data, with the KL to the stage's paren
 their own `eval_data` pairs. A stage with `gate: {metric: M, min_delta: X}` must reach parent's M + X, else the
 pipeline stops with exit code 3 (GATE_EXIT) before the stages after it spend compute. DIR/pipeline.json holds the
 resolved pipeline, each stage's status, run directory, lineage, final metrics and held-out metrics.
+
+A ppo/grpo stage trained on a reward model gets the eval block's rewards and accuracy as gold metrics
+(`gold_reward`, align.stages.gold) unless it names its own. A stage with `keep_best: METRIC` hands its best held-out
+step's policy to the next stage (it is the run's adapter) and pipeline.json records it as the stage's
+`best: {metric, mode, step, value}`.
 """
 
 from __future__ import annotations
@@ -208,6 +213,8 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
             resolved = [_reward_ref(str(s), names, output) for s in specs]
             options["reward"] = [r[0] for r in resolved]
             refs.update(r[1] for r in resolved if r[1])
+        if "gold_reward" in fields and "gold_reward" not in options and _uses_reward_model(options, refs, names):
+            options["gold_reward"] = default_gold(evaluation, options.get("reward") or [])
         for ref in refs - {parent}:
             if ref not in seen:
                 problems.add(f"{label}: '{ref}' refers to a stage that comes later; reorder the stages.")
@@ -235,6 +242,22 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
     problems.extend(_stage_problems(stages, where))
     problems.raise_if_any(f"Invalid pipeline {where}:")
     return {**raw, "output": str(output), "defaults": defaults, "eval": evaluation}, stages
+
+
+def _uses_reward_model(options: dict[str, Any], refs: set[str], names: dict[str, str]) -> bool:
+    """Is a reward model (a run of an rm stage, or --reward-model) among the stage's rewards?"""
+    return bool(options.get("reward_model")) or any(names.get(ref) == "rm" for ref in refs)
+
+
+def default_gold(evaluation: dict[str, Any], proxies: list[str]) -> list[str]:
+    """An RL stage on a reward model measures what the eval block measures, as gold metrics (align.stages.gold): its
+    rewards and, when it has an answer column, accuracy — those the stage does not already train on."""
+    if not evaluation.get("data"):
+        return []
+    column = evaluation.get("answer_column", "answer")
+    accuracy = "accuracy" if column == "answer" else f"accuracy(column={column!r})"
+    specs = [*(evaluation.get("reward") or []), accuracy]
+    return [s for s in dict.fromkeys(str(s) for s in specs) if s not in proxies]
 
 
 def _stage_problems(stages: list[Stage], where: str) -> list[str]:
@@ -436,7 +459,8 @@ class Pipeline:
         self.records[stage.name] = {
             "name": stage.name, "kind": stage.kind, "run": str(stage.run_dir), "from": stage.parent or "base",
             "action": stage.action, "status": manifest.get("status"), "lineage": manifest.get("lineage"),
-            "metrics": manifest.get("metrics"), "eval": evaluation}
+            "metrics": manifest.get("metrics"), "eval": evaluation,
+            **({"best": manifest["best"]} if manifest.get("best") else {})}
         self.save()
         if stage.gate:
             self.check_gate(stage, evaluation)

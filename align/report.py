@@ -7,6 +7,11 @@ evaluation points (`eval_*` / `eval/*` keys) are drawn as markers on the curve o
 For a pipeline directory (DIR/pipeline.json): a report per stage (in DIR/<stage>/report/), and DIR/report/ with the
 table base → each stage of held-out metrics, linking the stage reports.
 
+An RL run with gold metrics (`--gold-reward`, align.stages.gold) also gets the over-optimization picture, per gold
+metric G: `overoptimization_G_steps.png` (proxy = the total training reward, left axis, and gold, right axis, over
+steps; held-out points as markers) and `overoptimization_G_kl.png` (proxy and gold against √KL to the parent, as in
+Gao, Schulman & Hilton 2022), and the summary page says at which step gold peaked and where it ended.
+
 Works on a run in progress (it reads what is logged so far). Matplotlib with the Agg backend (no display).
 """
 
@@ -100,6 +105,163 @@ def plot_series(series: dict[str, dict[str, list[tuple[float, float]]]], out: Pa
     return written
 
 
+# -- over-optimization: gold vs proxy ------------------------------------------------------------------------
+# (training key, held-out keys, label) of the proxy and the KL, as ppo and grpo (TRL) log them
+PROXY = (("objective/scores", ("eval/score",), "total training reward"), ("reward", ("eval_reward",), "total training reward"))
+KL = (("objective/kl", ("eval/kl",), "KL per sequence, nats"), ("kl", ("eval_kl",), "KL per token, nats"))
+
+
+def _points(records: list[dict[str, Any]], keys: tuple[str, ...]) -> list[tuple[int, float]]:
+    """(step, value) of the first of `keys` each record holds, finite values only."""
+    out = []
+    for record in records:
+        value = next((record[k] for k in keys if isinstance(record.get(k), (int, float))), None)
+        if value is not None and not isinstance(value, bool) and math.isfinite(value):
+            out.append((int(record.get("step", 0)), float(value)))
+    return out
+
+
+def _peak(points: list[tuple[int, float]]) -> tuple[int, float]:
+    """The highest point, the first one on a tie."""
+    return max(points, key=lambda p: (p[1], -p[0]))
+
+
+@dataclass
+class Overoptimization:
+    """One gold metric's series beside the proxy's and the KL's; `held_out` says which series the peak is read from."""
+
+    name: str
+    gold: dict[str, list[tuple[int, float]]]  # {"train": ..., "eval": ...}
+    proxy: dict[str, list[tuple[int, float]]]
+    kl: dict[str, list[tuple[int, float]]]
+    proxy_label: str
+    kl_label: str
+
+    @property
+    def held_out(self) -> bool:
+        return bool(self.gold["eval"])
+
+    def peak(self) -> tuple[int, float]:
+        return _peak(self.gold["eval" if self.held_out else "train"])
+
+    def final(self) -> tuple[int, float]:
+        return self.gold["eval" if self.held_out else "train"][-1]
+
+    def summary(self) -> str:
+        which = "held-out" if self.held_out else "training-rollout"
+        (step, value), (last, end) = self.peak(), self.final()
+        proxy = dict(self.proxy["eval" if self.held_out else "train"])
+        text = f"{which} gold {self.name} peaked at step {step} ({value:.4g}); at the final step {last} it is {end:.4g}"
+        if step in proxy and last in proxy:
+            text += f", while the proxy ({self.proxy_label}) went {proxy[step]:.4g} → {proxy[last]:.4g}"
+        return text + "."
+
+
+def find_overoptimization(records: list[dict[str, Any]]) -> list[Overoptimization]:
+    """The gold metrics of a run's metrics.jsonl records, each with the proxy and KL series beside it."""
+    names = sorted({k[len("gold/"):-len("/mean")] for r in records for k in r
+                    if k.startswith("gold/") and k.endswith("/mean")}
+                   | {k[len(p) + len("gold/"):-len("/mean")] for r in records for k in r for p in ("eval/", "eval_")
+                      if k.startswith(p + "gold/") and k.endswith("/mean")})
+    proxy = next((p for p in PROXY if _points(records, (p[0],))), PROXY[0])
+    kl = next((k for k in KL if _points(records, (k[0],))), KL[0])
+    out = []
+    for name in names:
+        gold = {"train": _points(records, (f"gold/{name}/mean",)),
+                "eval": _points(records, (f"eval/gold/{name}/mean", f"eval_gold/{name}/mean"))}
+        if gold["train"] or gold["eval"]:
+            out.append(Overoptimization(name, gold, {"train": _points(records, (proxy[0],)),
+                                                     "eval": _points(records, proxy[1])},
+                                        {"train": _points(records, (kl[0],)), "eval": _points(records, kl[1])},
+                                        proxy[2], kl[2]))
+    return out
+
+
+def plot_overoptimization(found: list[Overoptimization], out: Path, title: str) -> list[Path]:
+    """Per gold metric: gold and proxy over steps (two y axes), and against √KL to the parent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    proxy_color, gold_color = "#3b6ea8", "#d9731a"
+    for o in found:
+        peak_step, peak_value = o.peak()
+        # 1. over steps
+        fig, left = plt.subplots(figsize=(7.5, 4.8))
+        right = left.twinx()
+        lines = []
+        for ax, series, color, label in ((left, o.proxy, proxy_color, f"proxy: {o.proxy_label}"),
+                                         (right, o.gold, gold_color, f"gold: {o.name}")):
+            if series["train"]:
+                xs, ys = zip(*series["train"], strict=True)
+                lines += ax.plot(xs, ys, "-", color=color, lw=1.2, alpha=0.45 if series["eval"] else 1.0,
+                                 label=f"{label} (training rollouts)")
+            if series["eval"]:
+                xs, ys = zip(*series["eval"], strict=True)
+                lines += ax.plot(xs, ys, "o-", color=color, lw=2, ms=5, label=f"{label} (held-out)")
+        lines.append(right.axvline(peak_step, color=gold_color, ls=":", lw=1.2,
+                                   label=f"gold peak: step {peak_step} ({peak_value:.3g})"))
+        left.set_xlabel("training step")
+        left.set_ylabel(f"proxy: {o.proxy_label}", color=proxy_color)
+        right.set_ylabel(f"gold: {o.name}", color=gold_color)
+        left.xaxis.set_major_locator(MaxNLocator(integer=True))
+        left.grid(alpha=0.3)
+        _legend_below(left, lines)
+        left.set_title(f"{title}: proxy vs gold over training", fontsize=10)
+        fig.tight_layout()
+        path = out / f"overoptimization_{_slug(o.name)}_steps.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+        # 2. against √KL: held-out points where the KL was measured on them, else the training rollouts
+        split = "eval" if len(o.kl["eval"]) >= 2 and len(o.gold["eval"]) >= 2 else "train"
+        kl = dict(o.kl[split])
+        if not kl:
+            continue
+        fig, left = plt.subplots(figsize=(7.5, 4.8))
+        right = left.twinx()
+        lines = []
+        for ax, series, color, label, marker in ((left, o.proxy, proxy_color, f"proxy: {o.proxy_label}", "s"),
+                                                 (right, o.gold, gold_color, f"gold: {o.name}", "o")):
+            pts = [(math.sqrt(max(kl[s], 0.0)), v, s) for s, v in series[split] if s in kl]
+            if pts:  # points, not a path: the KL need not grow monotonically with the steps
+                xs, ys, steps = zip(*pts, strict=True)
+                lines += ax.plot(xs, ys, marker, color=color, ms=6, alpha=0.85, label=label)
+                if len(pts) <= 25:
+                    for x, y, step in pts:
+                        ax.annotate(str(step), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                                    color=color)
+        gold_pts = {s: v for s, v in o.gold[split]}
+        if peak_step in kl and peak_step in gold_pts and split == ("eval" if o.held_out else "train"):
+            x = math.sqrt(max(kl[peak_step], 0.0))
+            lines += right.plot([x], [gold_pts[peak_step]], "*", color="black", ms=12,
+                                label=f"gold peak (step {peak_step})")
+        where = "held-out completions" if split == "eval" else "training rollouts"
+        lines.append(Line2D([], [], ls="none", label="numbers: training step"))
+        left.set_xlabel(f"√KL to the parent policy  ({o.kl_label}; {where})")
+        left.set_ylabel(f"proxy: {o.proxy_label}", color=proxy_color)
+        right.set_ylabel(f"gold: {o.name}", color=gold_color)
+        left.grid(alpha=0.3)
+        _legend_below(left, lines)
+        left.set_title(f"{title}: proxy and gold against distance from the parent", fontsize=10)
+        fig.tight_layout()
+        path = out / f"overoptimization_{_slug(o.name)}_kl.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _legend_below(ax, lines: list) -> None:
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=2, frameon=False)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -173,8 +335,9 @@ def run_report(run_dir: Path, out: Path) -> Path:
     from align.runs import Run, read_manifest
 
     manifest = read_manifest(run_dir)
-    run = Run(run_dir)
-    images = plot_series(collect_series(run.metrics()), out, run_dir.name)
+    records = Run(run_dir).metrics()
+    found = find_overoptimization(records)
+    images = plot_overoptimization(found, out, run_dir.name) + plot_series(collect_series(records), out, run_dir.name)
     lineage = manifest.get("lineage") or []
     chain = " → ".join([str(manifest.get("base_model"))] + [Path(p.get("path", "?")).name for p in lineage]
                        + [run_dir.name])
@@ -183,11 +346,22 @@ def run_report(run_dir: Path, out: Path) -> Path:
         ("Run", _md_table(["field", "value"], [[k, manifest.get(k)] for k in
                                                ("stage", "status", "adapter", "base_model", "parent", "handoff",
                                                 "started_at", "ended_at")] + [["lineage", chain]])),
+        *([("Over-optimization", _overoptimization_text(found, manifest.get("best")))] if found else []),
         ("Final metrics", _md_table(["metric", "value"], [[k, v] for k, v in final.items()]) if final else "none yet"),
         ("Config", "```\n" + json.dumps(manifest.get("config", {}), indent=2) + "\n```"),
     ]
     write_pages(out, f"{manifest.get('stage', 'run')} run {run_dir.name}", sections, images)
     return out
+
+
+def _overoptimization_text(found: list[Overoptimization], best: dict[str, Any] | None) -> str:
+    lines = [o.summary() for o in found]
+    if best:
+        lines.append(f"Kept (--keep-best {best['metric']}:{best['mode']}): the policy of step {best['step']} "
+                     f"({best['value']:.4g}); it is this run's adapter.")
+    lines.append("Gold metrics are scored on the same completions as the proxy and never trained on; see "
+                 + ", ".join(f"overoptimization_{_slug(o.name)}_steps.png / _kl.png" for o in found) + ".")
+    return "\n".join(f"- {line}" for line in lines)
 
 
 def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
@@ -201,10 +375,11 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
         run_dir = Path(stage["run"])
         if (run_dir / "run.json").is_file():
             run_report(run_dir, run_dir / "report")
-            links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status"),
+            links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status"), _kept(stage),
                           f"../{run_dir.name}/report/report.html"])
         else:
-            links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status", "pending"), "-"])
+            links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status", "pending"), "-",
+                          "-"])
     rows = data.get("table", [])
     header = ["stage", "kind", "from", "held-out accuracy", "mean reward", "KL to parent", "preference accuracy"]
     def cell(row: dict[str, Any], metric: str) -> str:
@@ -219,7 +394,7 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
     sections = [
         ("Held-out metrics, base → each stage", table + f"\n\nHeld-out data: {evaluation.get('data', '-')} "
                                                        f"({evaluation.get('max_samples', 'all')} samples)."),
-        ("Stages", _md_table(["stage", "kind", "from", "status", "report"], links)),
+        ("Stages", _md_table(["stage", "kind", "from", "status", "handed on (--keep-best)", "report"], links)),
         ("Pipeline", _md_table(["field", "value"], [[k, data.get(k)] for k in ("pipeline", "status", "model",
                                                                                "output", "seed")])),
     ]
@@ -228,6 +403,11 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
     write_pages(out, f"pipeline {pipeline_dir.name}", sections, images)
     (out / "table.txt").write_text(format_table(rows) + "\n")
     return out
+
+
+def _kept(stage: dict[str, Any]) -> str:
+    best = stage.get("best")
+    return f"step {best['step']} ({best['metric']} = {best['value']:.4g})" if best else "last step"
 
 
 def _stage_bars(rows: list[dict[str, Any]], out: Path) -> list[Path]:

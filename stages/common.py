@@ -88,8 +88,10 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
 
     run, policy = started.run, started.policy
     trackers = stage_trackers(run, cfg)
+    best = keeper(cfg, run, started.resume_from, "model" if ADAPTERS[policy.adapter].full else "adapter")
     with exact_adapter_precision(policy.model), one_trainable_adalora(policy.model):
-        trainer = make_trainer([metrics_file(run), trackers.callback()] + adapter_callbacks(policy))
+        trainer = make_trainer([metrics_file(run), trackers.callback()] + adapter_callbacks(policy)
+                               + best_callbacks(best, policy.tokenizer))
     adapt_trainer(trainer, policy, cfg)
     if stage in ("dpo", "grpo"):
         from align.models import disable_dropout
@@ -99,12 +101,29 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
         disable_dropout(policy.model)
     with run.lifecycle(**stage_manifest(stage, task, cfg, policy, started.datasets), **manifest), trackers:
         metrics = train_and_save(trainer, run, resume_from=started.resume_from, tokenizer=policy.tokenizer,
-                                 full=ADAPTERS[policy.adapter].full)
+                                 full=ADAPTERS[policy.adapter].full, best=best)
         if run.writer:  # a merged parent chain: the run keeps that base, for plain PEFT (align.export)
             write_base(run.path, {**policy.manifest, "adapter": policy.adapter, "quantized_4bit": policy.quantized_4bit},
                        task=task, pad_token_id=policy.model.config.pad_token_id, trust_remote_code=cfg.trust_remote_code)
-        run.update_manifest(metrics=metrics)
+        run.update_manifest(metrics=metrics, **({"best": best.describe()} if best else {}))
+    if best:
+        best.discard()
     return run.path
+
+
+def keeper(cfg, run: Run, resume_from: Path | None, artifact: str):
+    """--keep-best's Keeper (align.stages.best), or None."""
+    from align.stages.best import Keeper
+
+    if not getattr(cfg, "keep_best", None):
+        return None
+    return Keeper(run, cfg.keep_best, artifact, resume_step=int(resume_from.name.split("-")[-1]) if resume_from else None)
+
+
+def best_callbacks(best, tokenizer) -> list:
+    from align.stages.best import callback
+
+    return [callback(best, tokenizer)] if best is not None else []
 
 
 def adapter_callbacks(policy) -> list:
@@ -354,8 +373,9 @@ def exact_adapter_precision(model) -> Iterator[None]:
             param.data = saved[name]
 
 
-def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool) -> dict[str, Any]:
-    """Train (resuming if asked), evaluate, and write the policy atomically. Returns the final metrics."""
+def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool, best=None) -> dict[str, Any]:
+    """Train (resuming if asked), evaluate, and write the policy atomically — with --keep-best (`best`, an
+    align.stages.best.Keeper) the best evaluation step's policy instead of the last. Returns the final metrics."""
     from align.interrupt import GracefulStop
 
     if resume_from is not None:
@@ -369,6 +389,8 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
+    if best is not None:
+        best.finish()  # AlignError if the metric was never logged: before any policy is written
     from accelerate.utils import DistributedType
 
     from align.models import save_policy
@@ -379,7 +401,10 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
         DistributedType.FSDP, DistributedType.DEEPSPEED) else None
     if accelerator.is_main_process:
         with run.artifact("model" if full else "adapter") as tmp:
-            save_policy(accelerator.unwrap_model(trainer.model), tokenizer, tmp, state_dict=state_dict)
+            if best is not None:
+                best.install(tmp)
+            else:
+                save_policy(accelerator.unwrap_model(trainer.model), tokenizer, tmp, state_dict=state_dict)
     return metrics
 
 

@@ -25,7 +25,8 @@ Options beyond TRL's GRPO (align.stages.grpo_trainer):
 
 `--batch-size` counts completions per device per step: prompts per step = batch size / num generations.
 Logged: reward (total, and per function `rewards/<name>/mean`), reward std, KL, completion length, clip ratios,
-entropy. Raises AlignError (exit 2) for config, data, parent and reward-spec problems, all at once.
+entropy; with `--gold-reward` the gold metrics `gold/<name>/mean` (held out: `eval_gold/<name>/mean`), never trained
+on (align.stages.gold). `--keep-best METRIC` keeps the best held-out step's policy (align.stages.best). Raises AlignError (exit 2) for config, data, parent and reward-spec problems, all at once.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ from align.adapters import AdapterOptions
 from align.config import Config, opt
 from align.errors import Problems
 from align.stages.common import as_dataset, finish_stage, launch_or_join, start_stage, trainer_arguments
+from align.stages.gold import Gold, GoldOptions
 from align.stages.online import RewardOptions, RolloutOptions, load_prompt_data, make_rollout_engine
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
 
 @dataclass
-class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardOptions, RolloutOptions, Config):
+class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardOptions, GoldOptions, RolloutOptions,
+                 Config):
     lr: float = opt(5e-5, "Peak learning rate.")
     batch_size: int = opt(16, "Completions per device per step (prompts per step = this / --num-generations).")
     beta: float = opt(0.04, "KL coefficient to the reference (the starting/parent policy); 0 disables the reference.")
@@ -110,7 +113,7 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
     )
     engine = make_rollout_engine(cfg, policy, started.run.path)
     return AlignGRPOTrainer(
-        engine=engine, advantage=cfg.advantage, scale_rewards=resolved["scale_rewards"],
+        engine=engine, gold=Gold.from_config(cfg), advantage=cfg.advantage, scale_rewards=resolved["scale_rewards"],
         is_correction=resolved["is_correction"], rollout=cfg,
         model=policy.model, reward_funcs=rewards, args=args, processing_class=policy.tokenizer,
         train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation),

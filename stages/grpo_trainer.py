@@ -6,6 +6,8 @@
   the trainer's log-probs only when it drives vLLM itself. align's rollout engine returns the sampler's log-probs
   through `rollout_func`, so the trainer turns TRL's correction on (`use_vllm`, with a no-op weight sync: the engine
   syncs the adapter itself) and logs the fraction of weights cut (`sampling/is_cut_frac`) beside TRL's ratio stats.
+- `--gold-reward SPEC`: gold metrics scored on the same completions after the rewards, logged (`gold/<name>/mean`,
+  held out `eval_gold/<name>/mean`) and never added to the rewards (align.stages.gold).
 - `--sync-check N`: every N steps the trainer scores the tokens the engine just sampled and stops
   (align.stages.rollout.check_sync) when the served adapter is not the current step's or the mean |Δ log p| over
   the sampled tokens passes `--sync-threshold` ("rollouts silently use stale weights"). Logged as
@@ -33,10 +35,11 @@ class _EngineSyncs:
 
 
 class AlignGRPOTrainer(GRPOTrainer):
-    def __init__(self, *args, engine, rollout, advantage: str = "grpo", scale_rewards: str = "group",
+    def __init__(self, *args, engine, rollout, gold=None, advantage: str = "grpo", scale_rewards: str = "group",
                  is_correction: str = "none", **kwargs):
         super().__init__(*args, **kwargs)
         self.engine, self.rollout = engine, rollout  # rollout: the RolloutOptions (sync check)
+        self.gold = gold  # align.stages.gold.Gold or None: metrics only, never in the rewards
         self.advantage, self.align_scale, self.is_correction = advantage, scale_rewards, is_correction
         if is_correction != "none":  # TRL's rollout correction, fed by the engine's log-probs
             self.use_vllm, self.vllm_mode = True, "align"
@@ -62,7 +65,23 @@ class AlignGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.gold is not None:
+            self._log_gold(inputs, prompts, completions, completion_ids_list)
         return self._rewards_per_func
+
+    # -- gold metrics ------------------------------------------------------------------------------------------
+    def _log_gold(self, inputs, prompts, completions, completion_ids_list) -> None:
+        """Gold metrics (align.stages.gold) of this process's completions, averaged over every process's, logged
+        beside the rewards; they are not in `_rewards_per_func`, so they reach neither the advantages nor the loss."""
+        from align.rewards.call import RESERVED, RewardCall
+
+        columns = {k: [row[k] for row in inputs] for k in inputs[0] if k not in RESERVED}
+        call = RewardCall(prompts, completions, {**columns, "completion_ids": completion_ids_list,
+                                                 "trainer_state": self.state})
+        mode = "train" if self.model.training else "eval"
+        for key, values in self.gold.scores(call).items():
+            local = torch.tensor([torch.nan if v is None else v for v in values], device=self.accelerator.device)
+            self._metrics[mode][key].append(torch.nanmean(self.accelerator.gather(local)).item())
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)

@@ -139,6 +139,10 @@ def check_reward_columns(cfg, rows: list[dict], source: str) -> None:
     except AlignError:  # bad specs are reported by RewardOptions.check
         return
     problems = missing_columns(rewards, rows[0]) if rows else []
+    if rows:
+        from align.stages.gold import column_problems
+
+        problems += column_problems(cfg, rows[0])
     if problems:
         raise AlignError(f"{source}: " + "; ".join(problems) + ".")
 

@@ -71,6 +71,10 @@ class TrainOptions:
     save_steps: int = opt(200, "Write a resumable checkpoint every N steps.")
     save_total_limit: int | None = opt(2, "Keep the newest N checkpoints in RUN/checkpoints (older ones are deleted); "
                                           "0 or none keeps all.")
+    keep_best: str | None = opt(None, "Keep the policy of the evaluation step with the best held-out METRIC[:max|min] "
+                                      "(e.g. eval/gold/accuracy/mean, eval_loss:min) as the run's adapter; run.json "
+                                      "names the step. Saved apart from checkpoints (--save-total-limit never "
+                                      "deletes it); needs held-out data.")
     seed: int = opt(42, "Random seed (data order, initialisation).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     resume: bool = opt(False, "Continue the run in --output from its last checkpoint.")
@@ -113,5 +117,13 @@ class TrainOptions:
         from align.launch import check_options
 
         check_options(self.num_processes, self.accelerate_config, problems)
+        from align.stages.best import check as check_keep_best
+
+        check_keep_best(self.keep_best, self, problems, known=getattr(self, "held_out_names", lambda: None)())
+        from align.launch import sharded_launch
+
+        if self.keep_best and sharded_launch(self.accelerate_config):
+            problems.add(f"--keep-best saves the policy from the main process; with {sharded_launch(self.accelerate_config)} "
+                         "the weights are sharded. Use --accelerate-config ddp, or drop --keep-best.")
         if self.resume and self.overwrite:
             problems.add("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it.")

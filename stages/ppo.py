@@ -40,6 +40,11 @@ its share of the step's prompts; whitening, the per-token loss normalisation and
 batch, and the gradients are averaged before each optimizer step (`Processes` below) — N processes with batch B/N
 follow the 1-process run with batch B.
 
+Gold metrics (`--gold-reward`, align.stages.gold) are scored on each step's rollouts and on the held-out prompts
+(`gold/<name>/mean`, `eval/gold/<name>/mean`, with `eval/kl` the sequence KL of the held-out completions) and never
+enter the score. `--keep-best METRIC` (align.stages.best) saves the actor at each new best held-out value (step 0, the
+starting policy, included) to RUN/best/ and installs it as adapter/ at the end; critic/ stays the last step's.
+
 Run directory: adapter/ (the actor; a policy for the next stage), critic/ (critic.safetensors: the critic's adapter
 and value head; critic.json), metrics.jsonl, logs/, checkpoints/checkpoint-N (actor, critic, optimizer, scheduler,
 KL coefficient, RNG states: `--resume` continues exactly where it stopped).
@@ -66,6 +71,7 @@ from align.config import Config, opt
 from align.errors import AlignError, Problems
 from align.launch import sharded_launch
 from align.stages.data_parallel import Processes, mean_or_nan
+from align.stages.gold import GoldOptions
 from align.stages.online import RewardOptions, RolloutOptions, load_prompt_data, make_rollout_engine
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
@@ -73,7 +79,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardOptions, RolloutOptions, Config):
+class PPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardOptions, GoldOptions, RolloutOptions,
+                Config):
     handoff: Literal["continue", "merge"] = opt(
         "merge", "With --from: merge the parent's adapter into the base and train a fresh adapter on top (default: "
                  "the reference is the same model with adapters off, and a critic from an rm of the same parent "
@@ -196,8 +203,10 @@ class PPO:
         from transformers import get_scheduler
 
         from align.models import disable_dropout
+        from align.stages.best import Keeper
         from align.stages.common import stage_trackers
         from align.stages.critic import CRITIC, build_critic
+        from align.stages.gold import Gold
         from align.stages.ppo_losses import AdaptiveKL
 
         self.cfg, self.run, self.policy = cfg, started.run, started.policy
@@ -214,6 +223,9 @@ class PPO:
         self.processes.place(self.critic.model)  # a separate critic model too (a shared one is the actor's)
         self.trainable = ("default", CRITIC) if self.critic.placement == "shared" else ("default",)
         self.rewards = cfg.guarded_rewards()
+        self.gold = Gold.from_config(cfg)  # metrics only: never in the score (align.stages.gold)
+        self.best = Keeper(self.run, cfg.keep_best, resume_step=checkpoint_step(started.resume_from)) \
+            if cfg.keep_best else None
         self.reward_logs: dict[str, list[float]] = {}  # log_metric(name, value) calls of the reward functions
         self.reward_models = self._place_reward_models()
         for model in {id(self.model): self.model, id(self.critic.model): self.critic.model}.values():
@@ -300,18 +312,26 @@ class PPO:
         completion_ids, logprobs = self.engine.generate(model, prompt_ids, **seeds)
         return prompt_ids, completion_ids, logprobs
 
-    def score(self, rows, completion_ids) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-        """(scores, per-function means, truncated mask) of the completions, with clipping and EOS penalty."""
+    def reward_call(self, rows, completion_ids):
+        """The call every reward (and gold) function of this step receives (align.rewards.call)."""
         from transformers import TrainerState
 
         from align.rewards.call import build_call
-        from align.rewards.guard import weighted_total
 
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         state = TrainerState(global_step=self.step, max_steps=self.total_steps)
-        call = build_call(rows, texts, completion_ids, trainer_state=state,
+        return build_call(rows, texts, completion_ids, trainer_state=state,
                           log_metric=lambda name, value: self.reward_logs.setdefault(name, []).append(value))
-        per_fn = call.score(self.rewards)
+
+    def gold_scores(self, rows, completion_ids) -> dict[str, list[float | None]]:
+        """{gold/<name>/mean: scores} of the completions: logged beside the proxy, never part of `score`."""
+        return self.gold.scores(self.reward_call(rows, completion_ids)) if self.gold is not None else {}
+
+    def score(self, rows, completion_ids) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """(scores, per-function means, truncated mask) of the completions, with clipping and EOS penalty."""
+        from align.rewards.guard import weighted_total
+
+        per_fn = self.reward_call(rows, completion_ids).score(self.rewards)
         scores = torch.tensor(weighted_total(per_fn, [fn.reward.weight for fn in self.rewards]))
         means = {f"rewards/{fn.__name__}/mean": mean_or_nan([v for v in vals if v is not None])
                  for fn, vals in zip(self.rewards, per_fn, strict=True)}
@@ -345,6 +365,8 @@ class PPO:
         prompt_ids, completion_ids, sampler_logprobs = self.sample(rows, seeded=True)
         t1 = time.perf_counter()
         scores, reward_means, truncated = self.score(rows, completion_ids)
+        gold = {k: mean_or_nan([v for v in vals if v is not None])
+                for k, vals in self.gold_scores(rows, completion_ids).items()}
         t2 = time.perf_counter()
         device = next(self.model.parameters()).device
         batch = Batch.build(prompt_ids, completion_ids, self.tokenizer.pad_token_id, device)
@@ -374,6 +396,7 @@ class PPO:
             "objective/non_score_reward": non_score.mean().item(),
             "objective/rlhf_reward": (scores.to(device) + non_score).mean().item(),
             **reward_means,
+            **gold,
             **stats,
             "val/explained_variance": explained_variance(old["values"], returns, batch.mask).item(),
             "val/mean": masked_mean(old["values"], batch.mask).item(),
@@ -426,25 +449,45 @@ class PPO:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean reward of sampled completions for the held-out prompts (a fixed sampling seed, RNG left untouched)."""
+        """Mean reward of sampled completions for the held-out prompts (a fixed sampling seed, RNG left untouched), the
+        gold metrics of the same completions, and their KL to the reference (Σ_t log π − log π_ref over the sampled
+        tokens, as `objective/kl`)."""
         if not self.eval_rows:
             return {}
         size = self.cfg.eval_batch_size or self.cfg.batch_size
-        scores, lengths, per_fn = [], [], {}
+        scores, lengths, kls, per_fn, gold = [], [], [], {}, {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             shard = self.eval_rows[self.processes.index :: self.processes.count]  # several processes: a share each
             for i in range(0, len(shard), size):
                 rows = shard[i : i + size]
-                _, completion_ids, _ = self.sample(rows)
+                prompt_ids, completion_ids, _ = self.sample(rows)
                 batch_scores, means, _ = self.score(rows, completion_ids)
                 scores.extend(batch_scores.tolist())
                 lengths.extend(len(c) for c in completion_ids)
+                kls.extend(self.sequence_kl(prompt_ids, completion_ids).tolist())
                 for k, v in means.items():
                     per_fn.setdefault(k, []).append(v)
+                for k, vals in self.gold_scores(rows, completion_ids).items():
+                    gold.setdefault(k, []).extend(v for v in vals if v is not None)
         self.reward_logs.clear()  # the reward functions' log_metric values belong to training steps
         return self.processes.mean({"eval/score": mean_or_nan(scores), "eval/completion_length": mean_or_nan(lengths),
-                                    **{f"eval/{k}": mean_or_nan(v) for k, v in per_fn.items()}})
+                                    "eval/kl": mean_or_nan(kls), **{f"eval/{k}": mean_or_nan(v) for k, v in per_fn.items()},
+                                    **{f"eval/{k}": mean_or_nan(v) for k, v in gold.items()}})
+
+    def sequence_kl(self, prompt_ids, completion_ids) -> torch.Tensor:
+        """Σ_t (log π − log π_ref) over each completion's sampled tokens (the k1 estimate of the sequence KL)."""
+        batch = Batch.build(prompt_ids, completion_ids, self.tokenizer.pad_token_id, next(self.model.parameters()).device)
+        logprobs = completion_logprobs(self.actor(), batch, self.cfg.temperature)
+        return ((logprobs - self.reference_logprobs(batch)) * batch.mask).sum(1).cpu()
+
+    def offer_best(self, metrics: dict[str, float]) -> None:
+        """--keep-best: a new best held-out value saves this step's actor to RUN/best (align.stages.best)."""
+        from align.models import save_policy
+
+        if self.best is not None:
+            self.best.offer(metrics, self.step, lambda d: save_policy(self.model, self.tokenizer, d))
+            self.processes.wait()
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -513,7 +556,9 @@ class PPO:
         else:
             self.run.truncate_metrics(after_step=-1)  # starting over (e.g. --resume before any checkpoint)
             if self.eval_rows:
-                self.log(self.evaluate())
+                first = self.evaluate()
+                self.offer_best(first)
+                self.log(first)
         last: dict[str, float] = {}
         eval_every = cfg.eval_steps or cfg.logging_steps
         try:  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop (align.interrupt)
@@ -526,6 +571,7 @@ class PPO:
                     done = self.step == self.total_steps
                     if self.eval_rows and (self.step % eval_every == 0 or done):
                         metrics.update(self.evaluate())
+                        self.offer_best(metrics)
                     if self.step % cfg.logging_steps == 0 or self.step == 1 or done:
                         self.log(metrics)
                     stop.saving = stopping = stop.agreed()
@@ -541,6 +587,10 @@ class PPO:
             self.trackers.close()
         stop.raise_if_stopped(self.step, self.run.last_checkpoint())
         return {**last, "train_runtime": time.perf_counter() - start, "global_step": self.step}
+
+
+def checkpoint_step(checkpoint: Path | None) -> int | None:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint is not None else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -583,13 +633,19 @@ def main(cfg: PPOConfig) -> Path:
                        rewards=cfg.reward_manifest(), reference="parent policy (frozen)", critic=ppo.critic.describe(),
                        reward_models=ppo.reward_models, is_correction=ppo.correction):
         metrics = ppo.train(started.resume_from)
+        best = ppo.best.finish() if ppo.best is not None else None
         if run.writer:  # the main process; the processes' copies are identical
             with run.artifact("adapter") as tmp:
-                save_policy(ppo.model, ppo.tokenizer, tmp)
-            with run.artifact("critic") as tmp:
+                if best:  # --keep-best: the best evaluation step's actor
+                    ppo.best.install(tmp)
+                else:
+                    save_policy(ppo.model, ppo.tokenizer, tmp)
+            with run.artifact("critic") as tmp:  # the last step's critic, also with --keep-best
                 ppo.critic.save(tmp)
             write_base(run.path, {**ppo.policy.manifest, "adapter": ppo.policy.adapter,
                                   "quantized_4bit": ppo.policy.quantized_4bit},
                        task="causal-lm", pad_token_id=None, trust_remote_code=cfg.trust_remote_code)
-        run.update_manifest(metrics=metrics)
+        run.update_manifest(metrics=metrics, **({"best": best} if best else {}))
+        if best:
+            ppo.best.discard()
     return run.path

@@ -90,3 +90,10 @@ def make_constant(value=0.5):
 def hangs(prompts, completions, **columns):
     time.sleep(600)
     return [0.0] * len(completions)
+
+
+def short_is_better(prompts, completions, **columns):
+    """Minus text_len: a gold metric that contradicts a length proxy (tests/test_overopt.py)."""
+    from align.rewards.builtin import completion_text
+
+    return [-float(len(completion_text(c))) for c in completions]
