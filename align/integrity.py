@@ -208,8 +208,11 @@ def lock(directory: str | Path, what: str) -> None:
     if key in _held or key in os.environ.get(HELD_ENV, "").split(os.pathsep):
         return
     path = lock_file(directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, holder = _try_lock(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, holder = _try_lock(path)
+    except OSError as e:
+        raise AlignError(f"{what}: cannot create its lock file {path} ({e.strerror}). Choose a writable location.") from None
     if fd is None:
         raise AlignError(f"{what} is being written by another align process ({holder}). Wait for it to finish, or "
                          f"stop it; its lock ({path}) is released as soon as it ends.")
