@@ -129,8 +129,8 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None)
                          f"{model}. Drop --model (the base comes from the parent run) or pick the matching run.")
     if problems := base_problems(manifest):
         raise AlignError(f"Base/adapter mismatch: the base model at {parent.base_model} (with the adapters merged into "
-                         f"it) is not the one {path} was trained on ({'; '.join(problems)}). Restore the original base "
-                         "or retrain the parent.")
+                         f"it) changed since {path} was trained on it ({'; '.join(problems)}). Restore the original "
+                         "base or retrain the parent.")
     recorded = manifest.get("base_config_sha256")
     if recorded and not parent.full:
         current = base_fingerprint(parent.base_model)

@@ -9,9 +9,11 @@ file rewritten with the same size whose mtime was set back (`touch -r`, `cp -p` 
 `ALIGN_VERIFY=full` in the environment, which re-hashes every file on every check. Within one process a file is
 hashed at most once per (size, mtime).
 
-Cost, measured 2026-12-01 on the 2-core Intel Xeon build machine (SHA-NI, commit c359623): sha256 of a 1 GiB file
-read from the page cache takes 1.6–2.0 s (~0.55 GB/s, Python's hashlib); a `stat` 20 µs. A 7 B model in bf16
-(14 GB) costs ~25 s to hash once when the run that wrote it completes; verifying it on reuse costs microseconds.
+Cost (bench/hash_cost.py, 2026-12-01, commit bdd7db4, the 2-core Intel Xeon VM with SHA-NI, shared: load average
+10): sha256 of a 1 GiB file takes 1.7–2.1 s (0.5–0.6 GiB/s, hashlib), the same with the page cache dropped; the size
++ mtime check of a recorded file 0.14 ms. A 7 B model in bf16 (13 GiB) would cost ~25 s of hashing once, when the run
+that wrote it completes (and as much per checkpoint, with its optimizer state); verifying it on reuse costs a `stat`.
+A run directory copied without its mtimes (`cp -r`, not `cp -a`) is re-hashed by every process that reuses it.
 
 Sealed checkpoints. A checkpoint counts only once `align-seal.json` (the records of every file in it) is written, last
 and atomically (`seal`). `checkpoint_problem` says what is wrong with one (not sealed, a file missing, truncated or
@@ -206,8 +208,11 @@ def lock(directory: str | Path, what: str) -> None:
     if key in _held or key in os.environ.get(HELD_ENV, "").split(os.pathsep):
         return
     path = lock_file(directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, holder = _try_lock(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, holder = _try_lock(path)
+    except OSError as e:
+        raise AlignError(f"{what}: cannot create its lock file {path} ({e.strerror}). Choose a writable location.") from None
     if fd is None:
         raise AlignError(f"{what} is being written by another align process ({holder}). Wait for it to finish, or "
                          f"stop it; its lock ({path}) is released as soon as it ends.")

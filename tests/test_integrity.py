@@ -143,8 +143,25 @@ def test_a_base_rebuilt_with_another_seed_is_refused(tmp_path, cli):
                                                           tmp_path / "child"]):
         code, _, err = cli(*command)
         assert code == 2, err
-        assert f"the base model at {base.resolve()} (with the adapters merged into it) is not the one {run} was trained on" in err, err
+        assert f"the base model at {base.resolve()} (with the adapters merged into it) changed since {run} was trained on it" in err, err
         assert str(base.resolve() / "model.safetensors") in err
+
+
+def test_resume_refuses_a_base_rebuilt_since_the_run_started(tmp_path, cli):
+    from align.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", seed=0)
+    run = tmp_path / "sft"
+    command = sft_command(base, run, "--max-steps", "2")
+    started, marker = _paused(command, run, 0)  # run.json records the base, then kill -9 before the first step
+    os.kill(started.pid, signal.SIGKILL)
+    started.wait()
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(base)
+    build_tiny_model(tmp_path / "base", seed=1)
+    code, _, err = cli(*command[3:], "--resume")
+    assert code == 2 and f"--resume: the base model {base.resolve()} of {run} changed since the run started" in err, err
+    assert str(base.resolve() / "model.safetensors") in err
 
 
 def test_a_child_checks_the_adapter_merged_into_its_base(done, tmp_path, cli):
