@@ -283,8 +283,9 @@ def stage_changes(stage: Stage, manifest: dict[str, Any]) -> list[str]:
     from align.runs import sha256_path
     from align.stages.common import config_changes
 
+    fitted = manifest.get("fitted_defaults") or {}  # a default the stage lowered to fit the model is no change
     changed = [f"{k} ({old!r} -> {new!r})" for k, (old, new) in config_changes(manifest.get("config", {}), stage.cfg).items()
-               if k not in IGNORED_CHANGES]
+               if k not in IGNORED_CHANGES and list(fitted.get(k) or ()) != [new, old]]
 
     for split, described in (manifest.get("datasets") or {}).items():
         path, digest = (described or {}).get("path"), (described or {}).get("sha256")

@@ -153,7 +153,7 @@ class TinyModelConfig(Config):
             problems.add("--output is required: the directory to write the tiny model to.")
         elif Path(self.output).exists() and any(Path(self.output).iterdir()) and not self.overwrite:
             problems.add(f"--output {self.output} exists and is not empty; pass --overwrite or choose another path.")
-        if self.hidden_size % self.num_heads:
+        if self.num_heads > 0 and self.hidden_size % self.num_heads:
             problems.add(f"--hidden-size {self.hidden_size} must be divisible by --num-heads {self.num_heads}.")
 
 

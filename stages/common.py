@@ -37,14 +37,16 @@ def start_stage(cfg, stage: str, load_data, **policy_kwargs) -> Started:
     """Validate config, data and parent (every problem at once, before any model loads), then claim the run
     directory (clear with --overwrite, find the checkpoint with --resume), seed, and build the policy."""
     from align.handoff import build_policy
-    from align.models import check_positions, check_vocabulary
+    from align.models import check_vocabulary, fit_positions
 
     run, data = validate_stage(cfg, stage, load_data)
     seed_everything(cfg.seed)
     # the policy first: what only loading can check (e.g. --target-modules the model lacks) fails before
     # --overwrite removes the old run
     policy = build_policy(cfg, stage=stage, **policy_kwargs)
-    check_positions(policy.model, getattr(cfg, "max_length", None))
+    fitted = fit_positions(cfg, policy.model)  # a default beyond the model's positions is lowered, not refused
+    if fitted:
+        policy.manifest["fitted_defaults"] = fitted
     check_vocabulary(policy.model, policy.tokenizer)
     resume_from = start_run(run, cfg)
     wait_for_everyone()  # launched processes: the main process has cleared (--overwrite) or checked the run directory
