@@ -31,7 +31,7 @@ def read_text(path: str | Path) -> str:
     except OSError as e:
         raise AlignError(f"{path}: cannot read it ({e.strerror}).") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Excel, Notepad) is dropped
     except UnicodeDecodeError as e:
         raise AlignError(not_utf8(path, data, e)) from None
 

@@ -35,12 +35,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from align.config import Config, opt
 from align.errors import AlignError, Problems, did_you_mean, unknown_name
+from align.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +137,19 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
     if not isinstance(defaults, dict):
         problems.add(f"{where}: 'defaults' must be a mapping of option: value.")
         defaults = {}
+    problems.extend(default_problems(defaults, where))
     evaluation = raw.get("eval") or {}
     if not isinstance(evaluation, dict):
         problems.add(f"{where}: 'eval' must be a mapping (data, max_samples, ...).")
         evaluation = {}
-    for key in evaluation:
-        if key not in EVAL_KEYS:
-            problems.add(f"{where}: eval: unknown key '{key}'.{did_you_mean(key, EVAL_KEYS)}")
+    eval_metrics = eval_problems(evaluation, raw.get("model"), where, problems)
     output = Path(str(raw.get("output") or "."))
+    if raw.get("output"):
+        from align.io import output_path_problem
+
+        problem = output_path_problem(output, "output:")
+        if problem:
+            problems.add(f"{where}: {problem}")
 
     names: dict[str, str] = {}
     for i, entry in enumerate(stages_raw):
@@ -150,7 +158,10 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
             continue
         name, kind = entry.get("name"), entry.get("kind")
         if not name or not isinstance(name, str):
-            problems.add(f"{where}: stage #{i + 1} has no 'name'.")
+            problems.add(f"{where}: stage #{i + 1} has no 'name'." if not name else
+                         f"{where}: stage #{i + 1}: name must be a string, got {name!r}.")
+        elif (problem := stage_name_problem(name)) is not None:
+            problems.add(f"{where}: stage #{i + 1}: {problem}")
         elif name in names:
             problems.add(f"{where}: stage name '{name}' is used twice; names must be unique (they are run directories).")
         elif kind in KINDS:
@@ -215,13 +226,8 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
             seen[name] = kind
             continue
         gate = entry.get("gate")
-        if gate is not None and (not isinstance(gate, dict) or "metric" not in gate
-                                 or set(gate) - {"metric", "min_delta"}):
-            problems.add(f"{label}: gate must be {{metric: NAME, min_delta: NUMBER}}, got {gate!r}.")
-        elif gate is not None and kind not in POLICY_KINDS:
-            problems.add(f"{label}: a gate compares held-out metrics of policies; a {kind} stage has none.")
-        elif gate is not None and not evaluation.get("data"):
-            problems.add(f"{label}: a gate needs the pipeline's eval block (eval: {{data: HELD_OUT}}).")
+        if gate is not None:
+            problems.extend(f"{label}: {p}" for p in gate_problems(gate, kind, evaluation, eval_metrics))
         stages.append(Stage(name, kind, cfg, parent if parent in names else None, refs, gate))
         seen[name] = kind
         if kind in POLICY_KINDS:
@@ -229,6 +235,101 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
     problems.extend(_stage_problems(stages, where))
     problems.raise_if_any(f"Invalid pipeline {where}:")
     return {**raw, "output": str(output), "defaults": defaults, "eval": evaluation}, stages
+
+
+RESERVED_NAMES = {"report", "pipeline.json"}  # DIR/report/ is the pipeline's report, DIR/pipeline.json its summary
+SAFE_NAME = re.compile(r"^[\w][\w.-]{0,99}$")
+
+
+def stage_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a stage (its run directory is OUTPUT/name), or None."""
+    if not SAFE_NAME.match(name) or name in RESERVED_NAMES:
+        why = "a reserved name" if name in RESERVED_NAMES else \
+            "it must be one path component of letters, digits, '_', '-' and '.', not starting with '.' or '-'"
+        return (f"stage name {name!r} is not allowed ({why}, at most 100 characters): it names the stage's run "
+                "directory inside the output directory. Rename the stage, e.g. 'sft' or 'dpo-2'.")
+    return None
+
+
+def default_problems(defaults: dict[str, Any], where: str) -> list[str]:
+    """Every key of `defaults:` must be an option of at least one stage kind (a typo would otherwise vanish)."""
+    from align.stages import KINDS, stage_parts
+
+    known = {f.name for kind in KINDS for f in dataclasses.fields(stage_parts(kind)[0])} - {"output", "config"}
+    out = []
+    for raw_key in defaults:
+        key = str(raw_key).replace("-", "_")
+        if raw_key in STAGE_KEYS or key == "output":
+            out.append(f"{where}: defaults: '{raw_key}' cannot be a default; set it on each stage (or the pipeline's "
+                       "'output').")
+        elif key not in known:
+            out.append(f"{where}: defaults: unknown option '{raw_key}'.{did_you_mean(key, known)} Defaults are stage "
+                       "options (as in `align sft --help`, `align dpo --help`, ...); each stage that has it takes it.")
+    return out
+
+
+def eval_problems(evaluation: dict[str, Any], model: Any, where: str, problems: Problems) -> set[str] | None:
+    """Check the eval block as `align eval` checks its options, and load its data; returns the metrics it will produce
+    for a policy (None when unknown: no eval data, or a problem was found)."""
+    from align.evaluation import EvalConfig, load_eval_data
+
+    if not evaluation:
+        return None
+    for key in evaluation:
+        if key not in EVAL_KEYS:
+            problems.add(f"{where}: eval: unknown key '{key}'.{did_you_mean(key, EVAL_KEYS)} Allowed: "
+                         f"{', '.join(sorted(EVAL_KEYS))}.")
+    options = {"backend": "hf", **{k: v for k, v in evaluation.items() if k in EVAL_KEYS}}
+    try:
+        cfg = EvalConfig.from_kwargs(source=f"{where}: eval", **options, target=str(model or "pipeline"))
+    except AlignError as e:
+        problems.extend(e.problems or [str(e)])
+        return None
+    problems.extend(f"{where}: eval: {p}" for p in cfg.problems().items  # the target is each stage, data optional
+                    if not p.startswith(("Give a run", str(cfg.target), "--data is required")))
+    if not cfg.data or offline_hub_id(cfg.data):
+        return None
+    try:
+        kind, rows = load_eval_data(cfg)
+    except AlignError as e:
+        problems.add(f"{where}: eval: data: {e}")
+        return None
+    if kind == "pairs":
+        return {"preference_accuracy", "margin"}
+    metrics = {"completion_length", "kl"}
+    if cfg.answer_column in rows[0]:
+        metrics |= {"accuracy", *([f"pass@{cfg.num_samples}"] if cfg.num_samples > 1 else [])}
+    if cfg.reward or cfg.reward_model:
+        metrics.add("reward")
+        try:
+            from align.rewards.registry import resolve_rewards
+
+            metrics |= {f"reward/{r.name}" for r in resolve_rewards([*cfg.reward, *filter(None, [cfg.reward_model])])}
+        except AlignError as e:
+            problems.add(f"{where}: eval: {e}")
+    return metrics
+
+
+def gate_problems(gate: Any, kind: str, evaluation: dict[str, Any], metrics: set[str] | None) -> list[str]:
+    """A gate is {metric: NAME, min_delta: NUMBER} on a policy stage, NAME one of the metrics the eval block gives."""
+    from align.stages import POLICY_KINDS
+
+    if not isinstance(gate, dict) or "metric" not in gate or set(gate) - {"metric", "min_delta"}:
+        return [f"gate must be {{metric: NAME, min_delta: NUMBER}}, got {gate!r}."]
+    if kind not in POLICY_KINDS:
+        return [f"a gate compares held-out metrics of policies; a {kind} stage has none."]
+    if not evaluation.get("data"):
+        return ["a gate needs the pipeline's eval block (eval: {data: HELD_OUT})."]
+    out = []
+    delta = gate.get("min_delta", 0.0)
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
+        out.append(f"gate: min_delta must be a finite number (the least change of the metric vs the parent, e.g. 0.0 "
+                   f"or -0.02), got {delta!r}.")
+    metric = gate["metric"]
+    if metrics is not None and metric not in metrics:
+        out.append(f"gate: {unknown_name('metric', str(metric), metrics)[:-1]} (what the eval block measures on its "
+                   "data).")
+    return out
 
 
 def _stage_problems(stages: list[Stage], where: str) -> list[str]:
@@ -369,7 +470,7 @@ class Pipeline:
         self.spec, self.stages, self.source = spec, stages, source
         self.output = Path(spec["output"])
         self.path = self.output / "pipeline.json"
-        previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        previous = read_json(self.path, "pipeline summary") if self.path.is_file() else {}
         if previous.get("eval") != spec.get("eval"):  # another held-out set: earlier numbers do not compare
             previous = {"stages": [{k: v for k, v in s.items() if k != "eval"} for s in previous.get("stages", [])]}
         self.previous = {s["name"]: s for s in previous.get("stages", [])}

@@ -23,6 +23,7 @@ from typing import Any
 
 from align.config import Config, opt
 from align.errors import Problems
+from align.io import read_json, read_jsonl
 
 SKIP = {"step", "epoch", "total_flos", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
         "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
@@ -174,7 +175,9 @@ def run_report(run_dir: Path, out: Path) -> Path:
 
     manifest = read_manifest(run_dir)
     run = Run(run_dir)
-    images = plot_series(collect_series(run.metrics()), out, run_dir.name)
+    # a run in progress may be writing its last line: that torn line is skipped, any other bad line is an error
+    records = read_jsonl(run.metrics_path, torn_tail_ok=True) if run.metrics_path.is_file() else []
+    images = plot_series(collect_series(records), out, run_dir.name)
     lineage = manifest.get("lineage") or []
     chain = " → ".join([str(manifest.get("base_model"))] + [Path(p.get("path", "?")).name for p in lineage]
                        + [run_dir.name])
@@ -194,7 +197,7 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
     """Each stage's report plus the pipeline page with the held-out table; returns the report directory."""
     from align.pipeline import format_table
 
-    data = json.loads((pipeline_dir / "pipeline.json").read_text())
+    data = read_json(pipeline_dir / "pipeline.json", "pipeline summary")
     out.mkdir(parents=True, exist_ok=True)
     links = []
     for stage in data.get("stages", []):
