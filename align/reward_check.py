@@ -16,6 +16,7 @@ command fail (exit 2) after the report.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -181,6 +182,8 @@ def verdict(scored: list[Scored], totals: list[float], k: int) -> str:
     faults = [s for s in scored if s.fault]
     if faults:
         return "FAIL: " + "; ".join(f"'{s.name}' faulted" for s in faults) + ". Fix the function before training."
+    if not all(math.isfinite(t) for t in totals):
+        return "FAIL: the weighted total is not a finite number for some samples. Check the weights."
     problems = []
     for s in scored:
         applied = [v for v in s.values if v is not None]
@@ -240,6 +243,6 @@ def main(cfg: RewardsCheckConfig) -> str:
     scored = score_all(rewards, call, cfg.batch_size)
     totals = weighted_total([s.values for s in scored], [s.weight for s in scored])
     text = report(cfg, call, k, note, scored, totals)
-    if any(s.fault for s in scored):
+    if any(s.fault for s in scored) or not all(math.isfinite(t) for t in totals):
         raise AlignError(text)
     return text

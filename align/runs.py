@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
+from align.io import read_jsonl
 
 MANIFEST = "run.json"
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "vllm")
@@ -227,7 +228,7 @@ class Run:
         """Drop logged steps beyond `after_step` (resuming from a checkpoint replays them)."""
         if not self.writer or not self.metrics_path.is_file():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
+        kept = [json.dumps(r) for r in read_jsonl(self.metrics_path, torn_tail_ok=True) if r.get("step", 0) <= after_step]
         tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.metrics_path)
@@ -235,4 +236,4 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.metrics_path, torn_tail_ok=True)  # a run in progress may be writing its last line
