@@ -51,7 +51,7 @@ GATE_EXIT = 3
 TOP_KEYS = {"model", "output", "seed", "defaults", "eval", "stages"}
 STAGE_KEYS = {"name", "kind", "from", "gate"}
 REF_FIELDS = ("from_run", "reward_model", "data", "eval_data")  # fields where a stage name stands for its run
-IGNORED_CHANGES = {"resume", "overwrite", "config"}
+IGNORED_CHANGES = {"resume", "overwrite", "config", "strict"}
 EVAL_KEYS = {"data", "split", "answer_column", "reward", "reward_model", "max_samples", "max_new_tokens",
              "batch_size", "num_samples", "temperature", "top_p", "backend", "vllm_memory"}
 
@@ -218,6 +218,8 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
                 problems.add(f"{label}: '{ref}' refers to a stage that comes later; reorder the stages.")
         if "seed" in fields and "seed" in raw:
             options.setdefault("seed", raw["seed"])
+        if "strict" in fields:  # a pipeline stops at a degenerate stage unless told otherwise (strict: false)
+            options.setdefault("strict", True)
         options["output"] = str(output / name)
         try:
             cfg = cls(**coerce_mapping(cls, options, label))

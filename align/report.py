@@ -186,11 +186,29 @@ def run_report(run_dir: Path, out: Path) -> Path:
         ("Run", _md_table(["field", "value"], [[k, manifest.get(k)] for k in
                                                ("stage", "status", "adapter", "base_model", "parent", "handoff",
                                                 "started_at", "ended_at")] + [["lineage", chain]])),
+        ("Health", health_section(manifest)),
         ("Final metrics", _md_table(["metric", "value"], [[k, v] for k, v in final.items()]) if final else "none yet"),
         ("Config", "```\n" + json.dumps(manifest.get("config", {}), indent=2) + "\n```"),
     ]
     write_pages(out, f"{manifest.get('stage', 'run')} run {run_dir.name}", sections, images)
     return out
+
+
+def health_warnings(manifest: dict[str, Any]) -> list[str]:
+    """What went wrong or looks degenerate in a run: its error if it failed, and its health warnings (align.health)."""
+    out = [f"WARNING: {w}." for w in (manifest.get("health") or {}).get("warnings", [])]
+    if manifest.get("status") == "failed" and manifest.get("error"):
+        out.insert(0, f"FAILED: {manifest['error']}")
+    return out
+
+
+def health_section(manifest: dict[str, Any]) -> str:
+    health = manifest.get("health")
+    if not health:
+        return "\n".join(health_warnings(manifest)) or "not assessed (the run has not finished training)"
+    rows = [[k, json.dumps(v, default=str)] for k, v in health.items() if k != "warnings"]
+    lines = health_warnings(manifest) or ["No warnings."]
+    return "\n".join(lines) + "\n\n" + _md_table(["check", "value"], rows)
 
 
 def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
@@ -262,6 +280,8 @@ def main(cfg: ReportConfig) -> str:
     out = Path(cfg.output) if cfg.output else target / "report"
     if (target / "pipeline.json").is_file():
         path = pipeline_report(target, out)
-    else:
-        path = run_report(target, out)
-    return str(path / "report.html")
+        return str(path / "report.html")
+    path = run_report(target, out)
+    from align.runs import read_manifest
+
+    return "\n".join([str(path / "report.html"), *health_warnings(read_manifest(target))])

@@ -97,10 +97,14 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
         # after TRL added its "ref" adapter: PEFT's per-adapter dropouts (LoHa/LoKr module dropout, BOFT's
         # multiplicative dropout, the ref copy's LoRA dropout) are off too, so the policy equals its reference at step 1
         disable_dropout(policy.model)
+    from align import health
+
+    start = health.weight_summary(policy.model)
     with run.lifecycle(**stage_manifest(stage, task, cfg, policy, started.datasets), **manifest):
         metrics = train_and_save(trainer, run, resume_from=started.resume_from, tokenizer=policy.tokenizer,
-                                 full=ADAPTERS[policy.adapter].full)
+                                 full=ADAPTERS[policy.adapter].full, start_weights=start, lr=cfg.lr)
         run.update_manifest(metrics=metrics)
+        health.record(run, cfg, stage, started.train, start, health.weight_summary(policy.model))
     return run.path
 
 
@@ -210,7 +214,7 @@ def check_parent(cfg, stage: str) -> None:
 
 # Options a resumed run may change (recorded in run.json `resume_changes` with the step); any other change is refused.
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "tensorboard", "report_to", "resume", "overwrite", "config"}
+                     "tensorboard", "report_to", "resume", "overwrite", "config", "strict"}
 
 
 def config_changes(previous: dict[str, Any], cfg) -> dict[str, tuple[Any, Any]]:
@@ -352,8 +356,12 @@ def exact_adapter_precision(model) -> Iterator[None]:
             param.data = saved[name]
 
 
-def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool) -> dict[str, Any]:
-    """Train (resuming if asked), evaluate, and write the policy atomically. Returns the final metrics."""
+def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool,
+                   start_weights: dict[str, Any] | None = None, lr: float | None = None) -> dict[str, Any]:
+    """Train (resuming if asked), evaluate, and write the policy atomically. Returns the final metrics. Weights that
+    diverged (NaN/inf, exploded; align.health) fail the run before anything is written."""
+    from align.health import check_weights
+
     from align.interrupt import GracefulStop
 
     if resume_from is not None:
@@ -363,6 +371,7 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
     with stop:  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop (align.interrupt)
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     stop.raise_if_stopped(trainer.state.global_step, run.last_checkpoint())
+    check_weights(trainer.accelerator.unwrap_model(trainer.model), start_weights, lr, run=run)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())

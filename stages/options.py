@@ -75,6 +75,9 @@ class TrainOptions:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     resume: bool = opt(False, "Continue the run in --output from its last checkpoint.")
     overwrite: bool = opt(False, "Replace an existing run in --output.")
+    strict: bool = opt(False, "Fail the run (exit 2) when training was degenerate: a reward None or constant all run, "
+                              "every GRPO group without reward variance, chosen == rejected pairs, the loss flat with "
+                              "grad norm 0 (run.json 'health'; default in pipelines). NaN/exploded weights always fail.")
     tensorboard: bool = opt(True, "Write TensorBoard logs to RUN/logs (when --report-to includes tensorboard).")
     report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="Trackers for the metrics: tensorboard, wandb, "
                                "trackio, mlflow (several allowed), or none. Every value is also in metrics.jsonl.")

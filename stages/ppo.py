@@ -584,14 +584,19 @@ def main(cfg: PPOConfig) -> Path:
     started = start_stage(cfg, "ppo", load_prompt_data)
     ppo = PPO(cfg, started)
     run = started.run
+    from align import health
+
+    start = health.weight_summary(ppo.model, trainable_only=False)  # actor and critic adapters take turns training
     with run.lifecycle(**stage_manifest("ppo", "causal-lm", cfg, ppo.policy, started.datasets),
                        rewards=cfg.reward_manifest(), reference="parent policy (frozen)", critic=ppo.critic.describe(),
                        reward_models=ppo.reward_models, is_correction=ppo.correction):
         metrics = ppo.train(started.resume_from)
+        end = health.check_weights(ppo.model, start, cfg.lr, trainable_only=False, run=run)
         if run.writer:  # the main process; the processes' copies are identical
             with run.artifact("adapter") as tmp:
                 save_policy(ppo.model, ppo.tokenizer, tmp)
             with run.artifact("critic") as tmp:
                 ppo.critic.save(tmp)
         run.update_manifest(metrics=metrics)
+        health.record(run, cfg, "ppo", started.train, start, end)
     return run.path
