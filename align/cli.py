@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = namespace._name
     parser, cls = parsers[name]
+    cfg = None
     try:
         cfg = parse_args(cls, top, argv, sub=parser)
         cfg.launch_argv = argv[len(name.split()):]  # what --num-processes hands to the launched processes
@@ -106,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process() and not getattr(e, "silent", False):  # launched processes: rank 0 speaks for all
             print(f"align {name}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 2 = user error; align run's gate failure has its own code
-    except OSError as e:  # a full disk, a read-only file system, a path of the wrong kind: the user's to fix
+    except Exception as e:  # a full disk, a read-only file system, a path of the wrong kind: the user's to fix
         from align.io import os_error_message
 
-        message = os_error_message(e)
+        message = os_error_message(e, getattr(cfg, "output", None))
         if message is None:
             raise
         if is_main_process():

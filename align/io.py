@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,20 +88,42 @@ def mount_point(path: str | Path) -> Path:
     return p
 
 
-def os_error_message(e: OSError) -> str | None:
-    """A user's message for an OSError about their disk or paths (None for other errors)."""
-    if e.errno not in USER_ERRNOS:
+def as_os_error(e: BaseException) -> OSError | None:
+    """`e` as an OSError: itself, or a library's wrapper that names the OS error only in its text (safetensors:
+    "I/O error: No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e
+    match = re.search(r"\(os error (\d+)\)", str(e))
+    if match is None:
         return None
-    where = e.filename or "?"
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def os_error_message(e: BaseException, where: str | Path | None = None) -> str | None:
+    """A user's message for an OSError about their disk or paths (None for other errors); `where` names the path
+    when the error does not (the command's output)."""
+    e = as_os_error(e)
+    if e is None or e.errno not in USER_ERRNOS:
+        return None
+    where = e.filename or where or "?"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        disk = mount_point(where) if e.filename else None
+        disk = mount_point(where) if where != "?" else None
         free = ""
         if disk is not None:
             stat = os.statvfs(disk)
-            free = f" (file system {disk}: {stat.f_bavail * stat.f_frsize / 2**20:.1f} MiB free of " \
-                   f"{stat.f_blocks * stat.f_frsize / 2**20:.1f} MiB)"
-        return (f"{e.strerror} writing {where}{free}. Free space there, or choose an output on another disk; the run "
-                "is marked failed (continue it with --resume once there is room).")
+            free = f" (file system {disk}: {_size(stat.f_bavail * stat.f_frsize)} free of " \
+                   f"{_size(stat.f_blocks * stat.f_frsize)})"
+        return (f"{e.strerror} writing {where}{free}. Free space there, or choose an output on another disk; a run "
+                "that was training is marked failed (continue it with --resume once there is room).")
     if e.errno == errno.EROFS:
         return f"{where}: the file system is read-only. Choose a writable output location."
     if e.errno in (errno.EACCES, errno.EPERM):

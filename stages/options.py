@@ -9,6 +9,7 @@ from typing import Literal
 
 from align.config import RemoteCodeOption, opt
 from align.errors import Problems
+from align.io import output_path_problem
 from align.models import check_model_path
 
 
@@ -90,8 +91,8 @@ class TrainOptions:
     def check(self, problems: Problems) -> None:
         if not self.output:
             problems.add("--output is required: the run directory to write.")
-        elif Path(self.output).exists() and not Path(self.output).is_dir():
-            problems.add(f"--output {self.output} is a file; choose a directory path.")
+        elif (problem := output_path_problem(self.output)) is not None:  # a file, a dangling link, under a file
+            problems.add(problem)
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) <= 0:
                 problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
