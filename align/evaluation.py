@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
+from align.io import output_file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class EvalConfig(RemoteCodeOption, Config):
             problems.add(f"{self.target}: no such directory.")
         if not self.data:
             problems.add("--data is required: held-out prompts (with answers) or preference pairs.")
+        if self.output and (problem := output_file_problem(self.output)) is not None:
+            problems.add(problem)
         for name in ("num_samples", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")

@@ -137,6 +137,16 @@ def os_error_message(e: BaseException, where: str | Path | None = None) -> str |
     return f"{where}: {e.strerror}."
 
 
+def output_file_problem(path: str | Path, flag: str = "--output") -> str | None:
+    """Why a file cannot be written at `path` (a directory there, a file or dangling link among its parents), or
+    None."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{flag} {p} is a directory; give a file path (e.g. {p / 'out.json'})."
+    problem = output_path_problem(p.parent, flag)
+    return problem.replace(f"{flag} {p.parent}", f"{flag} {p}: {p.parent}", 1) if problem else None
+
+
 def output_path_problem(path: str | Path, flag: str = "--output") -> str | None:
     """Why `path` cannot be created as an output directory (a file, a dangling link, a file among its parents), or
     None."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
+from align.io import output_path_problem
 
 
 @dataclass
@@ -31,6 +32,8 @@ class MergeConfig(RemoteCodeOption, Config):
             problems.add(f"{self.run}: no such directory. Give a run directory (the --output of a finished stage).")
         if not self.output:
             problems.add("--output is required: the directory for the merged model.")
+        elif (problem := output_path_problem(self.output)) is not None:
+            problems.add(problem)
         elif Path(self.output).exists() and any(Path(self.output).iterdir()) and not self.overwrite:
             problems.add(f"--output {self.output} exists and is not empty; pass --overwrite or choose another path.")
 

@@ -159,7 +159,7 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
         name, kind = entry.get("name"), entry.get("kind")
         if not name or not isinstance(name, str):
             problems.add(f"{where}: stage #{i + 1} has no 'name'." if not name else
-                         f"{where}: stage #{i + 1}: name must be a string, got {name!r}.")
+                         f"{where}: stage #{i + 1}: name must be a string, got {name!r} (quote it: name: '{name}').")
         elif (problem := stage_name_problem(name)) is not None:
             problems.add(f"{where}: stage #{i + 1}: {problem}")
         elif name in names:
@@ -246,10 +246,11 @@ SAFE_NAME = re.compile(r"^[\w][\w.-]{0,99}$")
 def stage_name_problem(name: str) -> str | None:
     """Why `name` cannot be a stage (its run directory is OUTPUT/name), or None."""
     if not SAFE_NAME.match(name) or name in RESERVED_NAMES:
-        why = "a reserved name" if name in RESERVED_NAMES else \
-            "it must be one path component of letters, digits, '_', '-' and '.', not starting with '.' or '-'"
-        return (f"stage name {name!r} is not allowed ({why}, at most 100 characters): it names the stage's run "
-                "directory inside the output directory. Rename the stage, e.g. 'sft' or 'dpo-2'.")
+        why = "a reserved name: the pipeline writes its own report/ and pipeline.json there" if name in RESERVED_NAMES \
+            else "it must be one path component of at most 100 letters, digits, '_', '-' and '.', not starting with " \
+                 "'.' or '-'"
+        return (f"stage name {name!r} is not allowed ({why}): it names the stage's run directory inside the output "
+                "directory. Rename the stage, e.g. 'sft' or 'dpo-2'.")
     return None
 
 

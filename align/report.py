@@ -23,7 +23,7 @@ from typing import Any
 
 from align.config import Config, opt
 from align.errors import Problems
-from align.io import read_json, read_jsonl
+from align.io import output_path_problem, read_json, read_jsonl
 
 SKIP = {"step", "epoch", "total_flos", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
         "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
@@ -36,6 +36,8 @@ class ReportConfig(Config):
     output: str | None = opt(None, "Where to write the report (default: TARGET/report).", aliases=["-o"])
 
     def check(self, problems: Problems) -> None:
+        if self.output and (problem := output_path_problem(self.output)) is not None:
+            problems.add(problem)
         if not self.target:
             problems.add("Give a run or pipeline directory: align report RUN.")
         elif not Path(self.target).is_dir():

@@ -19,6 +19,7 @@ from typing import Literal
 
 from align.config import Config, opt
 from align.errors import Problems
+from align.io import output_path_problem
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -151,6 +152,8 @@ class TinyModelConfig(Config):
     def check(self, problems: Problems) -> None:
         if not self.output:
             problems.add("--output is required: the directory to write the tiny model to.")
+        elif (problem := output_path_problem(self.output)) is not None:
+            problems.add(problem)
         elif Path(self.output).exists() and any(Path(self.output).iterdir()) and not self.overwrite:
             problems.add(f"--output {self.output} exists and is not empty; pass --overwrite or choose another path.")
         if self.num_heads > 0 and self.hidden_size % self.num_heads:

@@ -361,7 +361,6 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
     """Train (resuming if asked), evaluate, and write the policy atomically. Returns the final metrics. Weights that
     diverged (NaN/inf, exploded; align.health) fail the run before anything is written."""
     from align.health import check_weights
-
     from align.interrupt import GracefulStop
 
     if resume_from is not None:

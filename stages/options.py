@@ -4,7 +4,6 @@ plus its own. The help text of every option lives here, once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from align.config import RemoteCodeOption, opt

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
+from align.io import output_path_problem
 from align.stages.online import RewardOptions, load_prompt_data
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class PairsConfig(RemoteCodeOption, RewardOptions, Config):
             problems.add("--data is required: prompts to sample completions for.")
         if not self.output:
             problems.add("--output is required: the run directory to write.")
+        elif (problem := output_path_problem(self.output)) is not None:
+            problems.add(problem)
         if self.num_generations < 2:
             problems.add(f"--num-generations must be at least 2 (a pair needs two completions), got {self.num_generations}.")
         if self.temperature <= 0:
