@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.config import Config, opt
+from align.config import GIVEN, Config, mark_given, opt
 from align.errors import AlignError, Problems, did_you_mean, unknown_name
 from align.io import read_json
 
@@ -181,6 +181,7 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
         fields = {f.name for f in dataclasses.fields(cls)}
         options = {k: v for k, v in defaults.items() if str(k).replace("-", "_") in fields}
         options.update({k: v for k, v in entry.items() if k not in STAGE_KEYS})
+        given = {str(k).replace("-", "_") for k in options}  # what the file sets (a default may be fitted, not these)
         refs: set[str] = set()
         parent = entry.get("from", previous_policy)
         if "from" in entry and entry["from"] not in names and isinstance(entry["from"], str) \
@@ -222,7 +223,7 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
             options.setdefault("strict", True)
         options["output"] = str(output / name)
         try:
-            cfg = cls(**coerce_mapping(cls, options, label))
+            cfg = mark_given(cls(**coerce_mapping(cls, options, label)), given)
         except AlignError as e:
             problems.extend(e.problems or [str(e)])
             seen[name] = kind
@@ -509,7 +510,8 @@ class Pipeline:
             logger.info("Stage '%s': completed with the same config and data; skipped.", stage.name)
         else:
             logger.info("Stage '%s' (%s): %s.", stage.name, stage.kind, stage.action)
-            cfg = dataclasses.replace(cfg, resume=stage.action == "resume", overwrite=stage.action == "rerun")
+            cfg = mark_given(dataclasses.replace(cfg, resume=stage.action == "resume", overwrite=stage.action == "rerun"),
+                             getattr(cfg, GIVEN, ()))
             stage_parts(stage.kind)[1](cfg)
         manifest = read_manifest(stage.run_dir)
         old = self.previous.get(stage.name, {})
