@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.io import read_jsonl
+from align.io import read_jsonl, read_text
 
 MANIFEST = "run.json"
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "vllm")
@@ -96,7 +96,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not manifest.is_file():
         raise AlignError(f"{path} is not an align run directory (no {MANIFEST}). Pass the --output of a finished stage.")
     try:
-        return json.loads(manifest.read_text())
+        return json.loads(read_text(manifest))  # not UTF-8: AlignError naming the file and byte
     except json.JSONDecodeError as e:
         raise AlignError(f"{manifest}:{e.lineno}: corrupt run manifest ({e.msg}).") from None
 
