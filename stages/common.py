@@ -91,6 +91,7 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
     with exact_adapter_precision(policy.model), one_trainable_adalora(policy.model):
         trainer = make_trainer(callbacks(run, uses_tensorboard(cfg)) + adapter_callbacks(policy))
     adapt_trainer(trainer, policy, cfg)
+    check_not_empty(trainer, cfg, run)
     if stage in ("dpo", "grpo"):
         from align.models import disable_dropout
 
@@ -106,6 +107,23 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
         run.update_manifest(metrics=metrics)
         health.record(run, cfg, stage, started.train, start, health.weight_summary(policy.model))
     return run.path
+
+
+def check_not_empty(trainer, cfg, run: Run) -> None:
+    """TRL's preparation may drop every example (e.g. pairs longer than --max-length); say so, before training (and
+    remove the empty checkpoints/ folder the trainer made, so the corrected command can use the same --output)."""
+    try:
+        size = len(trainer.train_dataset)
+    except TypeError:  # an iterable dataset has no length
+        return
+    if size == 0:
+        made = run.checkpoints_dir
+        if run.writer and made.is_dir() and not any(made.iterdir()) and [*run.path.iterdir()] == [made]:
+            made.rmdir()
+            run.path.rmdir()
+        raise AlignError(f"No training example is left after preparing the data for the trainer (--max-length "
+                         f"{getattr(cfg, 'max_length', '?')}: examples that do not fit are dropped or cut to nothing). "
+                         "Raise --max-length, or check the data.")
 
 
 def adapter_callbacks(policy) -> list:

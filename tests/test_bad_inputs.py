@@ -314,6 +314,8 @@ def cases(T, S, R, W, mounted=False):
          "--seed must be in [0, 4294967295], got -1"),
         ("sft-max-length-1", ["sft", "--model", T, "--data", "arith", "--max-length", "1", "-o", O("a")],
          "--max-length 1: no training example keeps a token to train on"),
+        ("dpo-max-length-1", ["dpo", "--from", S, "--data", "arith-prefs", "--max-length", "1", "-o", O("c")],
+         "No training example is left after preparing the data for the trainer (--max-length 1"),
         ("ppo-gamma", ["ppo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--gamma", "2", "-o", O("e")],
          "--gamma must be in [0, 1], got 2.0"),
         ("tiny-no-heads", ["tiny-model", "-o", O("t"), "--num-heads", "0"],
