@@ -525,6 +525,18 @@ class Pipeline:
         if stage.gate:
             self.check_gate(stage, evaluation)
 
+    def record_stopped(self, stage: Stage) -> None:
+        """The status (failed, interrupted) and error of the stage that stopped the pipeline, from its run.json."""
+        try:
+            from align.runs import read_manifest
+
+            manifest = read_manifest(stage.run_dir)
+        except AlignError:
+            return
+        self.records[stage.name] = {"name": stage.name, "kind": stage.kind, "run": str(stage.run_dir),
+                                    "from": stage.parent or "base", "action": stage.action,
+                                    "status": manifest.get("status"), "error": manifest.get("error")}
+
     def check_gate(self, stage: Stage, evaluation: dict[str, Any] | None) -> None:
         metric, min_delta = stage.gate["metric"], float(stage.gate.get("min_delta", 0.0))
         parent = self.parent_eval(stage)
@@ -546,6 +558,7 @@ class Pipeline:
         if self.base_eval is None and self.spec["eval"].get("data") and self.spec.get("model"):
             self.base_eval = evaluate_stage(self.spec["eval"], str(self.spec["model"]), "base")
         self.save()
+        stage = None
         try:
             for stage in self.stages:
                 self.run_stage(stage)
@@ -553,6 +566,8 @@ class Pipeline:
             raise
         except BaseException as e:
             self.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            if stage is not None and stage.name not in self.records and (stage.run_dir / "run.json").is_file():
+                self.record_stopped(stage)
             self.save()
             raise
         self.status = "completed"

@@ -216,16 +216,18 @@ def health_section(manifest: dict[str, Any]) -> str:
 def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
     """Each stage's report plus the pipeline page with the held-out table; returns the report directory."""
     from align.pipeline import format_table
+    from align.runs import read_manifest
 
     data = read_json(pipeline_dir / "pipeline.json", "pipeline summary")
     out.mkdir(parents=True, exist_ok=True)
-    links = []
+    links, warnings = [], []
     for stage in data.get("stages", []):
         run_dir = Path(stage["run"])
         if (run_dir / "run.json").is_file():
             run_report(run_dir, run_dir / "report")
             links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status"),
                           f"../{run_dir.name}/report/report.html"])
+            warnings += [f"stage '{stage['name']}': {w}" for w in health_warnings(read_manifest(run_dir))]
         else:
             links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status", "pending"), "-"])
     rows = data.get("table", [])
@@ -243,6 +245,7 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
         ("Held-out metrics, base → each stage", table + f"\n\nHeld-out data: {evaluation.get('data', '-')} "
                                                        f"({evaluation.get('max_samples', 'all')} samples)."),
         ("Stages", _md_table(["stage", "kind", "from", "status", "report"], links)),
+        ("Health", "\n".join(warnings) or "No warnings."),
         ("Pipeline", _md_table(["field", "value"], [[k, data.get(k)] for k in ("pipeline", "status", "model",
                                                                                "output", "seed")])),
     ]
