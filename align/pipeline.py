@@ -222,15 +222,15 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
         if "strict" in fields:  # a pipeline stops at a degenerate stage unless told otherwise (strict: false)
             options.setdefault("strict", True)
         options["output"] = str(output / name)
+        gate = entry.get("gate")
+        if gate is not None:
+            problems.extend(f"{label}: {p}" for p in gate_problems(gate, kind, evaluation, eval_metrics))
         try:
             cfg = mark_given(cls(**coerce_mapping(cls, options, label)), given)
         except AlignError as e:
             problems.extend(e.problems or [str(e)])
             seen[name] = kind
             continue
-        gate = entry.get("gate")
-        if gate is not None:
-            problems.extend(f"{label}: {p}" for p in gate_problems(gate, kind, evaluation, eval_metrics))
         stages.append(Stage(name, kind, cfg, parent if parent in names else None, refs, gate))
         seen[name] = kind
         if kind in POLICY_KINDS:
@@ -298,19 +298,19 @@ def eval_problems(evaluation: dict[str, Any], model: Any, where: str, problems: 
     except AlignError as e:
         problems.add(f"{where}: eval: data: {e}")
         return None
+    rewards: set[str] = set()
+    if cfg.reward or cfg.reward_model:
+        from align.rewards.registry import resolve_rewards
+
+        try:
+            rewards = {"reward", *(f"reward/{r.name}" for r in resolve_rewards([*cfg.reward, *filter(None, [cfg.reward_model])]))}
+        except AlignError as e:
+            problems.extend(f"{where}: eval: {p}" for p in e.problems or [str(e)])
     if kind == "pairs":
         return {"preference_accuracy", "margin"}
-    metrics = {"completion_length", "kl"}
+    metrics = {"completion_length", "kl", *rewards}
     if cfg.answer_column in rows[0]:
         metrics |= {"accuracy", *([f"pass@{cfg.num_samples}"] if cfg.num_samples > 1 else [])}
-    if cfg.reward or cfg.reward_model:
-        metrics.add("reward")
-        try:
-            from align.rewards.registry import resolve_rewards
-
-            metrics |= {f"reward/{r.name}" for r in resolve_rewards([*cfg.reward, *filter(None, [cfg.reward_model])])}
-        except AlignError as e:
-            problems.add(f"{where}: eval: {e}")
     return metrics
 
 
