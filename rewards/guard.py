@@ -51,7 +51,7 @@ class GuardedReward:
         try:
             return self._run(prompts, completions, columns)
         except SystemExit as e:  # never a silent end of the run: a bug in the reward, named as one
-            self._fault(f"called sys.exit({e.code!r}) on a batch of {len(prompts)} samples (first prompt "
+            self._fault(f"(spec '{self.reward.spec}') called sys.exit({e.code!r}) on a batch of {len(prompts)} samples (first prompt "
                         f"{_preview(prompts[0]) if prompts else '-'}); a reward function must return its scores (or "
                         "raise), not end the process.")
 

@@ -111,16 +111,18 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
 
 def check_not_empty(trainer, cfg, run: Run) -> None:
     """TRL's preparation may drop every example (e.g. pairs longer than --max-length); say so, before training (and
-    remove the empty checkpoints/ folder the trainer made, so the corrected command can use the same --output)."""
+    remove what the trainer made there — checkpoints/, logs/ — so the corrected command can use the same --output)."""
     try:
         size = len(trainer.train_dataset)
     except TypeError:  # an iterable dataset has no length
         return
     if size == 0:
-        made = run.checkpoints_dir
-        if run.writer and made.is_dir() and not any(made.iterdir()) and [*run.path.iterdir()] == [made]:
-            made.rmdir()
-            run.path.rmdir()
+        if run.writer and run.path.is_dir() and not run.manifest_path.exists():
+            # no run.json: the directory was empty (or new) when the run was opened, so all of it is the trainer's
+            import shutil
+
+            for child in run.path.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         raise AlignError(f"No training example is left after preparing the data for the trainer (--max-length "
                          f"{getattr(cfg, 'max_length', '?')}: examples that do not fit are dropped or cut to nothing). "
                          "Raise --max-length, or check the data.")

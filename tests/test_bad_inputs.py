@@ -300,7 +300,7 @@ def cases(T, S, R, W, mounted=False):
         ("grpo-reward-import", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", f"{W}/bad_import.py:f", "-o", O("d")],
          "raised ModuleNotFoundError: No module named 'numpyy'"),
         ("check-reward-exits", ["rewards", "check", f"{W}/exit_call.py:f", "--data", str(W / "pc.jsonl")],
-         "Reward function 'f' called sys.exit(4)"),
+         "Reward function 'f' (spec '" + f"{W}/exit_call.py:f" + "') called sys.exit(4)"),
         ("grpo-weight-nan", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy@nan", "-o", O("d")],
          "the weight after '@' must be a finite number, got 'nan'"),
         ("dpo-identical-pairs", ["dpo", "--from", S, "--data", str(W / "same.jsonl"), "-o", O("c")],
