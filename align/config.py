@@ -88,8 +88,8 @@ def range_problems(cfg: Any, already: list[str]) -> list[str]:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or any(flag + " " in p or p.startswith(flag) for p in already):
+        named = re.compile(re.escape(flag) + r"(?![\w-])")  # --lr, not --lr-scheduler
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or any(named.search(p) for p in already):
             continue
         allowed = f.metadata.get("range") or (SEED_RANGE if f.name == "seed" else None)
         if isinstance(value, float) and not math.isfinite(value):
