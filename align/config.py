@@ -4,6 +4,12 @@ Each command has one dataclass; every field carries its help text in `metadata["
 written). `HfArgumentParser` turns the fields into kebab-case flags (`max_steps` -> `--max-steps`); a YAML
 file given with `--config` supplies defaults, and flags given on the command line win. Validation collects
 every problem (YAML keys and types, config values) and raises one `AlignError` listing them all.
+
+A numeric field declares its allowed values once, `opt(..., range="[1, inf)")` (checked with the rest, shown in
+`--help`); every float must be finite and every `seed` fit numpy's range. YAML is read as UTF-8 with a loader that
+refuses a key given twice. Negative numbers are values (`--lr -1e-3`), `none` sets an optional number to None. Each
+config records which options the user set (`user_set`), so a default can be fitted to the model where an explicit
+value is refused.
 """
 
 from __future__ import annotations
