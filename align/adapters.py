@@ -53,30 +53,30 @@ class AdapterOptions:
                                     "lokr, vera, prompt, prefix, ptuning, bitfit, bottleneck, full (see docs/ADAPTERS.md). "
                                     "Default: lora, or the parent's kind with --from.")
     lora_r: int = opt(16, "Rank of LoRA-family adapters (lora, qlora, dora, rslora, loraplus, loha, lokr, vera); "
-                          "adalora's initial rank.")
-    lora_alpha: int = opt(32, "Scaling alpha of LoRA-family adapters.")
-    lora_dropout: float = opt(0.05, "Dropout on the adapter input (LoRA family, oft, boft).")
+                          "adalora's initial rank.", range="[1, inf)")
+    lora_alpha: int = opt(32, "Scaling alpha of LoRA-family adapters.", range="(0, inf)")
+    lora_dropout: float = opt(0.05, "Dropout on the adapter input (LoRA family, oft, boft).", range="[0, 1)")
     target_modules: list[str] = opt(
         factory=lambda: ["all-linear"],
         help="Modules to adapt (names or 'all-linear'). For ia3, 'all-linear' means PEFT's default for the model; for "
              "bitfit every linear layer; for bottleneck the attention and feed-forward output layers.",
     )
     loraplus_lr_ratio: float = opt(16.0, "loraplus: learning rate of the B matrices = this × --lr (the A matrices' "
-                                         "rate); LoRA+ recommends 16 and a --lr about half of plain LoRA's.")
-    adalora_target_r: int = opt(8, "adalora: average rank the budget is pruned to (initial rank: --lora-r).")
-    adalora_tinit: int = opt(0, "adalora: steps of warm-up before ranks are pruned.")
-    adalora_tfinal: int = opt(0, "adalora: last steps trained with the final ranks fixed (total = --max-steps).")
-    oft_block_size: int = opt(32, "oft: size of the orthogonal blocks (must divide the adapted layers' input size).")
-    boft_block_size: int = opt(4, "boft: size of the butterfly blocks (must divide the adapted layers' input size).")
-    boft_butterfly_factor: int = opt(1, "boft: number of butterfly factors (1 = block-diagonal, like oft).")
-    bottleneck_reduction: int = opt(16, "bottleneck: the adapter's hidden size is the layer width / this.")
+                                         "rate); LoRA+ recommends 16 and a --lr about half of plain LoRA's.", range="[1, inf)")
+    adalora_target_r: int = opt(8, "adalora: average rank the budget is pruned to (initial rank: --lora-r).", range="[1, inf)")
+    adalora_tinit: int = opt(0, "adalora: steps of warm-up before ranks are pruned.", range="[0, inf)")
+    adalora_tfinal: int = opt(0, "adalora: last steps trained with the final ranks fixed (total = --max-steps).", range="[0, inf)")
+    oft_block_size: int = opt(32, "oft: size of the orthogonal blocks (must divide the adapted layers' input size).", range="[1, inf)")
+    boft_block_size: int = opt(4, "boft: size of the butterfly blocks (must divide the adapted layers' input size).", range="[1, inf)")
+    boft_butterfly_factor: int = opt(1, "boft: number of butterfly factors (1 = block-diagonal, like oft).", range="[1, inf)")
+    bottleneck_reduction: int = opt(16, "bottleneck: the adapter's hidden size is the layer width / this.", range="[1, inf)")
     full_optimizer: Literal["adamw", "lomo", "adalomo"] = opt(
         "adamw", "full: optimizer. lomo / adalomo fuse the update into backward, so no gradients or Adam states are "
                  "kept (full fine-tuning in the memory of inference + activations; pip install lomo-optim).")
-    num_virtual_tokens: int = opt(8, "Virtual tokens of prompt-learning adapters (prompt, prefix, ptuning).")
+    num_virtual_tokens: int = opt(8, "Virtual tokens of prompt-learning adapters (prompt, prefix, ptuning).", range="[1, inf)")
     prompt_init_text: str | None = opt(None, "prompt adapter: initialise the virtual tokens from this text (random if unset).")
     encoder_type: Literal["mlp", "lstm"] = opt("mlp", "ptuning adapter: prompt encoder, mlp or lstm.")
-    encoder_hidden_size: int = opt(128, "ptuning/prefix adapter: hidden size of the prompt encoder / projection.")
+    encoder_hidden_size: int = opt(128, "ptuning/prefix adapter: hidden size of the prompt encoder / projection.", range="[1, inf)")
     prefix_projection: bool = opt(False, "prefix adapter: reparameterise the prefix through an MLP (P-tuning v2 "
                                          "style); without it the key/value prefixes are trained directly.")
 

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = namespace._name
     parser, cls = parsers[name]
+    cfg = None
     try:
         cfg = parse_args(cls, top, argv, sub=parser)
         cfg.launch_argv = argv[len(name.split()):]  # what --num-processes hands to the launched processes
@@ -108,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process() and not getattr(e, "silent", False):  # launched processes: rank 0 speaks for all
             print(f"align {name}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # 2 = user error; align run's gate failure has its own code
+    except Exception as e:  # a full disk, a read-only file system, a path of the wrong kind: the user's to fix
+        from align.io import os_error_message
+
+        message = os_error_message(e, getattr(cfg, "output", None))
+        if message is None:
+            raise
+        if is_main_process():
+            print(f"align {name}: error: {message}", file=sys.stderr)
+        return 2
     except Interrupted as e:  # SIGINT/SIGTERM: the stage saved a checkpoint at the current step (align.interrupt)
         message = str(e).replace("continue with --resume", "run the pipeline again to continue") if name == "run" \
             else str(e)

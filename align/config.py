@@ -4,13 +4,21 @@ Each command has one dataclass; every field carries its help text in `metadata["
 written). `HfArgumentParser` turns the fields into kebab-case flags (`max_steps` -> `--max-steps`); a YAML
 file given with `--config` supplies defaults, and flags given on the command line win. Validation collects
 every problem (YAML keys and types, config values) and raises one `AlignError` listing them all.
+
+A numeric field declares its allowed values once, `opt(..., range="[1, inf)")` (checked with the rest, shown in
+`--help`); every float must be finite and every `seed` fit numpy's range. YAML is read as UTF-8 with a loader that
+refuses a key given twice. Negative numbers are values (`--lr -1e-3`), `none` sets an optional number to None. Each
+config records which options the user set (`user_set`), so a default can be fitted to the model where an explicit
+value is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,12 +27,82 @@ from typing import Any, ClassVar, Literal
 from align.errors import AlignError, Problems, did_you_mean
 
 
-def opt(default: Any = None, help: str = "", *, factory: Any = None, **meta: Any):
-    """A config field with its help text (`meta` goes to argparse, e.g. aliases=["-o"])."""
-    metadata = {"help": help, **meta}
+def opt(default: Any = None, help: str = "", *, factory: Any = None, range: str | None = None, **meta: Any):
+    """A config field with its help text (`meta` goes to argparse, e.g. aliases=["-o"]).
+
+    `range` declares the values a number may take, checked at validation with every other problem: an interval such
+    as "[0, 1]", "(0, inf)" or "[1, inf)" (None is always allowed where the type allows it). Every float option must
+    be finite whether or not it declares a range."""
+    metadata = FieldMeta(help=help, **meta)
+    if range is not None:
+        metadata["range"] = Range.parse(range)
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+class FieldMeta(dict):
+    """A field's metadata. HfArgumentParser hands `metadata.copy()` to argparse's add_argument: the copy leaves out
+    what is align's own (the range, shown in the help instead)."""
+
+    OWN = ("range",)
+
+    def copy(self) -> dict:
+        out = {k: v for k, v in self.items() if k not in self.OWN}
+        if "range" in self and out.get("help") is not None:
+            out["help"] = f"{out['help']} [{self['range'].describe()}]"
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A closed / open interval of allowed values, parsed from "[lo, hi)" notation (inf for no bound)."""
+
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Range:
+        low, high = (float(part) for part in text[1:-1].split(","))
+        return cls(low, high, text[0] == "[", text[-1] == "]")
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            return f"{'>=' if self.low_closed else '>'} {_number(self.low)}"
+        return (f"in {'[' if self.low_closed else '('}{_number(self.low)}, {_number(self.high)}"
+                f"{']' if self.high_closed else ')'}")
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+SEED_RANGE = Range(0, 2**32 - 1, True, True)  # numpy's seed range (transformers' set_seed seeds numpy too)
+
+
+def range_problems(cfg: Any, already: list[str]) -> list[str]:
+    """Declared ranges (field metadata) and finiteness of every number in `cfg`; a field already named in a problem
+    (`already`, from the config's own checks) is not reported twice."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        named = re.compile(re.escape(flag) + r"(?![\w-])")  # --lr, not --lr-scheduler
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or any(named.search(p) for p in already):
+            continue
+        allowed = f.metadata.get("range") or (SEED_RANGE if f.name == "seed" else None)
+        if isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{flag} must be a finite number, got {value}.")
+        elif allowed is not None and value not in allowed:
+            out.append(f"{flag} must be {allowed.describe()}, got {value}.")
+    return out
 
 
 @dataclasses.dataclass
@@ -53,6 +131,7 @@ class Config:
             check = klass.__dict__.get("check")
             if check is not None:
                 check(self, problems)
+        problems.extend(range_problems(self, problems.items))
         return problems
 
     def validate(self) -> None:
@@ -65,11 +144,29 @@ class Config:
     def from_kwargs(cls, source: str = "arguments", **kwargs: Any):
         """Build from Python keyword arguments (the Python API), checking names and types like YAML keys."""
         values = coerce_mapping(cls, kwargs, source)
-        return cls(**values)
+        return mark_given(cls(**values), values)
 
 
 def config_fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
+
+
+GIVEN = "_given"  # instance attribute: the options the user set (YAML, flags, keyword arguments), not defaults
+
+
+def mark_given(cfg: Any, names) -> Any:
+    """Record which options of `cfg` the user set (so a default can be fitted to the model, an explicit value not)."""
+    object.__setattr__(cfg, GIVEN, set(getattr(cfg, GIVEN, set())) | set(names))
+    return cfg
+
+
+def user_set(cfg: Any, name: str) -> bool:
+    """Did the user set option `name` (or is its value not the default, when nothing was recorded)?"""
+    given = getattr(cfg, GIVEN, None)
+    if given is not None and name in given:
+        return True
+    field = config_fields(type(cfg)).get(name)
+    return field is None or field.default is dataclasses.MISSING or getattr(cfg, name) != field.default
 
 
 def _type_name(tp: Any) -> str:
@@ -154,15 +251,44 @@ def coerce_mapping(cls, mapping: dict[str, Any], source: str) -> dict[str, Any]:
     return values
 
 
-def read_yaml_mapping(path: str | Path, what: str = "Config file", flag: str = "--config") -> dict[str, Any]:
-    """The top-level mapping of a YAML file ({} when empty); AlignError naming the file and line otherwise."""
+def unique_key_loader():
+    """A yaml SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
     import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be given with keys that override it
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}' (also on line {first}); each key may appear once in a "
+                        "mapping — delete one of them", key_node.start_mark)
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def read_yaml_mapping(path: str | Path, what: str = "Config file", flag: str = "--config") -> dict[str, Any]:
+    """The top-level mapping of a YAML file ({} when empty); AlignError naming the file and line otherwise (syntax, a
+    duplicate key, bytes that are not UTF-8)."""
+    import yaml
+
+    from align.io import read_text
 
     path = Path(path)
     if not path.is_file():
         raise AlignError(f"{what} not found: {path}. Check the path given to {flag}.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(read_text(path), Loader=unique_key_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else "?"
         raise AlignError(f"{path}:{line}: invalid YAML: {e.problem}. Fix the syntax on that line.") from None
@@ -193,15 +319,30 @@ class ExtendList(argparse.Action):
         setattr(namespace, self.dest, current + list(values))
 
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+
+def none_or(convert):
+    """An argparse type for an optional number: `none` / `null` is None, anything else `convert(text)`."""
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = convert.__name__  # argparse's "invalid int value" names it
+    return parse
+
+
 def build_parser(cls, parser=None, **parser_kwargs):
     """An argparse parser for `cls` (HfArgumentParser: kebab-case flags, help from field metadata)."""
     from transformers import HfArgumentParser
 
     if parser is None:
         parser = HfArgumentParser(cls, **parser_kwargs)
+    parser._negative_number_matcher = NEGATIVE_NUMBER  # `--lr -1e-3` is a value (refused by the range check)
     hints = typing.get_type_hints(cls)
     for action in parser._actions:  # show the kebab-case spelling first (--max-steps), keep --max_steps working
         action.option_strings.sort(key=lambda o: "_" in o)
+        if action.type in (int, float) and type(None) in typing.get_args(hints.get(action.dest)):
+            action.type = none_or(action.type)  # `--save-total-limit none`
         if typing.get_origin(hints.get(action.dest)) is list and type(action) is argparse._StoreAction:
             action.__class__ = ExtendList  # HfArgumentParser's nargs="+" store keeps only the last occurrence
     if cls.positional:
@@ -226,7 +367,14 @@ def parse_args(cls, parser, argv: list[str], sub=None):
     `sub` is the (sub)parser that owns the fields of `cls` when `parser` is a top-level dispatcher.
     """
     namespace = parser.parse_args(argv)
+    given: set[str] = set()
     if getattr(namespace, "config", None):
-        (sub or parser).set_defaults(**load_yaml(namespace.config, cls))
+        from_yaml = load_yaml(namespace.config, cls)
+        given.update(from_yaml)
+        (sub or parser).set_defaults(**from_yaml)
         namespace = parser.parse_args(argv)
-    return namespace_to_config(cls, namespace)
+    flags = (sub or parser)._option_string_actions
+    given.update(flags[a.split("=")[0]].dest for a in argv if a.startswith("-") and a.split("=")[0] in flags)
+    if getattr(namespace, "_positional", None) and cls.positional:
+        given.add(cls.positional)
+    return mark_given(namespace_to_config(cls, namespace), given)

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
+from align.io import output_file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +48,16 @@ class EvalConfig(RemoteCodeOption, Config):
     reward_model: str | None = opt(None, "A reward-model run (align rm) to score the completions with.")
     reference: str | None = opt(None, "Run or model for the KL / implicit reward; default: the run's parent "
                                       "policy; 'none' turns the KL off.")
-    max_samples: int | None = opt(None, "Evaluate the first N examples (default: all).")
-    num_samples: int = opt(1, "Completions per prompt; k > 1 reports pass@k (use with --temperature > 0).")
-    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.")
-    top_p: float = opt(1.0, "Nucleus sampling threshold.")
-    max_new_tokens: int = opt(32, "Maximum tokens per completion.")
-    batch_size: int = opt(64, "Prompts per generation / scoring batch.")
+    max_samples: int | None = opt(None, "Evaluate the first N examples (default: all).", range="[1, inf)")
+    num_samples: int = opt(1, "Completions per prompt; k > 1 reports pass@k (use with --temperature > 0).", range="[1, inf)")
+    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.", range="[0, inf)")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.", range="(0, 1]")
+    max_new_tokens: int = opt(32, "Maximum tokens per completion.", range="[1, inf)")
+    batch_size: int = opt(64, "Prompts per generation / scoring batch.", range="[1, inf)")
     backend: Literal["auto", "hf", "vllm"] = opt(
         "auto", "Generation backend: hf (transformers generate) or vllm (the rollout engine's vLLM, serving the "
                 "run's adapter); auto = vllm when installed and on a GPU.")
-    vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.")
+    vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.", range="(0, 1]")
     seed: int = opt(0, "Sampling seed.")
     output: str | None = opt(None, "Write the metrics (and a few example completions) as JSON to this file.",
                              aliases=["-o"])
@@ -71,6 +72,8 @@ class EvalConfig(RemoteCodeOption, Config):
             problems.add(f"{self.target}: no such directory.")
         if not self.data:
             problems.add("--data is required: held-out prompts (with answers) or preference pairs.")
+        if self.output and (problem := output_file_problem(self.output)) is not None:
+            problems.add(problem)
         for name in ("num_samples", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")

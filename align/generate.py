@@ -16,9 +16,9 @@ class GenerateConfig(RemoteCodeOption, Config):
     target: str | None = opt(None, "A run directory (from any stage) or a model directory / hub id.")
     prompt: list[str] = opt(factory=list, help="User message(s) to answer; several prompts are generated as one batch.")
     system_prompt: str | None = opt(None, "System message placed before each prompt.")
-    max_new_tokens: int = opt(64, "Tokens to generate per prompt.")
-    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.")
-    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    max_new_tokens: int = opt(64, "Tokens to generate per prompt.", range="[1, inf)")
+    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.", range="[0, inf)")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.", range="(0, 1]")
     seed: int = opt(0, "Sampling seed.")
 
     def check(self, problems: Problems) -> None:

@@ -67,7 +67,7 @@ def config_value(accelerate_config: str | None, key: str) -> Any:
         return None
     try:
         return (yaml.safe_load(config_path(accelerate_config).read_text()) or {}).get(key)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):  # ValueError: not UTF-8 (check_options says so)
         return None
 
 
@@ -139,7 +139,16 @@ def check_options(num_processes: int | None, accelerate_config: str | None, prob
     if accelerate_config not in PRESETS and not path.is_file():
         problems.add(f"--accelerate-config {accelerate_config}: neither a preset ({', '.join(PRESETS)}) nor an "
                      f"existing accelerate config file.{did_you_mean(accelerate_config, PRESETS)}")
-    elif distributed_type(accelerate_config) == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        return
+    if accelerate_config not in PRESETS:  # the user's file: readable YAML (UTF-8, no duplicate keys)
+        from align.config import read_yaml_mapping
+
+        try:
+            read_yaml_mapping(path, "accelerate config", "--accelerate-config")
+        except AlignError as e:
+            problems.add(f"--accelerate-config: {e}")
+            return
+    if distributed_type(accelerate_config) == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         problems.add(f"--accelerate-config {accelerate_config} uses DeepSpeed, which is not installed "
                      "(pip install deepspeed), or choose the ddp or fsdp2 preset.")
 

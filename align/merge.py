@@ -19,6 +19,7 @@ from pathlib import Path
 
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
+from align.io import output_path_problem
 
 
 @dataclass
@@ -43,8 +44,8 @@ class MergeConfig(RemoteCodeOption, Config):
         except AlignError as e:
             problems.add(str(e))
             return
-        if Path(self.output).exists() and not Path(self.output).is_dir():
-            problems.add(f"--output {self.output} is a file, not a directory. Choose another output path.")
+        if (problem := output_path_problem(self.output)) is not None:
+            problems.add(problem)
         elif Path(self.output).exists() and any(Path(self.output).iterdir()) and not self.overwrite:
             problems.add(f"--output {self.output} exists and is not empty; pass --overwrite or choose another path.")
 

@@ -200,12 +200,31 @@ def check_target_modules(model, targets) -> None:
                          f"{', '.join(linear)} (or use all-linear).")
 
 
-def check_positions(model, max_length: int | None) -> None:
-    """--max-length may not exceed the positions the model has (it would index past its position embeddings)."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_length and isinstance(limit, int) and max_length > limit:
+def model_positions(model) -> int | None:
+    """How many positions the model can attend over (max_position_embeddings / n_positions), or None if unknown."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return None
+
+
+def fit_positions(cfg, model) -> dict[str, list[int]]:
+    """--max-length may not exceed the positions the model has (it would index past its position embeddings): a value
+    the user set is refused; the default is lowered to the model's limit (logged). Returns {option: [default, fitted]}
+    for what was lowered (run.json records it)."""
+    from align.config import user_set
+
+    limit, max_length = model_positions(model), getattr(cfg, "max_length", None)
+    if not max_length or limit is None or max_length <= limit:
+        return {}
+    if user_set(cfg, "max_length"):
         raise AlignError(f"--max-length {max_length} exceeds the model's {limit} positions (max_position_embeddings "
                          f"in its config.json). Use --max-length {limit} or less.")
+    logger.info("--max-length: the default %d is more than the model's %d positions; using %d.", max_length, limit, limit)
+    cfg.max_length = limit
+    return {"max_length": [max_length, limit]}
 
 
 def check_vocabulary(model, tokenizer) -> None:

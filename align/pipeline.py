@@ -46,12 +46,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.config import Config, opt
+from align.config import GIVEN, Config, mark_given, opt
 from align.errors import AlignError, Problems, did_you_mean, unknown_name
+from align.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ GATE_EXIT = 3
 TOP_KEYS = {"model", "output", "seed", "defaults", "eval", "stages"}
 STAGE_KEYS = {"name", "kind", "from", "gate"}
 REF_FIELDS = ("from_run", "reward_model", "data", "eval_data")  # fields where a stage name stands for its run
-IGNORED_CHANGES = {"resume", "overwrite", "config"}
+IGNORED_CHANGES = {"resume", "overwrite", "config", "strict"}
 EVAL_KEYS = {"data", "split", "answer_column", "reward", "reward_model", "max_samples", "max_new_tokens",
              "batch_size", "num_samples", "temperature", "top_p", "backend", "vllm_memory"}
 
@@ -145,14 +148,19 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
     if not isinstance(defaults, dict):
         problems.add(f"{where}: 'defaults' must be a mapping of option: value.")
         defaults = {}
+    problems.extend(default_problems(defaults, where))
     evaluation = raw.get("eval") or {}
     if not isinstance(evaluation, dict):
         problems.add(f"{where}: 'eval' must be a mapping (data, max_samples, ...).")
         evaluation = {}
-    for key in evaluation:
-        if key not in EVAL_KEYS:
-            problems.add(f"{where}: eval: unknown key '{key}'.{did_you_mean(key, EVAL_KEYS)}")
+    eval_metrics = eval_problems(evaluation, raw.get("model"), where, problems)
     output = Path(str(raw.get("output") or "."))
+    if raw.get("output"):
+        from align.io import output_path_problem
+
+        problem = output_path_problem(output, "output:")
+        if problem:
+            problems.add(f"{where}: {problem}")
 
     names: dict[str, str] = {}
     for i, entry in enumerate(stages_raw):
@@ -161,7 +169,10 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
             continue
         name, kind = entry.get("name"), entry.get("kind")
         if not name or not isinstance(name, str):
-            problems.add(f"{where}: stage #{i + 1} has no 'name'.")
+            problems.add(f"{where}: stage #{i + 1} has no 'name'." if not name else
+                         f"{where}: stage #{i + 1}: name must be a string, got {name!r} (quote it: name: '{name}').")
+        elif (problem := stage_name_problem(name)) is not None:
+            problems.add(f"{where}: stage #{i + 1}: {problem}")
         elif name in names:
             problems.add(f"{where}: stage name '{name}' is used twice; names must be unique (they are run directories).")
         elif kind in KINDS:
@@ -181,6 +192,7 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
         fields = {f.name for f in dataclasses.fields(cls)}
         options = {k: v for k, v in defaults.items() if str(k).replace("-", "_") in fields}
         options.update({k: v for k, v in entry.items() if k not in STAGE_KEYS})
+        given = {str(k).replace("-", "_") for k in options}  # what the file sets (a default may be fitted, not these)
         refs: set[str] = set()
         parent = entry.get("from", previous_policy)
         if "from" in entry and entry["from"] not in names and isinstance(entry["from"], str) \
@@ -220,21 +232,18 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
                 problems.add(f"{label}: '{ref}' refers to a stage that comes later; reorder the stages.")
         if "seed" in fields and "seed" in raw:
             options.setdefault("seed", raw["seed"])
+        if "strict" in fields:  # a pipeline stops at a degenerate stage unless told otherwise (strict: false)
+            options.setdefault("strict", True)
         options["output"] = str(output / name)
+        gate = entry.get("gate")
+        if gate is not None:
+            problems.extend(f"{label}: {p}" for p in gate_problems(gate, kind, evaluation, eval_metrics))
         try:
-            cfg = cls(**coerce_mapping(cls, options, label))
+            cfg = mark_given(cls(**coerce_mapping(cls, options, label)), given)
         except AlignError as e:
             problems.extend(e.problems or [str(e)])
             seen[name] = kind
             continue
-        gate = entry.get("gate")
-        if gate is not None and (not isinstance(gate, dict) or "metric" not in gate
-                                 or set(gate) - {"metric", "min_delta"}):
-            problems.add(f"{label}: gate must be {{metric: NAME, min_delta: NUMBER}}, got {gate!r}.")
-        elif gate is not None and kind not in POLICY_KINDS:
-            problems.add(f"{label}: a gate compares held-out metrics of policies; a {kind} stage has none.")
-        elif gate is not None and not evaluation.get("data"):
-            problems.add(f"{label}: a gate needs the pipeline's eval block (eval: {{data: HELD_OUT}}).")
         stages.append(Stage(name, kind, cfg, parent if parent in names else None, refs, gate))
         seen[name] = kind
         if kind in POLICY_KINDS:
@@ -258,6 +267,102 @@ def default_gold(evaluation: dict[str, Any], proxies: list[str]) -> list[str]:
     accuracy = "accuracy" if column == "answer" else f"accuracy(column={column!r})"
     specs = [*(evaluation.get("reward") or []), accuracy]
     return [s for s in dict.fromkeys(str(s) for s in specs) if s not in proxies]
+
+
+RESERVED_NAMES = {"report", "pipeline.json"}  # DIR/report/ is the pipeline's report, DIR/pipeline.json its summary
+SAFE_NAME = re.compile(r"^[\w][\w.-]{0,99}$")
+
+
+def stage_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a stage (its run directory is OUTPUT/name), or None."""
+    if not SAFE_NAME.match(name) or name in RESERVED_NAMES:
+        why = "a reserved name: the pipeline writes its own report/ and pipeline.json there" if name in RESERVED_NAMES \
+            else "it must be one path component of at most 100 letters, digits, '_', '-' and '.', not starting with " \
+                 "'.' or '-'"
+        return (f"stage name {name!r} is not allowed ({why}): it names the stage's run directory inside the output "
+                "directory. Rename the stage, e.g. 'sft' or 'dpo-2'.")
+    return None
+
+
+def default_problems(defaults: dict[str, Any], where: str) -> list[str]:
+    """Every key of `defaults:` must be an option of at least one stage kind (a typo would otherwise vanish)."""
+    from align.stages import KINDS, stage_parts
+
+    known = {f.name for kind in KINDS for f in dataclasses.fields(stage_parts(kind)[0])} - {"output", "config"}
+    out = []
+    for raw_key in defaults:
+        key = str(raw_key).replace("-", "_")
+        if raw_key in STAGE_KEYS or key == "output":
+            out.append(f"{where}: defaults: '{raw_key}' cannot be a default; set it on each stage (or the pipeline's "
+                       "'output').")
+        elif key not in known:
+            out.append(f"{where}: defaults: unknown option '{raw_key}'.{did_you_mean(key, known)} Defaults are stage "
+                       "options (as in `align sft --help`, `align dpo --help`, ...); each stage that has it takes it.")
+    return out
+
+
+def eval_problems(evaluation: dict[str, Any], model: Any, where: str, problems: Problems) -> set[str] | None:
+    """Check the eval block as `align eval` checks its options, and load its data; returns the metrics it will produce
+    for a policy (None when unknown: no eval data, or a problem was found)."""
+    from align.evaluation import EvalConfig, load_eval_data
+
+    if not evaluation:
+        return None
+    for key in evaluation:
+        if key not in EVAL_KEYS:
+            problems.add(f"{where}: eval: unknown key '{key}'.{did_you_mean(key, EVAL_KEYS)} Allowed: "
+                         f"{', '.join(sorted(EVAL_KEYS))}.")
+    options = {"backend": "hf", **{k: v for k, v in evaluation.items() if k in EVAL_KEYS}}
+    try:
+        cfg = EvalConfig.from_kwargs(source=f"{where}: eval", **options, target=str(model or "pipeline"))
+    except AlignError as e:
+        problems.extend(e.problems or [str(e)])
+        return None
+    problems.extend(f"{where}: eval: {p}" for p in cfg.problems().items  # the target is each stage, data optional
+                    if not p.startswith(("Give a run", str(cfg.target), "--data is required")))
+    if not cfg.data or offline_hub_id(cfg.data):
+        return None
+    try:
+        kind, rows = load_eval_data(cfg)
+    except AlignError as e:
+        problems.add(f"{where}: eval: data: {e}")
+        return None
+    rewards: set[str] = set()
+    if cfg.reward or cfg.reward_model:
+        from align.rewards.registry import resolve_rewards
+
+        try:
+            rewards = {"reward", *(f"reward/{r.name}" for r in resolve_rewards([*cfg.reward, *filter(None, [cfg.reward_model])]))}
+        except AlignError as e:
+            problems.extend(f"{where}: eval: {p}" for p in e.problems or [str(e)])
+    if kind == "pairs":
+        return {"preference_accuracy", "margin"}
+    metrics = {"completion_length", "kl", *rewards}
+    if cfg.answer_column in rows[0]:
+        metrics |= {"accuracy", *([f"pass@{cfg.num_samples}"] if cfg.num_samples > 1 else [])}
+    return metrics
+
+
+def gate_problems(gate: Any, kind: str, evaluation: dict[str, Any], metrics: set[str] | None) -> list[str]:
+    """A gate is {metric: NAME, min_delta: NUMBER} on a policy stage, NAME one of the metrics the eval block gives."""
+    from align.stages import POLICY_KINDS
+
+    if not isinstance(gate, dict) or "metric" not in gate or set(gate) - {"metric", "min_delta"}:
+        return [f"gate must be {{metric: NAME, min_delta: NUMBER}}, got {gate!r}."]
+    if kind not in POLICY_KINDS:
+        return [f"a gate compares held-out metrics of policies; a {kind} stage has none."]
+    if not evaluation.get("data"):
+        return ["a gate needs the pipeline's eval block (eval: {data: HELD_OUT})."]
+    out = []
+    delta = gate.get("min_delta", 0.0)
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
+        out.append(f"gate: min_delta must be a finite number (the least change of the metric vs the parent, e.g. 0.0 "
+                   f"or -0.02), got {delta!r}.")
+    metric = gate["metric"]
+    if metrics is not None and metric not in metrics:
+        out.append(f"gate: {unknown_name('metric', str(metric), metrics)[:-1]} (what the eval block measures on its "
+                   "data).")
+    return out
 
 
 def _stage_problems(stages: list[Stage], where: str) -> list[str]:
@@ -312,8 +417,9 @@ def stage_changes(stage: Stage, manifest: dict[str, Any]) -> list[str]:
     from align.runs import sha256_path, verify_run
     from align.stages.common import config_changes
 
+    fitted = manifest.get("fitted_defaults") or {}  # a default the stage lowered to fit the model is no change
     changed = [f"{k} ({old!r} -> {new!r})" for k, (old, new) in config_changes(manifest.get("config", {}), stage.cfg).items()
-               if k not in IGNORED_CHANGES]
+               if k not in IGNORED_CHANGES and list(fitted.get(k) or ()) != [new, old]]
     if manifest.get("status") == "completed":
         changed.extend(verify_run(stage.run_dir, manifest))
     else:
@@ -411,7 +517,7 @@ class Pipeline:
         self.spec, self.stages, self.source = spec, stages, source
         self.output = Path(spec["output"])
         self.path = self.output / "pipeline.json"
-        previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        previous = read_json(self.path, "pipeline summary") if self.path.is_file() else {}
         if previous.get("eval") != spec.get("eval"):  # another held-out set: earlier numbers do not compare
             previous = {"stages": [{k: v for k, v in s.items() if k != "eval"} for s in previous.get("stages", [])]}
         self.previous = {s["name"]: s for s in previous.get("stages", [])}
@@ -449,7 +555,8 @@ class Pipeline:
             logger.info("Stage '%s' (%s): %s.", stage.name, stage.kind, stage.action)
             from align.integrity import writer_scope
 
-            cfg = dataclasses.replace(cfg, resume=stage.action == "resume", overwrite=stage.action == "rerun")
+            cfg = mark_given(dataclasses.replace(cfg, resume=stage.action == "resume", overwrite=stage.action == "rerun"),
+                             getattr(cfg, GIVEN, ()))
             with writer_scope():  # the stage's run directory is locked while it runs
                 stage_parts(stage.kind)[1](cfg)
         manifest = read_manifest(stage.run_dir)
@@ -464,6 +571,18 @@ class Pipeline:
         self.save()
         if stage.gate:
             self.check_gate(stage, evaluation)
+
+    def record_stopped(self, stage: Stage) -> None:
+        """The status (failed, interrupted) and error of the stage that stopped the pipeline, from its run.json."""
+        try:
+            from align.runs import read_manifest
+
+            manifest = read_manifest(stage.run_dir)
+        except AlignError:
+            return
+        self.records[stage.name] = {"name": stage.name, "kind": stage.kind, "run": str(stage.run_dir),
+                                    "from": stage.parent or "base", "action": stage.action,
+                                    "status": manifest.get("status"), "error": manifest.get("error")}
 
     def check_gate(self, stage: Stage, evaluation: dict[str, Any] | None) -> None:
         metric, min_delta = stage.gate["metric"], float(stage.gate.get("min_delta", 0.0))
@@ -486,6 +605,7 @@ class Pipeline:
         if self.base_eval is None and self.spec["eval"].get("data") and self.spec.get("model"):
             self.base_eval = evaluate_stage(self.spec["eval"], str(self.spec["model"]), "base")
         self.save()
+        stage = None
         try:
             for stage in self.stages:
                 self.run_stage(stage)
@@ -493,6 +613,8 @@ class Pipeline:
             raise
         except BaseException as e:
             self.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            if stage is not None and stage.name not in self.records and (stage.run_dir / "run.json").is_file():
+                self.record_stopped(stage)
             self.save()
             raise
         self.status = "completed"

@@ -28,6 +28,7 @@ from typing import Any
 
 from align.config import Config, opt
 from align.errors import Problems
+from align.io import output_path_problem, read_json, read_jsonl
 
 SKIP = {"step", "epoch", "total_flos", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
         "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
@@ -40,6 +41,8 @@ class ReportConfig(Config):
     output: str | None = opt(None, "Where to write the report (default: TARGET/report).", aliases=["-o"])
 
     def check(self, problems: Problems) -> None:
+        if self.output and (problem := output_path_problem(self.output)) is not None:
+            problems.add(problem)
         if not self.target:
             problems.add("Give a run or pipeline directory: align report RUN.")
         elif not Path(self.target).is_dir():
@@ -335,7 +338,9 @@ def run_report(run_dir: Path, out: Path) -> Path:
     from align.runs import Run, read_manifest
 
     manifest = read_manifest(run_dir)
-    records = Run(run_dir).metrics()
+    run = Run(run_dir)
+    # a run in progress may be writing its last line: that torn line is skipped, any other bad line is an error
+    records = read_jsonl(run.metrics_path, torn_tail_ok=True) if run.metrics_path.is_file() else []
     found = find_overoptimization(records)
     images = plot_overoptimization(found, out, run_dir.name) + plot_series(collect_series(records), out, run_dir.name)
     lineage = manifest.get("lineage") or []
@@ -347,6 +352,7 @@ def run_report(run_dir: Path, out: Path) -> Path:
                                                ("stage", "status", "adapter", "base_model", "parent", "handoff",
                                                 "started_at", "ended_at")] + [["lineage", chain]])),
         *([("Over-optimization", _overoptimization_text(found, manifest.get("best")))] if found else []),
+        ("Health", health_section(manifest)),
         ("Final metrics", _md_table(["metric", "value"], [[k, v] for k, v in final.items()]) if final else "none yet"),
         ("Config", "```\n" + json.dumps(manifest.get("config", {}), indent=2) + "\n```"),
     ]
@@ -364,19 +370,38 @@ def _overoptimization_text(found: list[Overoptimization], best: dict[str, Any] |
     return "\n".join(f"- {line}" for line in lines)
 
 
+def health_warnings(manifest: dict[str, Any]) -> list[str]:
+    """What went wrong or looks degenerate in a run: its error if it failed, and its health warnings (align.health)."""
+    out = [f"WARNING: {w}." for w in (manifest.get("health") or {}).get("warnings", [])]
+    if manifest.get("status") == "failed" and manifest.get("error"):
+        out.insert(0, f"FAILED: {manifest['error']}")
+    return out
+
+
+def health_section(manifest: dict[str, Any]) -> str:
+    health = manifest.get("health")
+    if not health:
+        return "\n".join(health_warnings(manifest)) or "not assessed (the run has not finished training)"
+    rows = [[k, json.dumps(v, default=str)] for k, v in health.items() if k != "warnings"]
+    lines = health_warnings(manifest) or ["No warnings."]
+    return "\n".join(lines) + "\n\n" + _md_table(["check", "value"], rows)
+
+
 def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
     """Each stage's report plus the pipeline page with the held-out table; returns the report directory."""
     from align.pipeline import format_table
+    from align.runs import read_manifest
 
-    data = json.loads((pipeline_dir / "pipeline.json").read_text())
+    data = read_json(pipeline_dir / "pipeline.json", "pipeline summary")
     out.mkdir(parents=True, exist_ok=True)
-    links = []
+    links, warnings = [], []
     for stage in data.get("stages", []):
         run_dir = Path(stage["run"])
         if (run_dir / "run.json").is_file():
             run_report(run_dir, run_dir / "report")
             links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status"), _kept(stage),
                           f"../{run_dir.name}/report/report.html"])
+            warnings += [f"stage '{stage['name']}': {w}" for w in health_warnings(read_manifest(run_dir))]
         else:
             links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status", "pending"), "-",
                           "-"])
@@ -395,6 +420,7 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
         ("Held-out metrics, base → each stage", table + f"\n\nHeld-out data: {evaluation.get('data', '-')} "
                                                        f"({evaluation.get('max_samples', 'all')} samples)."),
         ("Stages", _md_table(["stage", "kind", "from", "status", "handed on (--keep-best)", "report"], links)),
+        ("Health", "\n".join(warnings) or "No warnings."),
         ("Pipeline", _md_table(["field", "value"], [[k, data.get(k)] for k in ("pipeline", "status", "model",
                                                                                "output", "seed")])),
     ]
@@ -439,6 +465,8 @@ def main(cfg: ReportConfig) -> str:
     out = Path(cfg.output) if cfg.output else target / "report"
     if (target / "pipeline.json").is_file():
         path = pipeline_report(target, out)
-    else:
-        path = run_report(target, out)
-    return str(path / "report.html")
+        return str(path / "report.html")
+    path = run_report(target, out)
+    from align.runs import read_manifest
+
+    return "\n".join([str(path / "report.html"), *health_warnings(read_manifest(target))])

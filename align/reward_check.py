@@ -16,6 +16,7 @@ command fail (exit 2) after the report.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -37,14 +38,14 @@ class RewardsCheckConfig(RemoteCodeOption, Config):
     split: str | None = opt(None, "Split of a DatasetDict directory or hub dataset (default: train).")
     columns: list[str] = opt(factory=list, help="Rename columns: target=source (e.g. prompt=query), as in grpo.")
     system_prompt: str | None = opt(None, "System message prepended to every prompt, as in grpo.")
-    num_samples: int = opt(8, "How many prompts (data rows) to use.")
+    num_samples: int = opt(8, "How many prompts (data rows) to use.", range="[1, inf)")
     num_generations: int = opt(1, "Completions sampled per prompt with --from/--model (the GRPO group size); > 1 "
-                                  "reports per-group reward spread.")
-    temperature: float = opt(1.0, "Sampling temperature with --from/--model (as the RL stage will sample).")
-    max_new_tokens: int = opt(32, "Tokens to generate per completion (with --from/--model).")
-    batch_size: int = opt(16, "Completions per reward call (as the RL stage's --batch-size).")
-    timeout: float = opt(60.0, "Seconds a reward function may take per call.")
-    show: int = opt(16, "Per-sample rows to print.")
+                                  "reports per-group reward spread.", range="[1, inf)")
+    temperature: float = opt(1.0, "Sampling temperature with --from/--model (as the RL stage will sample).", range="[0, inf)")
+    max_new_tokens: int = opt(32, "Tokens to generate per completion (with --from/--model).", range="[1, inf)")
+    batch_size: int = opt(16, "Completions per reward call (as the RL stage's --batch-size).", range="[1, inf)")
+    timeout: float = opt(60.0, "Seconds a reward function may take per call.", range="(0, inf)")
+    show: int = opt(16, "Per-sample rows to print.", range="[0, inf)")
 
     def check(self, problems: Problems) -> None:
         if not self.reward:
@@ -181,6 +182,8 @@ def verdict(scored: list[Scored], totals: list[float], k: int) -> str:
     faults = [s for s in scored if s.fault]
     if faults:
         return "FAIL: " + "; ".join(f"'{s.name}' faulted" for s in faults) + ". Fix the function before training."
+    if not all(math.isfinite(t) for t in totals):
+        return "FAIL: the weighted total is not a finite number for some samples. Check the weights."
     problems = []
     for s in scored:
         applied = [v for v in s.values if v is not None]
@@ -240,6 +243,6 @@ def main(cfg: RewardsCheckConfig) -> str:
     scored = score_all(rewards, call, cfg.batch_size)
     totals = weighted_total([s.values for s in scored], [s.weight for s in scored])
     text = report(cfg, call, k, note, scored, totals)
-    if any(s.fault for s in scored):
+    if any(s.fault for s in scored) or not all(math.isfinite(t) for t in totals):
         raise AlignError(text)
     return text

@@ -40,6 +40,7 @@ from typing import Any
 
 from align import integrity
 from align.errors import AlignError
+from align.io import read_jsonl, read_text
 
 MANIFEST = "run.json"
 ARTIFACTS = ("adapter", "model", "critic", "base", "pairs.jsonl")  # what a completed run records and every reuse verifies
@@ -107,7 +108,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not manifest.is_file():
         raise AlignError(f"{path} is not an align run directory (no {MANIFEST}). Pass the --output of a finished stage.")
     try:
-        return json.loads(manifest.read_text())
+        return json.loads(read_text(manifest))  # not UTF-8: AlignError naming the file and byte
     except json.JSONDecodeError as e:
         raise AlignError(f"{manifest}:{e.lineno}: corrupt run manifest ({e.msg}).") from None
 
@@ -284,7 +285,7 @@ class Run:
         """Drop logged steps beyond `after_step` (resuming from a checkpoint replays them)."""
         if not self.writer or not self.metrics_path.is_file():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
+        kept = [json.dumps(r) for r in read_jsonl(self.metrics_path, torn_tail_ok=True) if r.get("step", 0) <= after_step]
         tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.metrics_path)
@@ -292,4 +293,4 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.metrics_path, torn_tail_ok=True)  # a run in progress may be writing its last line

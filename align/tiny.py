@@ -19,6 +19,7 @@ from typing import Literal
 
 from align.config import Config, opt
 from align.errors import Problems
+from align.io import output_path_problem
 
 # ChatML; with tools, Qwen2.5's form: the function schemas in the system turn, each call as <tool_call>{"name": ...,
 # "arguments": {...}}</tool_call> in the assistant turn, each result as <tool_response>...</tool_response> in a user turn
@@ -162,11 +163,11 @@ def build_tiny_model(
 class TinyModelConfig(Config):
     output: str | None = opt(None, "Directory to write the model and tokenizer to.", aliases=["-o"])
     arch: Literal["qwen2", "bert"] = opt("qwen2", "qwen2: causal LM; bert: encoder (for reward models).")
-    hidden_size: int = opt(128, "Hidden size.")
-    num_layers: int = opt(2, "Transformer layers.")
-    num_heads: int = opt(2, "Attention heads (head dim = hidden size / heads).")
-    vocab_size: int = opt(1024, "BPE vocabulary size (including special tokens).")
-    initializer_range: float = opt(0.1, "Std of the random weights (0.1 lets LoRA on this untrained model learn fast).")
+    hidden_size: int = opt(128, "Hidden size.", range="[1, inf)")
+    num_layers: int = opt(2, "Transformer layers.", range="[1, inf)")
+    num_heads: int = opt(2, "Attention heads (head dim = hidden size / heads).", range="[1, inf)")
+    vocab_size: int = opt(1024, "BPE vocabulary size (including special tokens).", range="[1, inf)")
+    initializer_range: float = opt(0.1, "Std of the random weights (0.1 lets LoRA on this untrained model learn fast).", range="(0, inf)")
     seed: int = opt(0, "Seed of the random weights.")
     split_digits: bool = opt(False, "Tokenize every digit on its own (arithmetic generalises; the demo uses it).")
     overwrite: bool = opt(False, "Replace an existing directory.")
@@ -174,9 +175,11 @@ class TinyModelConfig(Config):
     def check(self, problems: Problems) -> None:
         if not self.output:
             problems.add("--output is required: the directory to write the tiny model to.")
+        elif (problem := output_path_problem(self.output)) is not None:
+            problems.add(problem)
         elif Path(self.output).exists() and any(Path(self.output).iterdir()) and not self.overwrite:
             problems.add(f"--output {self.output} exists and is not empty; pass --overwrite or choose another path.")
-        if self.hidden_size % self.num_heads:
+        if self.num_heads > 0 and self.hidden_size % self.num_heads:
             problems.add(f"--hidden-size {self.hidden_size} must be divisible by --num-heads {self.num_heads}.")
 
 

@@ -77,6 +77,25 @@ def encode_dataset(examples: list[dict], tokenizer, completion_only: bool = True
     return ds.map(with_labels, remove_columns=["assistant_masks"], desc="Building labels")
 
 
+def check_fits(dataset, max_length: int, flag: str = "--max-length") -> None:
+    """At least one example must keep a trained token within its first `max_length` tokens (a trained token is
+    predicted from the ones before it, so position 0 never counts); AlignError otherwise."""
+    from align.errors import AlignError
+
+    def fits(labels: list[int]) -> bool:
+        return any(t != -100 for t in labels[1:max_length])
+
+    kept = sum(fits(labels) for labels in dataset["labels"])
+    if not kept:
+        shortest = min(next((i for i, t in enumerate(labels) if t != -100), len(labels)) for labels in dataset["labels"])
+        raise AlignError(f"{flag} {max_length}: no training example keeps a token to train on — each one's prompt "
+                         f"(with the chat template) fills it; the shortest is {shortest} tokens before its answer. Use "
+                         f"{flag} {max(2 * shortest, 64)} or more.")
+    if kept < len(dataset):
+        logger.warning("%d of %d example(s) lose every trained token at %s %d; raise it to train on them.",
+                       len(dataset) - kept, len(dataset), flag, max_length)
+
+
 def mark_completion(tokenizer, input_ids: list[int], mask: list[int], start: str = "[[", end: str = "]]") -> str:
     """Decode `input_ids` with the trained (mask=1) stretches wrapped in start/end markers."""
     out, run, current = [], [], None

@@ -11,6 +11,7 @@ Accepted sources (tried in this order):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 from align.data.samples import BUNDLED, bundled_path
 from align.errors import AlignError
+from align.io import read_text
 from align.runs import sha256_path
 
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
@@ -132,25 +134,24 @@ def _load_local(path: Path, split: Split) -> Records:
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     rows, locations = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AlignError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). "
-                                 "Each line of a .jsonl file must be one complete JSON object.") from None
-            if not isinstance(row, dict):
-                raise AlignError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}.")
-            rows.append(row)
-            locations.append(f"{path}:{lineno}")
+    for lineno, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AlignError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). "
+                             "Each line of a .jsonl file must be one complete JSON object.") from None
+        if not isinstance(row, dict):
+            raise AlignError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}.")
+        rows.append(row)
+        locations.append(f"{path}:{lineno}")
     return rows, locations
 
 
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise AlignError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
     if isinstance(data, dict):
@@ -174,7 +175,7 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
 
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
     rows, locations = [], []
-    with open(path, newline="", encoding="utf-8") as fh:
+    with io.StringIO(read_text(path), newline="") as fh:
         reader = csv.DictReader(fh)
         for row in reader:
             if None in row:

@@ -80,6 +80,10 @@ def normalize_preferences(records: Records, columns=(), system_prompt: str | Non
         raise AlignError(f"{records.source}: {len(problems)} invalid preference record(s):", shown)
     if any("margin" in e for e in out) and not all("margin" in e for e in out):
         raise AlignError(f"{records.source}: 'margin' is set on some records but not all; give it everywhere or nowhere.")
+    if out and all(e["chosen"] == e["rejected"] for e in out):
+        raise AlignError(f"{records.source}: in every pair 'chosen' equals 'rejected' ({records.locations[0]} for "
+                         "one): there is no preference to learn. Check the columns (--columns chosen=... rejected=...) "
+                         "or how the pairs were made.")
     return out
 
 

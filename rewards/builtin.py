@@ -3,7 +3,7 @@ function with the reward protocol `fn(prompts, completions, **columns) -> list[f
 
     accuracy(column="answer", mode="numeric", tolerance=1e-6)
         1.0 if the completion's final answer equals the `column` value, else 0.0 (None when the sample has no
-        reference answer). The final answer is the text inside <answer>...</answer> if present, else the whole
+        reference answer, or an empty one). The final answer is the text inside <answer>...</answer> if present, else the whole
         completion; mode "numeric" compares the last number in it (so "The answer is 19." matches "19"), read
         as people write numbers ("1,234", "$1,234.50" and "12%" are 1234, 1234.5 and 12; "#### 1,234" matches 1234),
         mode "exact" the stripped text; mode "math" compares mathematically with math-verify (LaTeX, \\boxed{},
@@ -57,7 +57,7 @@ def accuracy(column: str = "answer", mode: str = "numeric", tolerance: float = 1
         return _math_accuracy(column)
 
     def matches(completion: Any, reference: Any) -> float | None:
-        if reference is None:
+        if reference is None or not str(reference).strip():  # no reference answer: not applicable (not 1.0 for "")
             return None
         answer = final_answer(completion_text(completion))
         if mode == "exact":
@@ -79,7 +79,7 @@ def _math_accuracy(column: str) -> RewardFn:
                          "(or pip install math-verify)") from None
 
     def matches(completion: Any, reference: Any) -> float | None:
-        if reference is None:
+        if reference is None or not str(reference).strip():
             return None
         # no signal-based timeouts: rewards may run in a worker thread, and the guard enforces --reward-timeout
         gold = parse(str(reference), parsing_timeout=None)

@@ -48,6 +48,14 @@ class GuardedReward:
 
     # -- invoking ----------------------------------------------------------------------------------------
     def _invoke(self, prompts: list, completions: list, columns: dict[str, Any]) -> Any:
+        try:
+            return self._run(prompts, completions, columns)
+        except SystemExit as e:  # never a silent end of the run: a bug in the reward, named as one
+            self._fault(f"(spec '{self.reward.spec}') called sys.exit({e.code!r}) on a batch of {len(prompts)} samples (first prompt "
+                        f"{_preview(prompts[0]) if prompts else '-'}); a reward function must return its scores (or "
+                        "raise), not end the process.")
+
+    def _run(self, prompts: list, completions: list, columns: dict[str, Any]) -> Any:
         fn = self.reward.fn
         if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
             coro = fn(prompts=prompts, completions=completions, **columns)
@@ -69,6 +77,8 @@ class GuardedReward:
             one = per_sample(columns, len(prompts), i, i + 1)
             try:
                 out.extend(self._invoke(prompts[i : i + 1], completions[i : i + 1], one))
+            except RewardError:
+                raise
             except Exception as e:  # noqa: BLE001 - reported with its sample, or skipped by the user's choice
                 if self.on_fault != "skip":
                     self._fault(f"raised {type(e).__name__}: {e} on sample {i} (prompt {_preview(prompts[i])}).", e)
@@ -89,6 +99,8 @@ class GuardedReward:
                 return [None] * len(prompts)
             self._fault(f"timed out after {self.timeout}s on a batch of {len(prompts)} samples (first prompt "
                         f"{_preview(prompts[0])}). Speed it up or raise the timeout.")
+        except RewardError:
+            raise
         except Exception as e:  # noqa: BLE001 - located and re-raised with its sample
             result = self._locate(prompts, completions, columns, e)
         finally:

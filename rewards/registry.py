@@ -21,7 +21,9 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import math
 import sys
+import traceback
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -66,6 +68,8 @@ def split_spec(spec: str) -> tuple[str, dict[str, Any] | None, float]:
             weight = float(tail)
         except ValueError:
             raise AlignError(f"Reward spec '{spec}': the weight after '@' must be a number, got '{tail}'.") from None
+        if not math.isfinite(weight):
+            raise AlignError(f"Reward spec '{spec}': the weight after '@' must be a finite number, got '{tail}'.")
         source = head
     settings: dict[str, Any] | None = None
     if source.endswith(")") and "(" in source:
@@ -89,12 +93,26 @@ def _load_file(path: Path, attr: str, spec: str):
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     try:
-        module_spec.loader.exec_module(module)  # a bug in the user's file raises here, with its traceback
+        module_spec.loader.exec_module(module)
     except SyntaxError as e:
         sys.modules.pop(name, None)
         raise AlignError(f"{e.filename or path}:{e.lineno}: syntax error in reward file ({e.msg}): "
                          f"{(e.text or '').strip()!r}. Fix that line.") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed at import: named, not hidden
+        sys.modules.pop(name, None)
+        raise import_failed(spec, str(path), e) from e
     return _attr(module, attr, spec, str(path))
+
+
+def import_failed(spec: str, where: str, error: BaseException) -> AlignError:
+    """The error for a reward module that raised (or called sys.exit) while it was imported: the spec, the error and
+    the line of the user's code it came from."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "importlib" not in f.filename]
+    at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    what = f"called sys.exit({error.code!r})" if isinstance(error, SystemExit) else \
+        f"raised {type(error).__name__}: {error}"
+    return AlignError(f"Reward spec '{spec}': importing {where} {what}{at}. A reward module must import cleanly; fix "
+                      "it (run `python -c 'import ...'` to see the full traceback).")
 
 
 def _attr(module, attr: str, spec: str, where: str):
@@ -117,13 +135,23 @@ def resolve_source(source: str, spec: str):
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as e:
+            if e.name is not None and not target.startswith(e.name):  # the module imports something missing
+                raise import_failed(spec, f"module '{target}'", e) from e
             raise AlignError(f"Reward spec '{spec}': cannot import module '{target}' ({e}).") from None
+        except SyntaxError as e:
+            raise AlignError(f"{e.filename}:{e.lineno}: syntax error in module '{target}' ({e.msg}). Fix that line.") \
+                from None
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed at import: named, not hidden
+            raise import_failed(spec, f"module '{target}'", e) from e
         return _attr(module, attr, spec, f"module {target}")
     if source in BUILTINS:
         return BUILTINS[source]
     eps = registered()
     if source in eps:
-        return eps[source].load()
+        try:
+            return eps[source].load()
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - a broken plugin package: named, not hidden
+            raise import_failed(spec, f"entry point '{source}' ({eps[source].value})", e) from e
     raise AlignError("Reward spec: " + unknown_name("reward", source, available())
                      + " Or give path/to/file.py:function, package.module:function, or a reward-model run.")
 

@@ -37,14 +37,16 @@ def start_stage(cfg, stage: str, load_data, **policy_kwargs) -> Started:
     """Validate config, data and parent (every problem at once, before any model loads), then claim the run
     directory (clear with --overwrite, find the checkpoint with --resume), seed, and build the policy."""
     from align.handoff import build_policy
-    from align.models import check_positions, check_vocabulary
+    from align.models import check_vocabulary, fit_positions
 
     run, data = validate_stage(cfg, stage, load_data)
     seed_everything(cfg.seed)
     # the policy first: what only loading can check (e.g. --target-modules the model lacks) fails before
     # --overwrite removes the old run
     policy = build_policy(cfg, stage=stage, **policy_kwargs)
-    check_positions(policy.model, getattr(cfg, "max_length", None))
+    fitted = fit_positions(cfg, policy.model)  # a default beyond the model's positions is lowered, not refused
+    if fitted:
+        policy.manifest["fitted_defaults"] = fitted
     check_vocabulary(policy.model, policy.tokenizer)
     resume_from = start_run(run, cfg)
     wait_for_everyone()  # launched processes: the main process has cleared (--overwrite) or checked the run directory
@@ -93,19 +95,24 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
         trainer = make_trainer([metrics_file(run), trackers.callback()] + adapter_callbacks(policy)
                                + best_callbacks(best, policy.tokenizer))
     adapt_trainer(trainer, policy, cfg)
+    check_not_empty(trainer, cfg, run)
     if stage in ("dpo", "grpo"):
         from align.models import disable_dropout
 
         # after TRL added its "ref" adapter: PEFT's per-adapter dropouts (LoHa/LoKr module dropout, BOFT's
         # multiplicative dropout, the ref copy's LoRA dropout) are off too, so the policy equals its reference at step 1
         disable_dropout(policy.model)
+    from align import health
+
+    start = health.weight_summary(policy.model)
     with run.lifecycle(**stage_manifest(stage, task, cfg, policy, started.datasets), **manifest), trackers:
         metrics = train_and_save(trainer, run, resume_from=started.resume_from, tokenizer=policy.tokenizer,
-                                 full=ADAPTERS[policy.adapter].full, best=best)
+                                 full=ADAPTERS[policy.adapter].full, best=best, start_weights=start, lr=cfg.lr)
         if run.writer:  # a merged parent chain: the run keeps that base, for plain PEFT (align.export)
             write_base(run.path, {**policy.manifest, "adapter": policy.adapter, "quantized_4bit": policy.quantized_4bit},
                        task=task, pad_token_id=policy.model.config.pad_token_id, trust_remote_code=cfg.trust_remote_code)
         run.update_manifest(metrics=metrics, **({"best": best.describe()} if best else {}))
+        health.record(run, cfg, stage, started.train, start, health.weight_summary(policy.model))
     if best:
         best.discard()
     return run.path
@@ -124,6 +131,25 @@ def best_callbacks(best, tokenizer) -> list:
     from align.stages.best import callback
 
     return [callback(best, tokenizer)] if best is not None else []
+
+
+def check_not_empty(trainer, cfg, run: Run) -> None:
+    """TRL's preparation may drop every example (e.g. pairs longer than --max-length); say so, before training (and
+    remove what the trainer made there — checkpoints/, logs/ — so the corrected command can use the same --output)."""
+    try:
+        size = len(trainer.train_dataset)
+    except TypeError:  # an iterable dataset has no length
+        return
+    if size == 0:
+        if run.writer and run.path.is_dir() and not run.manifest_path.exists():
+            # no run.json: the directory was empty (or new) when the run was opened, so all of it is the trainer's
+            import shutil
+
+            for child in run.path.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        raise AlignError(f"No training example is left after preparing the data for the trainer (--max-length "
+                         f"{getattr(cfg, 'max_length', '?')}: examples that do not fit are dropped or cut to nothing). "
+                         "Raise --max-length, or check the data.")
 
 
 def adapter_callbacks(policy) -> list:
@@ -234,7 +260,7 @@ def check_parent(cfg, stage: str) -> None:
 
 # Options a resumed run may change (recorded in run.json `resume_changes` with the step); any other change is refused.
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "tensorboard", "report_to", "resume", "overwrite", "config"}
+                     "tensorboard", "report_to", "resume", "overwrite", "config", "strict"}
 
 
 def config_changes(previous: dict[str, Any], cfg) -> dict[str, tuple[Any, Any]]:
@@ -373,9 +399,12 @@ def exact_adapter_precision(model) -> Iterator[None]:
             param.data = saved[name]
 
 
-def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool, best=None) -> dict[str, Any]:
+def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, full: bool, best=None,
+                   start_weights: dict[str, Any] | None = None, lr: float | None = None) -> dict[str, Any]:
     """Train (resuming if asked), evaluate, and write the policy atomically — with --keep-best (`best`, an
-    align.stages.best.Keeper) the best evaluation step's policy instead of the last. Returns the final metrics."""
+    align.stages.best.Keeper) the best evaluation step's policy instead of the last. Returns the final metrics.
+    Weights that diverged (NaN/inf, exploded; align.health) fail the run before anything is written."""
+    from align.health import check_weights
     from align.interrupt import GracefulStop
 
     if resume_from is not None:
@@ -386,6 +415,7 @@ def train_and_save(trainer, run: Run, *, resume_from: Path | None, tokenizer, fu
     with stop:  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop (align.interrupt)
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     stop.raise_if_stopped(trainer.state.global_step, run.last_checkpoint())
+    check_weights(trainer.accelerator.unwrap_model(trainer.model), start_weights, lr, run=run)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())

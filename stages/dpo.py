@@ -40,11 +40,11 @@ DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 @dataclass
 class DPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config):
-    lr: float = opt(5e-5, "Peak learning rate.")
-    beta: float = opt(0.1, "β: strength of the implicit KL constraint to the reference (higher = stay closer).")
+    lr: float = opt(5e-5, "Peak learning rate.", range="(0, inf)")
+    beta: float = opt(0.1, "β: strength of the implicit KL constraint to the reference (higher = stay closer).", range="(0, inf)")
     loss: list[str] = opt(factory=lambda: ["sigmoid"], help="DPO loss variant(s): " + ", ".join(DPO_LOSSES) + ".")
     loss_weights: list[float] | None = opt(None, "Weights when several --loss variants are combined.")
-    label_smoothing: float = opt(0.0, "Label smoothing ε (conservative/robust DPO): assumed rate of flipped labels.")
+    label_smoothing: float = opt(0.0, "Label smoothing ε (conservative/robust DPO): assumed rate of flipped labels.", range="[0, 0.5)")
     precompute_ref_log_probs: bool = opt(False, "Compute the reference log-probs once before training.")
 
     def check(self, problems: Problems) -> None:

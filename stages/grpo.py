@@ -47,9 +47,9 @@ from align.stages.options import DataOptions, ModelOptions, TrainOptions
 @dataclass
 class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardOptions, GoldOptions, RolloutOptions,
                  Config):
-    lr: float = opt(5e-5, "Peak learning rate.")
-    batch_size: int = opt(16, "Completions per device per step (prompts per step = this / --num-generations).")
-    beta: float = opt(0.04, "KL coefficient to the reference (the starting/parent policy); 0 disables the reference.")
+    lr: float = opt(5e-5, "Peak learning rate.", range="(0, inf)")
+    batch_size: int = opt(16, "Completions per device per step (prompts per step = this / --num-generations).", range="[1, inf)")
+    beta: float = opt(0.04, "KL coefficient to the reference (the starting/parent policy); 0 disables the reference.", range="[0, inf)")
     loss: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] | None = opt(
         None, "Loss aggregation (TRL 1.16 variants); default dapo, or grpo with --importance-sampling-level sequence.")
     advantage: Literal["grpo", "rloo", "reinforce_pp"] = opt(
@@ -60,9 +60,9 @@ class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Reward
               "for rloo, batch for reinforce_pp.")
     importance_sampling_level: Literal["token", "sequence"] = opt(
         "token", "Policy ratio π/π_old per token, or per sequence (GSPO: exp of the mean token log-ratio).")
-    epsilon: float = opt(0.2, "Lower clipping range of the ratio π/π_old.")
-    epsilon_high: float | None = opt(None, "Upper clipping range (default: --epsilon).")
-    num_iterations: int = opt(1, "Optimisation passes over each batch of rollouts.")
+    epsilon: float = opt(0.2, "Lower clipping range of the ratio π/π_old.", range="[0, inf)")
+    epsilon_high: float | None = opt(None, "Upper clipping range (default: --epsilon).", range="[0, inf)")
+    num_iterations: int = opt(1, "Optimisation passes over each batch of rollouts.", range="[1, inf)")
     mask_truncated_completions: bool = opt(False, "Exclude completions cut at --max-completion-length from the loss.")
 
     def check(self, problems: Problems) -> None:

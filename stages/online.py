@@ -16,7 +16,7 @@ class RewardOptions:
     reward: list[str] = opt(factory=list, help="Reward specs (repeatable): built-in name, file.py:fn, package.module:fn, "
                                                "entry-point name or rm run; optional (key=value) settings and @weight.")
     reward_model: str | None = opt(None, "A reward-model run (align rm) used as a reward source (weight 1).")
-    reward_timeout: float = opt(60.0, "Seconds a reward function may take per call before it is a fault.")
+    reward_timeout: float = opt(60.0, "Seconds a reward function may take per call before it is a fault.", range="(0, inf)")
     reward_faults: Literal["raise", "skip"] = opt(
         "raise", "On a reward fault (exception, NaN, wrong length, timeout): stop with an error naming the function "
                  "and sample, or skip the sample (scored None, logged).")
@@ -51,23 +51,23 @@ class RewardOptions:
 
 @dataclass
 class RolloutOptions:
-    num_generations: int = opt(4, "Completions sampled per prompt (the group).")
-    max_completion_length: int = opt(256, "Maximum tokens per completion.")
-    temperature: float = opt(1.0, "Sampling temperature.")
-    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    num_generations: int = opt(4, "Completions sampled per prompt (the group).", range="[1, inf)")
+    max_completion_length: int = opt(256, "Maximum tokens per completion.", range="[1, inf)")
+    temperature: float = opt(1.0, "Sampling temperature.", range="[0, inf)")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.", range="(0, 1]")
     backend: Literal["auto", "hf", "vllm"] = opt("auto", "Rollout backend: auto = vllm if installed and on GPU, else hf.")
-    vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.")
+    vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.", range="(0, 1]")
     vllm_server: str | None = opt(None, "Use this separately started vLLM server (URL) instead of a colocated "
                                         "engine; it must run the policy's base with --enable-lora and "
                                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.")
     is_correction: Literal["auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = opt(
         "auto", "Importance-sampling correction of the rollout/trainer mismatch: truncated (TIS) or masked (MIS) "
                 "weights per token or sequence; auto = sequence_mask when sampling with vLLM on a GPU, else none.")
-    is_cap: float = opt(3.0, "Upper bound of the correction weights (truncated to it, or masked above it).")
-    is_min: float | None = opt(None, "Lower bound of the correction weights (default: none).")
+    is_cap: float = opt(3.0, "Upper bound of the correction weights (truncated to it, or masked above it).", range="(0, inf)")
+    is_min: float | None = opt(None, "Lower bound of the correction weights (default: none).", range="[0, inf)")
     sync_check: int = opt(0, "Every N steps check that the sampler serves the current adapter and matches the "
-                             "trainer's log-probs on the sampled tokens (vllm backend); 0 = off.")
-    sync_threshold: float = opt(0.1, "Sync check: largest allowed mean |Δ log p| per sampled token, in nats.")
+                             "trainer's log-probs on the sampled tokens (vllm backend); 0 = off.", range="[0, inf)")
+    sync_threshold: float = opt(0.1, "Sync check: largest allowed mean |Δ log p| per sampled token, in nats.", range="(0, inf)")
 
     def resolved_backend(self) -> str:
         from align.stages.rollout import choose_backend

@@ -4,11 +4,11 @@ plus its own. The help text of every option lives here, once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from align.config import RemoteCodeOption, opt
 from align.errors import Problems
+from align.io import output_path_problem
 from align.models import check_model_path
 
 
@@ -35,14 +35,14 @@ class DataOptions:
     data: str | None = opt(None, "Training data: a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, a "
                                  "bundled sample name (arith) or a hub dataset id.")
     eval_data: str | None = opt(None, "Held-out data for evaluation (same formats as --data).")
-    eval_split: float = opt(0.0, "Fraction of --data held out for evaluation when --eval-data is not given (0 = none).")
+    eval_split: float = opt(0.0, "Fraction of --data held out for evaluation when --eval-data is not given (0 = none).", range="[0, 1)")
     split: str | None = opt(None, "Split of --data when it is a DatasetDict directory or a hub dataset (default: train).")
     eval_data_split: str | None = opt(
         None, "Split of --eval-data when it is a DatasetDict directory or a hub dataset (default: the first of test, "
               "validation, eval, dev it has).")
     columns: list[str] = opt(factory=list, help="Column renames NAME=COLUMN, e.g. --columns prompt=query completion=response.")
     system_prompt: str | None = opt(None, "System message added to conversations that have none.")
-    max_length: int = opt(1024, "Maximum tokens per example; longer examples are truncated.")
+    max_length: int = opt(1024, "Maximum tokens per example; longer examples are truncated.", range="[1, inf)")
 
     def check(self, problems: Problems) -> None:
         if not self.data:
@@ -57,20 +57,20 @@ class DataOptions:
 class TrainOptions:
     output: str | None = opt(None, "Run directory to write (run.json, adapter/ or model/, metrics.jsonl, checkpoints/).", aliases=["-o"])
     max_steps: int = opt(-1, "Total optimizer steps; -1 = train for --epochs.")
-    epochs: float = opt(1.0, "Passes over the training data (ignored when --max-steps > 0).")
-    lr: float = opt(2e-4, "Peak learning rate.")
+    epochs: float = opt(1.0, "Passes over the training data (ignored when --max-steps > 0).", range="(0, inf)")
+    lr: float = opt(2e-4, "Peak learning rate.", range="(0, inf)")
     lr_scheduler: str = opt("cosine", "Learning-rate schedule (linear, cosine, constant, constant_with_warmup, ...).")
-    warmup: float = opt(0.0, "Warmup: a fraction of total steps if < 1, else a number of steps.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).")
-    batch_size: int = opt(8, "Examples per device per step.")
-    grad_accum: int = opt(1, "Gradient accumulation steps.")
-    eval_batch_size: int | None = opt(None, "Examples per device per evaluation step (default: --batch-size).")
-    logging_steps: int = opt(10, "Log metrics every N steps.")
-    eval_steps: int | None = opt(None, "Evaluate every N steps (default: --logging-steps when there is eval data).")
-    save_steps: int = opt(200, "Write a resumable checkpoint every N steps.")
+    warmup: float = opt(0.0, "Warmup: a fraction of total steps if < 1, else a number of steps.", range="[0, inf)")
+    weight_decay: float = opt(0.0, "AdamW weight decay.", range="[0, inf)")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).", range="[0, inf)")
+    batch_size: int = opt(8, "Examples per device per step.", range="[1, inf)")
+    grad_accum: int = opt(1, "Gradient accumulation steps.", range="[1, inf)")
+    eval_batch_size: int | None = opt(None, "Examples per device per evaluation step (default: --batch-size).", range="[1, inf)")
+    logging_steps: int = opt(10, "Log metrics every N steps.", range="[1, inf)")
+    eval_steps: int | None = opt(None, "Evaluate every N steps (default: --logging-steps when there is eval data).", range="[1, inf)")
+    save_steps: int = opt(200, "Write a resumable checkpoint every N steps.", range="[1, inf)")
     save_total_limit: int | None = opt(2, "Keep the newest N checkpoints in RUN/checkpoints (older ones are deleted); "
-                                          "0 or none keeps all.")
+                                          "0 or none keeps all.", range="[0, inf)")
     keep_best: str | None = opt(None, "Keep the policy of the evaluation step with the best held-out METRIC[:max|min] "
                                       "(e.g. eval/gold/accuracy/mean, eval_loss:min) as the run's adapter; run.json "
                                       "names the step. Saved apart from checkpoints (--save-total-limit never "
@@ -79,20 +79,23 @@ class TrainOptions:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     resume: bool = opt(False, "Continue the run in --output from its last checkpoint.")
     overwrite: bool = opt(False, "Replace an existing run in --output.")
+    strict: bool = opt(False, "Fail the run (exit 2) when training was degenerate: a reward None or constant all run, "
+                              "every GRPO group without reward variance, chosen == rejected pairs, the loss flat with "
+                              "grad norm 0 (run.json 'health'; default in pipelines). NaN/exploded weights always fail.")
     tensorboard: bool = opt(True, "Write TensorBoard logs to RUN/logs (when --report-to includes tensorboard).")
     report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="Trackers for the metrics: tensorboard, wandb, "
                                "trackio, mlflow (several allowed), or none. Every value is also in metrics.jsonl.")
     num_processes: int | None = opt(None, "Train in N processes launched through accelerate (data parallel: one step's "
                                           "global batch is --batch-size × N × --grad-accum). Default: 1, or as many as "
-                                          "`accelerate launch` started. See docs/DISTRIBUTED.md.")
+                                          "`accelerate launch` started. See docs/DISTRIBUTED.md.", range="[1, inf)")
     accelerate_config: str | None = opt(None, "accelerate config for the launch: a preset (ddp; for GPUs also zero2, "
                                               "zero3 = DeepSpeed, fsdp2) or an accelerate config YAML file.")
 
     def check(self, problems: Problems) -> None:
         if not self.output:
             problems.add("--output is required: the run directory to write.")
-        elif Path(self.output).exists() and not Path(self.output).is_dir():
-            problems.add(f"--output {self.output} is a file; choose a directory path.")
+        elif (problem := output_path_problem(self.output)) is not None:  # a file, a dangling link, under a file
+            problems.add(problem)
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) <= 0:
                 problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")

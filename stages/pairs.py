@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
+from align.io import output_path_problem
 from align.stages.online import RewardOptions, load_prompt_data
 
 logger = logging.getLogger(__name__)
@@ -38,15 +39,15 @@ class PairsConfig(RemoteCodeOption, RewardOptions, Config):
     columns: list[str] = opt(factory=list, help="Column renames NAME=COLUMN, e.g. --columns prompt=query.")
     system_prompt: str | None = opt(None, "System message added to prompts that have none.")
     output: str | None = opt(None, "Run directory to write (pairs.jsonl, run.json).", aliases=["-o"])
-    num_generations: int = opt(8, "Completions sampled per prompt.")
-    temperature: float = opt(1.0, "Sampling temperature (> 0: the pairs need different completions).")
-    top_p: float = opt(1.0, "Nucleus sampling threshold.")
-    max_completion_length: int = opt(64, "Maximum tokens per completion.")
-    batch_size: int = opt(256, "Completions generated per batch.")
+    num_generations: int = opt(8, "Completions sampled per prompt.", range="[2, inf)")
+    temperature: float = opt(1.0, "Sampling temperature (> 0: the pairs need different completions).", range="(0, inf)")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.", range="(0, 1]")
+    max_completion_length: int = opt(64, "Maximum tokens per completion.", range="[1, inf)")
+    batch_size: int = opt(256, "Completions generated per batch.", range="[1, inf)")
     backend: Literal["auto", "hf", "vllm"] = opt("auto", "Sampling backend: hf (transformers generate) or vllm (the "
                                                          "rollout engine); auto = vllm when installed and on a GPU.")
-    vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.")
-    max_prompts: int | None = opt(None, "Use the first N prompts (default: all).")
+    vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.", range="(0, 1]")
+    max_prompts: int | None = opt(None, "Use the first N prompts (default: all).", range="[1, inf)")
     seed: int = opt(42, "Sampling seed.")
     resume: bool = opt(False, "Redo an interrupted pairs run in --output (sampling restarts; it has no checkpoints).")
     overwrite: bool = opt(False, "Replace an existing run in --output.")
@@ -62,6 +63,8 @@ class PairsConfig(RemoteCodeOption, RewardOptions, Config):
             problems.add("--data is required: prompts to sample completions for.")
         if not self.output:
             problems.add("--output is required: the run directory to write.")
+        elif (problem := output_path_problem(self.output)) is not None:
+            problems.add(problem)
         if self.num_generations < 2:
             problems.add(f"--num-generations must be at least 2 (a pair needs two completions), got {self.num_generations}.")
         if self.temperature <= 0:

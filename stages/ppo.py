@@ -85,25 +85,25 @@ class PPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardO
         "merge", "With --from: merge the parent's adapter into the base and train a fresh adapter on top (default: "
                  "the reference is the same model with adapters off, and a critic from an rm of the same parent "
                  "shares the base), or continue training the parent's adapter.")
-    lr: float = opt(1e-5, "Peak learning rate (actor and critic).")
+    lr: float = opt(1e-5, "Peak learning rate (actor and critic).", range="(0, inf)")
     lr_scheduler: str = opt("linear", "Learning-rate schedule over all optimizer steps (linear, cosine, constant, ...).")
-    batch_size: int = opt(16, "Completions per rollout step (prompts per step = this / --num-generations).")
-    num_generations: int = opt(1, "Completions sampled per prompt.")
-    max_completion_length: int = opt(64, "Maximum tokens per completion.")
-    logging_steps: int = opt(1, "Log metrics every N rollout steps.")
-    ppo_epochs: int = opt(4, "Optimisation passes over each rollout batch.")
+    batch_size: int = opt(16, "Completions per rollout step (prompts per step = this / --num-generations).", range="[1, inf)")
+    num_generations: int = opt(1, "Completions sampled per prompt.", range="[1, inf)")
+    max_completion_length: int = opt(64, "Maximum tokens per completion.", range="[1, inf)")
+    logging_steps: int = opt(1, "Log metrics every N rollout steps.", range="[1, inf)")
+    ppo_epochs: int = opt(4, "Optimisation passes over each rollout batch.", range="[1, inf)")
     num_minibatches: int = opt(1, "Minibatches (optimizer steps) per PPO epoch; each is split into --grad-accum "
-                                  "micro-batches.")
-    kl_coef: float = opt(0.05, "β: per-token KL penalty to the reference in the reward (initial value with --target-kl).")
-    target_kl: float | None = opt(None, "Adaptive KL: adjust β so the per-sequence KL tracks this target.")
-    kl_horizon: int = opt(10000, "Adaptive KL horizon, in samples.")
-    gamma: float = opt(1.0, "Discount factor of GAE.")
-    lam: float = opt(0.95, "λ of GAE.")
-    cliprange: float = opt(0.2, "Clip range ε of the policy ratio π/π_old.")
-    cliprange_value: float = opt(0.2, "Clip range of the value prediction around the rollout's values.")
-    vf_coef: float = opt(0.1, "Weight of the value loss.")
+                                  "micro-batches.", range="[1, inf)")
+    kl_coef: float = opt(0.05, "β: per-token KL penalty to the reference in the reward (initial value with --target-kl).", range="[0, inf)")
+    target_kl: float | None = opt(None, "Adaptive KL: adjust β so the per-sequence KL tracks this target.", range="(0, inf)")
+    kl_horizon: int = opt(10000, "Adaptive KL horizon, in samples.", range="[1, inf)")
+    gamma: float = opt(1.0, "Discount factor of GAE.", range="[0, 1]")
+    lam: float = opt(0.95, "λ of GAE.", range="[0, 1]")
+    cliprange: float = opt(0.2, "Clip range ε of the policy ratio π/π_old.", range="(0, inf)")
+    cliprange_value: float = opt(0.2, "Clip range of the value prediction around the rollout's values.", range="(0, inf)")
+    vf_coef: float = opt(0.1, "Weight of the value loss.", range="[0, inf)")
     whiten_rewards: bool = opt(False, "Whiten the per-token rewards over the batch (mean kept) before GAE.")
-    reward_clip: float | None = opt(None, "Clip sequence scores to [-C, C].")
+    reward_clip: float | None = opt(None, "Clip sequence scores to [-C, C].", range="(0, inf)")
     missing_eos_penalty: float | None = opt(None, "Subtract this from the score of completions cut at "
                                                   "--max-completion-length (no end-of-sequence token).")
     critic_init: Literal["auto", "reward_model", "policy"] = opt(
@@ -620,6 +620,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def main(cfg: PPOConfig) -> Path:
     """Run PPO as configured; returns the run directory."""
+    from align import health
     from align.export import write_base
     from align.models import save_policy
     from align.stages.common import launch_or_join, stage_manifest, start_stage
@@ -629,10 +630,12 @@ def main(cfg: PPOConfig) -> Path:
     started = start_stage(cfg, "ppo", load_prompt_data)
     ppo = PPO(cfg, started)
     run = started.run
+    start = health.weight_summary(ppo.model, trainable_only=False)  # actor and critic adapters take turns training
     with run.lifecycle(**stage_manifest("ppo", "causal-lm", cfg, ppo.policy, started.datasets),
                        rewards=cfg.reward_manifest(), reference="parent policy (frozen)", critic=ppo.critic.describe(),
                        reward_models=ppo.reward_models, is_correction=ppo.correction):
         metrics = ppo.train(started.resume_from)
+        end = health.check_weights(ppo.model, start, cfg.lr, trainable_only=False, run=run)
         best = ppo.best.finish() if ppo.best is not None else None
         if run.writer:  # the main process; the processes' copies are identical
             with run.artifact("adapter") as tmp:
@@ -646,6 +649,7 @@ def main(cfg: PPOConfig) -> Path:
                                   "quantized_4bit": ppo.policy.quantized_4bit},
                        task="causal-lm", pad_token_id=None, trust_remote_code=cfg.trust_remote_code)
         run.update_manifest(metrics=metrics, **({"best": best} if best else {}))
+        health.record(run, cfg, "ppo", started.train, start, end)
         if best:
             ppo.best.discard()
     return run.path

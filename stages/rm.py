@@ -27,8 +27,8 @@ from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
 @dataclass
 class RMConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config):
-    lr: float = opt(1e-4, "Peak learning rate.")
-    center_rewards_coefficient: float | None = opt(None, "Weight of the reward-centering term E[(r_w + r_l)^2].")
+    lr: float = opt(1e-4, "Peak learning rate.", range="(0, inf)")
+    center_rewards_coefficient: float | None = opt(None, "Weight of the reward-centering term E[(r_w + r_l)^2].", range="[0, inf)")
 
 
 def main(cfg: RMConfig) -> Path:
@@ -59,7 +59,7 @@ class ScoreConfig(RemoteCodeOption, Config):
     split: str | None = opt(None, "Split of a DatasetDict directory or hub dataset (default: train).")
     columns: list[str] = opt(factory=list, help="Column renames NAME=COLUMN.")
     output: str | None = opt(None, "Write one JSON object per example here (default: print them).", aliases=["-o"])
-    batch_size: int = opt(16, "Examples per forward pass.")
+    batch_size: int = opt(16, "Examples per forward pass.", range="[1, inf)")
 
     def check(self, problems: Problems) -> None:
         from align.integrity import check_file_output

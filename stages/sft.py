@@ -52,7 +52,7 @@ def main(cfg: SFTConfig) -> Path:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from align.data.chat import encode_dataset
+    from align.data.chat import check_fits, encode_dataset
     from align.data.packing import PackedRowCollator, pack_rows
 
     if (workers_run := launch_or_join(cfg, "sft", load_sft_data)) is not None:
@@ -62,6 +62,7 @@ def main(cfg: SFTConfig) -> Path:
     train_ds = encode_dataset(started.train, tokenizer, cfg.completion_only_loss, desc="Tokenizing train")
     eval_ds = (encode_dataset(started.evaluation, tokenizer, cfg.completion_only_loss, desc="Tokenizing eval")
                if started.evaluation else None)
+    check_fits(train_ds, cfg.max_length)
     collator = None
     if cfg.packing and ADAPTERS[started.policy.adapter].prompt_learning:
         logger.info("Packing is off for the '%s' adapter: its virtual tokens must precede every example.",

@@ -9,6 +9,10 @@ def has_digit(prompts, completions, **columns):
     return [float(any(ch.isdigit() for ch in c)) for c in completions]
 
 
+def never_applies(prompts, completions, **columns):
+    return [None for _ in completions]
+
+
 def needs_answer(prompts, completions, answer, **columns):
     return [float(c.strip() == a) for c, a in zip(completions, answer, strict=True)]
 

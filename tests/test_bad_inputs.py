@@ -49,9 +49,38 @@ def ws(tiny_model, sft_run, tmp_path_factory) -> dict:
     (w / "syntax.yaml").write_text("model: x\nstages:\n  - {name: sft, kind: sft\n")
     (w / "dup.yaml").write_text(stage + "  - {{name: a, kind: sft, data: arith}}\n  - {{name: a, kind: dpo, data: arith-prefs}}\n")
     (w / "fwd.yaml").write_text(stage + "  - {{name: a, kind: dpo, from: b, data: arith-prefs}}\n  - {{name: b, kind: sft, data: arith}}\n")
-    for name in ("typo", "kind", "dup", "fwd"):
+    # the pipeline file checked whole (issue 19): defaults, eval block, gates, stage names, keys, output, encoding
+    sft = "  - {{name: sft, kind: sft, data: arith, max_steps: 1}}\n"
+    (w / "defaults.yaml").write_text("model: {t}\noutput: {w}/p\ndefaults: {{max_stpes: 1}}\nstages:\n" + sft)
+    (w / "evalbad.yaml").write_text("model: {t}\noutput: {w}/p\neval: {{data: arith-prompts-eval, batch_size: 0}}\n"
+                                    "stages:\n" + sft)
+    (w / "gate.yaml").write_text("model: {t}\noutput: {w}/p\neval: {{data: arith-prompts-eval}}\nstages:\n"
+                                 "  - {{name: sft, kind: sft, data: arith, gate: {{metric: acuracy, min_delta: abc}}}}\n")
+    (w / "escape.yaml").write_text(stage + "  - {{name: ../../escaped, kind: sft, data: arith}}\n")
+    (w / "dupkey.yaml").write_text(stage + "  - name: sft\n    kind: sft\n    data: arith\n    max_steps: 1\n"
+                                   "    max_steps: 2\n")
+    (w / "afile").write_text("not a directory\n")
+    (w / "outfile.yaml").write_text("model: {t}\noutput: {w}/afile\nstages:\n" + sft)
+    (w / "latin1.yaml").write_bytes(b"model: caf\xe9\noutput: out\n")
+    (w / "torn").mkdir()
+    (w / "torn" / "pipeline.json").write_text('{"pipeline": "torn.yaml", "stages": [{"name": "sf')
+    (w / "torn.yaml").write_text("model: {t}\noutput: {w}/torn\nstages:\n" + sft)
+    (w / "dangling").symlink_to(w / "gone")
+    for name in ("typo", "kind", "dup", "fwd", "defaults", "evalbad", "gate", "escape", "dupkey", "outfile", "torn"):
         path = w / f"{name}.yaml"
         path.write_text(path.read_text().format(t=tiny_model, w=w))
+    # files a user gives that cannot be read as they are, and reward modules that end the process
+    (w / "latin1.jsonl").write_bytes(b'{"prompt": "1 + 1?", "completion": "2"}\n{"prompt": "caf\xe9?", "completion": "x"}\n')
+    (w / "dupcfg.yaml").write_text("lr: 0.001\nmax_steps: 1\nlr: 0.002\n")
+    (w / "same.jsonl").write_text("".join(json.dumps({"prompt": f"{i} + 1?", "chosen": "2", "rejected": "2"}) + "\n"
+                                          for i in range(4)))
+    (w / "exit_import.py").write_text("import sys\nsys.exit(3)\n")
+    (w / "bad_import.py").write_text("import numpyy\n\ndef f(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    (w / "exit_call.py").write_text("import sys\n\ndef f(prompts, completions, **kw):\n    sys.exit(4)\n")
+    (w / "pc.jsonl").write_text(json.dumps({"prompt": "1 + 1?", "completion": "2", "answer": "2"}) + "\n")
+    badmetrics = w / "badmetrics"
+    shutil.copytree(sft_run, badmetrics)
+    (badmetrics / "metrics.jsonl").write_text('{"step": 1, "loss": \n' + (sft_run / "metrics.jsonl").read_text())
     trunc = w / "trunc"
     shutil.copytree(sft_run, trunc)
     weights = trunc / "adapter" / "adapter_model.safetensors"
@@ -244,6 +273,63 @@ def cases(T, S, R, W, mounted=False):
          "from 'b' refers to a stage that comes later"),
         ("report-missing", ["report", str(W / "nope")],
          'no such directory'),
+        # issue 19: the pipeline file checked whole before anything trains
+        ("run-defaults-typo", ["run", str(W / "defaults.yaml")],
+         "defaults: unknown option 'max_stpes'. Did you mean 'max_steps'?"),
+        ("run-eval-block", ["run", str(W / "evalbad.yaml")],
+         "eval: --batch-size must be positive, got 0"),
+        ("run-gate-metric", ["run", str(W / "gate.yaml")],
+         "gate: Unknown metric 'acuracy'. Did you mean 'accuracy'? Available: accuracy, completion_length, kl"),
+        ("run-gate-delta", ["run", str(W / "gate.yaml")],
+         "gate: min_delta must be a finite number"),
+        ("run-escaped-name", ["run", str(W / "escape.yaml")],
+         "stage name '../../escaped' is not allowed"),
+        ("run-duplicate-key", ["run", str(W / "dupkey.yaml")],
+         "dupkey.yaml:8: invalid YAML: duplicate key 'max_steps' (also on line 7)"),
+        ("run-output-file", ["run", str(W / "outfile.yaml")],
+         "output: " + str(W / "afile") + " is a file, not a directory"),
+        ("run-not-utf8", ["run", str(W / "latin1.yaml")],
+         "latin1.yaml:1: not UTF-8 text (byte 10: 0xe9). Save the file as UTF-8"),
+        ("run-torn-summary", ["run", str(W / "torn.yaml")],
+         "pipeline.json:1: corrupt pipeline summary"),
+        ("report-torn-summary", ["report", str(W / "torn")],
+         "pipeline.json:1: corrupt pipeline summary"),
+        ("report-corrupt-metrics", ["report", str(W / "badmetrics")],
+         "metrics.jsonl:1: corrupt line"),
+        # issue 19: reading what the user gave, output paths of the wrong kind
+        ("sft-not-utf8", ["sft", "--model", T, "--data", str(W / "latin1.jsonl"), "-o", O("a")],
+         "latin1.jsonl:2: not UTF-8 text"),
+        ("sft-config-duplicate", ["sft", "--config", str(W / "dupcfg.yaml"), "--model", T, "--data", "arith", "-o", O("a")],
+         "dupcfg.yaml:3: invalid YAML: duplicate key 'lr' (also on line 1)"),
+        ("sft-output-dangling", ["sft", "--model", T, "--data", "arith", "-o", str(W / "dangling")],
+         "is a symbolic link to"),
+        ("sft-output-under-file", ["sft", "--model", T, "--data", "arith", "-o", str(W / "afile" / "run")],
+         "is a file, so nothing can be created under it"),
+        ("grpo-reward-exits", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", f"{W}/exit_import.py:f", "-o", O("d")],
+         "importing " + str(W / "exit_import.py") + " called sys.exit(3) at"),
+        ("grpo-reward-import", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", f"{W}/bad_import.py:f", "-o", O("d")],
+         "raised ModuleNotFoundError: No module named 'numpyy'"),
+        ("check-reward-exits", ["rewards", "check", f"{W}/exit_call.py:f", "--data", str(W / "pc.jsonl")],
+         "Reward function 'f' (spec '" + f"{W}/exit_call.py:f" + "') called sys.exit(4)"),
+        ("grpo-weight-nan", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy@nan", "-o", O("d")],
+         "the weight after '@' must be a finite number, got 'nan'"),
+        ("dpo-identical-pairs", ["dpo", "--from", S, "--data", str(W / "same.jsonl"), "-o", O("c")],
+         "in every pair 'chosen' equals 'rejected'"),
+        # issue 19: ranges of numeric options, negative numbers as values
+        ("sft-neg-lr-exponent", ["sft", "--model", T, "--data", "arith", "--lr", "-1e-3", "-o", O("a")],
+         "--lr must be positive, got -0.001"),
+        ("sft-nan-lr", ["sft", "--model", T, "--data", "arith", "--lr", "nan", "-o", O("a")],
+         "--lr must be a finite number, got nan"),
+        ("sft-neg-seed", ["sft", "--model", T, "--data", "arith", "--seed", "-1", "-o", O("a")],
+         "--seed must be in [0, 4294967295], got -1"),
+        ("sft-max-length-1", ["sft", "--model", T, "--data", "arith", "--max-length", "1", "-o", O("a")],
+         "--max-length 1: no training example keeps a token to train on"),
+        ("dpo-max-length-1", ["dpo", "--from", S, "--data", "arith-prefs", "--max-length", "1", "-o", O("c")],
+         "No training example is left after preparing the data for the trainer (--max-length 1"),
+        ("ppo-gamma", ["ppo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--gamma", "2", "-o", O("e")],
+         "--gamma must be in [0, 1], got 2.0"),
+        ("tiny-no-heads", ["tiny-model", "-o", O("t"), "--num-heads", "0"],
+         "--num-heads must be >= 1, got 0"),
         ("check-no-spec", ["rewards", "check", "--data", "arith-prompts"],
          'Give at least one reward spec'),
         ("check-gens-no-from", ["rewards", "check", "accuracy", "--data", "arith-prompts", "--num-generations", "4"],
