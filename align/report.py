@@ -78,28 +78,57 @@ def collect_series(records: list[dict[str, Any]]) -> dict[str, dict[str, list[tu
     return series
 
 
+# the series an ML engineer reads first, in this order (a quantity matches its first pattern); the rest follow, grouped
+HEADLINE = ("loss", "loss/policy_avg", "loss/value_avg", "reward", "objective/scores", "rewards/", "gold/", "score",
+            "accuracy", "mean_token_accuracy", "rewards/accuracies", "preference_accuracy", "rewards/margins", "margin",
+            "kl", "objective/kl")
+TAIL = ("learning_rate", "grad_norm", "entropy", "policy/", "val/", "completions/", "sampling/", "timing/")
+UNITS = (("timing/", "seconds"), ("_s", "seconds"), ("kl", "nats"), ("length", "tokens"), ("num_tokens", "tokens"),
+         ("entropy", "nats"), ("loss", "nats"))
+
+
+def series_order(quantity: str) -> tuple[int, int, str]:
+    """Sort key: headline series first (in HEADLINE's order), then the others, then the bookkeeping (TAIL's order)."""
+    for i, pattern in enumerate(HEADLINE):
+        if quantity == pattern or pattern.endswith("/") and quantity.startswith(pattern):
+            return 0, i, quantity
+    for i, pattern in enumerate(TAIL):
+        if quantity == pattern or pattern.endswith("/") and quantity.startswith(pattern):
+            return 2, i, quantity
+    return 1, 0, quantity
+
+
+def unit(quantity: str) -> str:
+    name = quantity.lower()
+    found = next((u for pattern, u in UNITS if pattern in name and not (pattern == "_s" and not name.endswith("_s"))), None)
+    return f"{quantity} ({found})" if found else quantity
+
+
 def plot_series(series: dict[str, dict[str, list[tuple[float, float]]]], out: Path, title: str) -> list[Path]:
-    """One PNG per quantity: the training curve as a line, evaluation points as markers."""
+    """One PNG per quantity, headline series first: the training curve as a line, evaluation points as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for quantity, points in sorted(series.items()):
+    for quantity, points in sorted(series.items(), key=lambda kv: series_order(kv[0])):
         fig, ax = plt.subplots(figsize=(6, 3.6))
         if points["train"]:
             xs, ys = zip(*points["train"], strict=True)
-            ax.plot(xs, ys, "-", lw=1.5, label="train", marker="." if len(xs) < 30 else None)
+            ax.plot(xs, ys, "-", lw=1.5, label="training", marker="." if len(xs) < 30 else None)
         if points["eval"]:
             xs, ys = zip(*points["eval"], strict=True)
-            ax.plot(xs, ys, "o--", ms=6, label="eval")
+            ax.plot(xs, ys, "o--", ms=6, label="held-out")
         ax.set_title(f"{title}: {quantity}", fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel(quantity)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(unit(quantity))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if points["train"] and points["eval"]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"{_slug(quantity)}.png"
         fig.savefig(path, dpi=90)
@@ -305,6 +334,18 @@ def _html_page(title: str, sections: list[tuple[str, str]], images: list[Path]) 
     return "\n".join(parts)
 
 
+LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with markdown links [text](href) as clickable links."""
+    out, last = [], 0
+    for m in LINK.finditer(text):
+        out += [html.escape(text[last:m.start()]), f"<a href='{html.escape(m.group(2))}'>{html.escape(m.group(1))}</a>"]
+        last = m.end()
+    return "".join(out) + html.escape(text[last:])
+
+
 def _md_to_html(body: str) -> str:
     """The little markdown these pages use: tables, fenced code, plain lines."""
     out, lines, i = [], body.splitlines(), 0
@@ -314,7 +355,10 @@ def _md_to_html(body: str) -> str:
             j = i + 1
             while j < len(lines) and not lines[j].startswith("```"):
                 j += 1
-            out.append("<pre>" + html.escape("\n".join(lines[i + 1 : j])) + "</pre>")
+            block = "<pre>" + html.escape("\n".join(lines[i + 1 : j])) + "</pre>"
+            if line.startswith("```folded"):
+                block = f"<details><summary>{html.escape(line[len('```folded'):].strip())}</summary>{block}</details>"
+            out.append(block)
             i = j + 1
         elif line.startswith("|"):
             rows = []
@@ -323,12 +367,12 @@ def _md_to_html(body: str) -> str:
                     rows.append([c.strip() for c in lines[i].strip("|").split("|")])
                 i += 1
             head, *body_rows = rows
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body_rows)
+            out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body_rows)
                        + "</table>")
         else:
             if line.strip():
-                out.append(f"<p>{html.escape(line)}</p>")
+                out.append(f"<p>{_inline(line)}</p>")
             i += 1
     return "\n".join(out)
 
@@ -343,21 +387,53 @@ def run_report(run_dir: Path, out: Path) -> Path:
     records = read_jsonl(run.metrics_path, torn_tail_ok=True) if run.metrics_path.is_file() else []
     found = find_overoptimization(records)
     images = plot_overoptimization(found, out, run_dir.name) + plot_series(collect_series(records), out, run_dir.name)
-    lineage = manifest.get("lineage") or []
-    chain = " → ".join([str(manifest.get("base_model"))] + [Path(p.get("path", "?")).name for p in lineage]
-                       + [run_dir.name])
     final = manifest.get("metrics") or {}
     sections = [
-        ("Run", _md_table(["field", "value"], [[k, manifest.get(k)] for k in
+        ("Run", _md_table(["field", "value"], [[k, manifest[k]] for k in
                                                ("stage", "status", "adapter", "base_model", "parent", "handoff",
-                                                "started_at", "ended_at")] + [["lineage", chain]])),
+                                                "started_at", "ended_at") if manifest.get(k) is not None]
+                          + [["lineage", lineage_text(manifest, run_dir)]])),
         *([("Over-optimization", _overoptimization_text(found, manifest.get("best")))] if found else []),
         ("Health", health_section(manifest)),
         ("Final metrics", _md_table(["metric", "value"], [[k, v] for k, v in final.items()]) if final else "none yet"),
-        ("Config", "```\n" + json.dumps(manifest.get("config", {}), indent=2) + "\n```"),
+        ("Config", config_text(manifest)),
     ]
     write_pages(out, f"{manifest.get('stage', 'run')} run {run_dir.name}", sections, images)
     return out
+
+
+def lineage_text(manifest: dict[str, Any], run_dir: Path) -> str:
+    """base → each ancestor run → this run (a pairs run: its policy → this run)."""
+    chain = [Path(p.get("run") or p.get("path") or "?").name + (f" ({p['stage']})" if p.get("stage") else "")
+             for p in manifest.get("lineage") or []]
+    start = manifest.get("base_model") or (Path(manifest["parent"]).name if manifest.get("parent") else None)
+    return " → ".join([*([str(start)] if start else []), *chain, run_dir.name])
+
+
+def config_text(manifest: dict[str, Any]) -> str:
+    """The options that differ from the stage's defaults as a table, the whole resolved config folded below."""
+    config = manifest.get("config") or {}
+    defaults = _defaults(manifest.get("stage"))
+    changed = [[k, json.dumps(v, default=str)] for k, v in config.items()
+               if k not in ("config",) and (k not in defaults or defaults[k] != v)]
+    table = _md_table(["option (differs from the default)", "value"], changed) if changed else "All defaults."
+    return table + "\n\n```folded full resolved config\n" + json.dumps(config, indent=2, default=str) + "\n```"
+
+
+def _defaults(stage: str | None) -> dict[str, Any]:
+    import dataclasses
+
+    from align.stages import KINDS, stage_parts
+
+    if stage not in KINDS:
+        return {}
+    out = {}
+    for f in dataclasses.fields(stage_parts(stage)[0]):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out, default=str))
 
 
 def _overoptimization_text(found: list[Overoptimization], best: dict[str, Any] | None) -> str:
@@ -400,7 +476,7 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
         if (run_dir / "run.json").is_file():
             run_report(run_dir, run_dir / "report")
             links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status"), _kept(stage),
-                          f"../{run_dir.name}/report/report.html"])
+                          f"[report](../{run_dir.name}/report/report.html)"])
             warnings += [f"stage '{stage['name']}': {w}" for w in health_warnings(read_manifest(run_dir))]
         else:
             links.append([stage["name"], stage["kind"], stage.get("from", "-"), stage.get("status", "pending"), "-",

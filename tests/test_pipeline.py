@@ -233,6 +233,17 @@ def test_report_writes_pngs_and_a_summary_naming_every_stage(finished, cli):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert (out / "dpo" / "report" / "rewards_margins.png").is_file()
     assert (out / "report" / "held_out_accuracy.png").is_file()
+    assert "<a href='../sft/report/report.html'>report</a>" in html, "the stage reports are links"
+    dpo_page = (out / "dpo" / "report" / "report.md").read_text()
+    lineage = next(line for line in dpo_page.splitlines() if line.startswith("| lineage |"))
+    assert "?" not in lineage and "sft (sft) → dpo" in lineage, lineage
+    assert "| option (differs from the default) | value |" in dpo_page and "```folded" in dpo_page
+    dpo_html = (out / "dpo" / "report" / "report.html").read_text()
+    assert "<details><summary>full resolved config</summary>" in dpo_html
+    shown = [line.split("](")[1].rstrip(")") for line in dpo_page.splitlines() if line.startswith("![")]
+    assert shown[0] == "loss.png" and shown.index("learning_rate.png") > shown.index("rewards_margins.png"), shown
+    pairs_page = (out / "pairs" / "report" / "report.md").read_text()
+    assert "None" not in pairs_page.split("## Run")[1].split("##")[0], "no empty fields on a pairs run's page"
 
 
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml")),
