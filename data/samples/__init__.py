@@ -11,8 +11,9 @@ They are generated deterministically by this module; regenerate with `python -m 
 - `addition`, `addition-prompts`, `addition-eval`  the demo pipeline's task (recipes/demo.yaml): every "a + b" with
   a, b in 0-49 (2500 problems), shuffled once and split three ways, disjoint: 1500 SFT conversations, 500 RL prompts
   with answers (pairs, grpo, ppo), and 500 held-out prompts with answers that no stage trains on
-- `addition-sft-prompts`  the 1500 SFT problems of `addition` as prompts with answers: more on-policy preference
-  pairs for a reward model (problems sft already trained on; never the held-out ones)
+- `addition-train-prompts`  the 2000 problems that sft and RL train on (`addition`'s 1500 and `addition-prompts`' 500)
+  as prompts with answers: on-policy preference pairs for a reward model on every training problem, never on the
+  held-out ones
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ BUNDLED: dict[str, str] = {
     "addition": "addition_sft.jsonl",
     "addition-prompts": "addition_prompts.jsonl",
     "addition-eval": "addition_eval.jsonl",
-    "addition-sft-prompts": "addition_sft_prompts.jsonl",
+    "addition-train-prompts": "addition_train_prompts.jsonl",
 }
 
 
@@ -90,8 +91,8 @@ def arithmetic_prompt_records(n_train: int = 500, n_eval: int = 100, seed: int =
 
 
 def addition_records(max_operand: int = 50, n_eval: int = 500, n_sft: int = 1500, seed: int = 0):
-    """(sft conversations, RL prompts, held-out prompts, sft prompts): every a + b with a, b < max_operand, split
-    disjointly (the sft prompts are the sft conversations' problems with their answers)."""
+    """(sft conversations, RL prompts, held-out prompts, train prompts): every a + b with a, b < max_operand, split
+    disjointly (the train prompts are the sft conversations' and the RL prompts' problems, with their answers)."""
     problems = [(a, b) for a in range(max_operand) for b in range(max_operand)]
     random.Random(seed).shuffle(problems)
     held, sft, rl = problems[:n_eval], problems[n_eval : n_eval + n_sft], problems[n_eval + n_sft :]
@@ -101,7 +102,7 @@ def addition_records(max_operand: int = 50, n_eval: int = 500, n_sft: int = 1500
 
     conversations = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
                                    {"role": "assistant", "content": str(a + b)}]} for a, b in sft]
-    return conversations, prompts(rl), prompts(held), prompts(sft)
+    return conversations, prompts(rl), prompts(held), prompts(sft + rl)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -114,7 +115,7 @@ def main() -> None:
         train, held_out = make()
         write_jsonl(SAMPLES_DIR / BUNDLED[name], train)
         write_jsonl(SAMPLES_DIR / BUNDLED[f"{name}-eval"], held_out)
-    names = ("addition", "addition-prompts", "addition-eval", "addition-sft-prompts")
+    names = ("addition", "addition-prompts", "addition-eval", "addition-train-prompts")
     for name, records in zip(names, addition_records(), strict=True):
         write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
 
