@@ -79,13 +79,13 @@ def _pct(values: list[float | None]) -> list[float | None]:
     return [None if v is None else 100 * v for v in values]
 
 
-def _spread(values: list[float | None]) -> str:
+def _spread(values: list[float | None], digits: int = 1) -> str:
     known = [v for v in values if v is not None]
     if not known:
         return "-"
     if len(known) == 1:
-        return f"{known[0]:.1f}"
-    return f"{statistics.fmean(known):.1f} ({min(known):.1f}–{max(known):.1f})"
+        return f"{known[0]:.{digits}f}"
+    return f"{statistics.fmean(known):.{digits}f} ({min(known):.{digits}f}–{max(known):.{digits}f})"
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -115,8 +115,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         label = s["stage"] + (" (pref. acc)" if s["kind"] == "rm" else "")
         cells.append([label, s["from"]] + ["-" if v is None else f"{v:.1f}" for v in values]
                      + [_spread(values), _spread(_pct(s["delta"])) if any(d is not None for d in s["delta"]) else "-",
-                        _spread(s["kl"]) if any(k is not None for k in s["kl"]) and s["kind"] != "-" else "-"])
-    cells.append(["wall (s)", "-"] + [f"{w:.0f}" for w in summary["wall_s"]] + [_spread(summary["wall_s"]), "-", "-"])
+                        _spread(s["kl"], 3) if any(k is not None for k in s["kl"]) and s["kind"] != "-" else "-"])
+    cells.append(["wall (s)", "-"] + [f"{w:.0f}" for w in summary["wall_s"]] + [_spread(summary["wall_s"], 0), "-", "-"])
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
 
