@@ -5,6 +5,9 @@ Initialisation:
 - `reward_model`: the reward-model run's adapter and its score head (w ← score weights, b = 0), so the critic
   starts out predicting the reward model's score of the text so far — the usual RLHF choice (InstructGPT).
 - `policy`: a fresh adapter of the actor's kind on the actor's base, with a zero value head.
+`auto` takes `reward_model` when a reward model is given and shares the actor's tokenizer; a reward model with another
+tokenizer (e.g. an encoder such as BERT scoring the causal policy's decoded text) cannot read the actor's token ids,
+so the critic then comes from the policy (and `reward_model` is refused).
 
 Placement (memory):
 - `shared` (default where possible): the critic is a second adapter ("critic") on the actor's own PeftModel,
@@ -110,10 +113,16 @@ class Critic:
 def build_critic(policy, *, init: str, placement: str, reward_model: str | None,
                  trust_remote_code: bool = False) -> Critic:
     """The critic for `policy` (an align.handoff.Policy whose model holds the actor adapter "default")."""
+    foreign = reward_model and other_tokenizer(policy, reward_model)
     if init == "auto":
-        init = "reward_model" if reward_model else "policy"
+        init = "reward_model" if reward_model and not foreign else "policy"
+        if foreign:
+            logger.info("Critic initialised from the policy: %s.", foreign)
     if init == "reward_model" and not reward_model:
         raise AlignError("--critic-init reward_model needs --reward-model RM_RUN (or use --critic-init policy).")
+    if init == "reward_model" and foreign:
+        raise AlignError(f"--critic-init reward_model is not possible here: {foreign}. The critic reads the actor's "
+                         "tokens; use --critic-init policy (auto does).")
     reason = shared_impossible(policy, reward_model if init == "reward_model" else None)
     if placement == "shared" and reason:
         raise AlignError(f"--critic-placement shared is not possible here: {reason}. Use --critic-placement separate.")
@@ -131,6 +140,19 @@ def build_critic(policy, *, init: str, placement: str, reward_model: str | None,
     device = next(policy.model.parameters()).device
     critic.head.to(device)
     return critic
+
+
+def other_tokenizer(policy, reward_model: str) -> str | None:
+    """Why the reward model cannot read the actor's token ids (None when it can): another vocabulary, e.g. an encoder
+    reward model (BERT) scoring a causal policy's text. Such a reward model still scores the decoded text."""
+    from align.handoff import resolve_parent
+    from align.models import load_tokenizer
+
+    vocab = load_tokenizer(str(resolve_parent(reward_model, "load").weights_dir)).get_vocab()
+    if vocab != policy.tokenizer.get_vocab():
+        return f"the reward model {reward_model} uses another tokenizer than the actor ({len(vocab)} vs " \
+               f"{len(policy.tokenizer.get_vocab())} tokens)"
+    return None
 
 
 def shared_impossible(policy, reward_model: str | None) -> str | None:

@@ -40,6 +40,8 @@ class PairsConfig(RemoteCodeOption, RewardOptions, Config):
     system_prompt: str | None = opt(None, "System message added to prompts that have none.")
     output: str | None = opt(None, "Run directory to write (pairs.jsonl, run.json).", aliases=["-o"])
     num_generations: int = opt(8, "Completions sampled per prompt.", range="[2, inf)")
+    pairs_per_prompt: int = opt(1, "Most pairs written per prompt: the best completion against up to N distinct "
+                                   "lower-scoring ones (the lowest first).", range="[1, inf)")
     temperature: float = opt(1.0, "Sampling temperature (> 0: the pairs need different completions).", range="(0, inf)")
     top_p: float = opt(1.0, "Nucleus sampling threshold.", range="(0, 1]")
     max_completion_length: int = opt(64, "Maximum tokens per completion.", range="[1, inf)")
@@ -69,22 +71,28 @@ class PairsConfig(RemoteCodeOption, RewardOptions, Config):
             problems.add(f"--num-generations must be at least 2 (a pair needs two completions), got {self.num_generations}.")
         if self.temperature <= 0:
             problems.add(f"--temperature must be > 0 (greedy sampling gives one completion per prompt), got {self.temperature}.")
-        for name in ("max_completion_length", "batch_size"):
+        for name in ("max_completion_length", "batch_size", "pairs_per_prompt"):
             if getattr(self, name) <= 0:
                 problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
 
 
-def make_pairs(rows: list[dict[str, Any]], texts: list[str], totals: list[float], k: int) -> list[dict[str, Any]]:
-    """One (best, worst) pair per prompt group of `k` scored completions whose scores differ."""
+def make_pairs(rows: list[dict[str, Any]], texts: list[str], totals: list[float], k: int,
+               per_prompt: int = 1) -> list[dict[str, Any]]:
+    """Up to `per_prompt` pairs per prompt group of `k` scored completions: a best completion against distinct
+    lower-scoring texts, the lowest-scoring first; groups whose scores are all equal give none."""
     pairs = []
     for i, row in enumerate(rows):
         group = list(zip(texts[i * k : (i + 1) * k], totals[i * k : (i + 1) * k], strict=True))
         best = max(group, key=lambda g: g[1])
-        worst = min(group, key=lambda g: g[1])
-        if best[1] == worst[1] or best[0] == worst[0]:
-            continue
-        pairs.append({**row, "chosen": [{"role": "assistant", "content": best[0]}],
-                      "rejected": [{"role": "assistant", "content": worst[0]}], "margin": best[1] - worst[1]})
+        seen: set[str] = {best[0]}
+        for text, score in sorted(group, key=lambda g: g[1]):
+            if len(seen) > per_prompt or score >= best[1]:
+                break
+            if text in seen:
+                continue
+            seen.add(text)
+            pairs.append({**row, "chosen": [{"role": "assistant", "content": best[0]}],
+                          "rejected": [{"role": "assistant", "content": text}], "margin": best[1] - score})
     return pairs
 
 
@@ -116,7 +124,7 @@ def main(cfg: PairsConfig) -> Path:
         rewards = cfg.guarded_rewards()
         scores = build_call(rows, texts, completion_ids, k).score(rewards)
         totals = weighted_total(scores, [g.reward.weight for g in rewards])
-        pairs = make_pairs(rows, texts, totals, k)
+        pairs = make_pairs(rows, texts, totals, k, cfg.pairs_per_prompt)
         if not pairs:
             raise AlignError(f"align pairs: every group of {k} completions scored the same, so no pair could be "
                              "formed. Raise --temperature or --num-generations, or use a denser reward.")

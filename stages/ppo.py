@@ -108,7 +108,7 @@ class PPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardO
                                                   "--max-completion-length (no end-of-sequence token).")
     critic_init: Literal["auto", "reward_model", "policy"] = opt(
         "auto", "Initialise the critic from the reward model run (adapter + score head) or from the policy (fresh "
-                "adapter, zero head); auto = reward_model when --reward-model is given.")
+                "adapter, zero head); auto = reward_model when --reward-model is given and shares the actor's tokenizer.")
     critic_placement: Literal["auto", "shared", "separate"] = opt(
         "auto", "Critic as a second adapter on the actor's base (shared, one copy of the base weights) or as its own "
                 "model (separate); auto = shared when possible.")

@@ -257,6 +257,9 @@ def test_shipped_recipes_pass_a_dry_run(recipe, monkeypatch, tmp_path):
         spec["model"] = str(tmp_path / "base")
         (tmp_path / "base").mkdir()
         (tmp_path / "base" / "config.json").write_text("{}")
+        for stage in spec["stages"]:  # a stage's own local model (recipes/rlhf-encoder.yaml: the exported encoder)
+            if stage.get("model"):
+                stage["model"] = spec["model"]
     result = align.run(spec, dry_run=True)
     assert [s["action"] for s in result["plan"]] == ["run"] * len(spec["stages"])
 

@@ -166,3 +166,15 @@ def test_precomputed_reference_gives_the_same_first_loss(cli, runs, moved_parent
     _run(cli, "dpo", "--from", moved_parents["lora"], "--data", "arith-prefs", "--output", out, "--max-steps", "2",
          "--batch-size", "8", "--logging-steps", "1", "--precompute-ref-log-probs", "--no-tensorboard")
     assert _metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_pairs_per_prompt_pairs_the_best_with_distinct_lower_completions():
+    from align.stages.pairs import make_pairs
+
+    rows = [{"prompt": "p", "answer": "1"}, {"prompt": "q", "answer": "2"}]
+    texts = ["1", "7", "7", "3", "1", "2", "2", "2"]
+    scores = [1.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0]  # q: every completion scored the same (a tie: no pair)
+    pairs = make_pairs(rows, texts, scores, 4, per_prompt=3)
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["margin"]) for p in pairs] == [
+        ("1", "7", 1.0), ("1", "3", 0.5)]
+    assert len(make_pairs(rows, texts, scores, 4)) == 1  # the default: one (best, worst) pair per prompt

@@ -11,6 +11,9 @@ They are generated deterministically by this module; regenerate with `python -m 
 - `addition`, `addition-prompts`, `addition-eval`  the demo pipeline's task (recipes/demo.yaml): every "a + b" with
   a, b in 0-49 (2500 problems), shuffled once and split three ways, disjoint: 1500 SFT conversations, 500 RL prompts
   with answers (pairs, grpo, ppo), and 500 held-out prompts with answers that no stage trains on
+- `addition-train-prompts`  the 2000 problems that sft and RL train on (`addition`'s 1500 and `addition-prompts`' 500)
+  as prompts with answers: on-policy preference pairs for a reward model on every training problem, never on the
+  held-out ones
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ BUNDLED: dict[str, str] = {
     "addition": "addition_sft.jsonl",
     "addition-prompts": "addition_prompts.jsonl",
     "addition-eval": "addition_eval.jsonl",
+    "addition-train-prompts": "addition_train_prompts.jsonl",
 }
 
 
@@ -87,7 +91,8 @@ def arithmetic_prompt_records(n_train: int = 500, n_eval: int = 100, seed: int =
 
 
 def addition_records(max_operand: int = 50, n_eval: int = 500, n_sft: int = 1500, seed: int = 0):
-    """(sft conversations, RL prompts, held-out prompts): every a + b with a, b < max_operand, split disjointly."""
+    """(sft conversations, RL prompts, held-out prompts, train prompts): every a + b with a, b < max_operand, split
+    disjointly (the train prompts are the sft conversations' and the RL prompts' problems, with their answers)."""
     problems = [(a, b) for a in range(max_operand) for b in range(max_operand)]
     random.Random(seed).shuffle(problems)
     held, sft, rl = problems[:n_eval], problems[n_eval : n_eval + n_sft], problems[n_eval + n_sft :]
@@ -97,7 +102,7 @@ def addition_records(max_operand: int = 50, n_eval: int = 500, n_sft: int = 1500
 
     conversations = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
                                    {"role": "assistant", "content": str(a + b)}]} for a, b in sft]
-    return conversations, prompts(rl), prompts(held)
+    return conversations, prompts(rl), prompts(held), prompts(sft + rl)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -110,7 +115,8 @@ def main() -> None:
         train, held_out = make()
         write_jsonl(SAMPLES_DIR / BUNDLED[name], train)
         write_jsonl(SAMPLES_DIR / BUNDLED[f"{name}-eval"], held_out)
-    for name, records in zip(("addition", "addition-prompts", "addition-eval"), addition_records(), strict=True):
+    names = ("addition", "addition-prompts", "addition-eval", "addition-train-prompts")
+    for name, records in zip(names, addition_records(), strict=True):
         write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
 
 
