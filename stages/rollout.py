@@ -59,15 +59,14 @@ def render_prompts(tokenizer, prompts: list[Any]) -> list[list[int]]:
 
 
 def trim_completion(ids: list[int], eos_id: int | None, pad_id: int | None) -> list[int]:
-    """Cut a generated row after its first EOS (kept) and drop right padding."""
+    """Cut a generated row after its first EOS or pad token (kept). Padding only follows a row's end, so a pad token
+    before any EOS was sampled by the model: it ends the completion like EOS (dropping it could leave a completion of
+    no tokens, which the trainers cannot score)."""
     out = []
     for tok in ids:
-        if eos_id is not None and tok == eos_id:
-            out.append(tok)
-            break
-        if pad_id is not None and tok == pad_id and eos_id != pad_id:
-            break
         out.append(tok)
+        if tok in (eos_id, pad_id) and tok is not None:
+            break
     return out
 
 
