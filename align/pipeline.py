@@ -46,8 +46,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,16 +53,22 @@ from typing import Any
 from align.config import GIVEN, Config, mark_given, opt
 from align.errors import AlignError, Problems, did_you_mean, unknown_name
 from align.io import read_json
+from align.pipeline_checks import (
+    EVAL_KEYS,
+    STAGE_KEYS,
+    default_problems,
+    eval_problems,
+    gate_problems,
+    offline_hub_id,
+    stage_name_problem,
+)
 
 logger = logging.getLogger(__name__)
 
 GATE_EXIT = 3
 TOP_KEYS = {"model", "output", "seed", "defaults", "eval", "stages"}
-STAGE_KEYS = {"name", "kind", "from", "gate"}
 REF_FIELDS = ("from_run", "reward_model", "data", "eval_data")  # fields where a stage name stands for its run
 IGNORED_CHANGES = {"resume", "overwrite", "config", "strict"}
-EVAL_KEYS = {"data", "split", "answer_column", "reward", "reward_model", "max_samples", "max_new_tokens",
-             "batch_size", "num_samples", "temperature", "top_p", "backend", "vllm_memory"}
 
 
 class GateFailed(AlignError):
@@ -269,102 +273,6 @@ def default_gold(evaluation: dict[str, Any], proxies: list[str]) -> list[str]:
     return [s for s in dict.fromkeys(str(s) for s in specs) if s not in proxies]
 
 
-RESERVED_NAMES = {"report", "pipeline.json"}  # DIR/report/ is the pipeline's report, DIR/pipeline.json its summary
-SAFE_NAME = re.compile(r"^[\w][\w.-]{0,99}$")
-
-
-def stage_name_problem(name: str) -> str | None:
-    """Why `name` cannot be a stage (its run directory is OUTPUT/name), or None."""
-    if not SAFE_NAME.match(name) or name in RESERVED_NAMES:
-        why = "a reserved name: the pipeline writes its own report/ and pipeline.json there" if name in RESERVED_NAMES \
-            else "it must be one path component of at most 100 letters, digits, '_', '-' and '.', not starting with " \
-                 "'.' or '-'"
-        return (f"stage name {name!r} is not allowed ({why}): it names the stage's run directory inside the output "
-                "directory. Rename the stage, e.g. 'sft' or 'dpo-2'.")
-    return None
-
-
-def default_problems(defaults: dict[str, Any], where: str) -> list[str]:
-    """Every key of `defaults:` must be an option of at least one stage kind (a typo would otherwise vanish)."""
-    from align.stages import KINDS, stage_parts
-
-    known = {f.name for kind in KINDS for f in dataclasses.fields(stage_parts(kind)[0])} - {"output", "config"}
-    out = []
-    for raw_key in defaults:
-        key = str(raw_key).replace("-", "_")
-        if raw_key in STAGE_KEYS or key == "output":
-            out.append(f"{where}: defaults: '{raw_key}' cannot be a default; set it on each stage (or the pipeline's "
-                       "'output').")
-        elif key not in known:
-            out.append(f"{where}: defaults: unknown option '{raw_key}'.{did_you_mean(key, known)} Defaults are stage "
-                       "options (as in `align sft --help`, `align dpo --help`, ...); each stage that has it takes it.")
-    return out
-
-
-def eval_problems(evaluation: dict[str, Any], model: Any, where: str, problems: Problems) -> set[str] | None:
-    """Check the eval block as `align eval` checks its options, and load its data; returns the metrics it will produce
-    for a policy (None when unknown: no eval data, or a problem was found)."""
-    from align.evaluation import EvalConfig, load_eval_data
-
-    if not evaluation:
-        return None
-    for key in evaluation:
-        if key not in EVAL_KEYS:
-            problems.add(f"{where}: eval: unknown key '{key}'.{did_you_mean(key, EVAL_KEYS)} Allowed: "
-                         f"{', '.join(sorted(EVAL_KEYS))}.")
-    options = {"backend": "hf", **{k: v for k, v in evaluation.items() if k in EVAL_KEYS}}
-    try:
-        cfg = EvalConfig.from_kwargs(source=f"{where}: eval", **options, target=str(model or "pipeline"))
-    except AlignError as e:
-        problems.extend(e.problems or [str(e)])
-        return None
-    problems.extend(f"{where}: eval: {p}" for p in cfg.problems().items  # the target is each stage, data optional
-                    if not p.startswith(("Give a run", str(cfg.target), "--data is required")))
-    if not cfg.data or offline_hub_id(cfg.data):
-        return None
-    try:
-        kind, rows = load_eval_data(cfg)
-    except AlignError as e:
-        problems.add(f"{where}: eval: data: {e}")
-        return None
-    rewards: set[str] = set()
-    if cfg.reward or cfg.reward_model:
-        from align.rewards.registry import resolve_rewards
-
-        try:
-            rewards = {"reward", *(f"reward/{r.name}" for r in resolve_rewards([*cfg.reward, *filter(None, [cfg.reward_model])]))}
-        except AlignError as e:
-            problems.extend(f"{where}: eval: {p}" for p in e.problems or [str(e)])
-    if kind == "pairs":
-        return {"preference_accuracy", "margin"}
-    metrics = {"completion_length", "kl", *rewards}
-    if cfg.answer_column in rows[0]:
-        metrics |= {"accuracy", *([f"pass@{cfg.num_samples}"] if cfg.num_samples > 1 else [])}
-    return metrics
-
-
-def gate_problems(gate: Any, kind: str, evaluation: dict[str, Any], metrics: set[str] | None) -> list[str]:
-    """A gate is {metric: NAME, min_delta: NUMBER} on a policy stage, NAME one of the metrics the eval block gives."""
-    from align.stages import POLICY_KINDS
-
-    if not isinstance(gate, dict) or "metric" not in gate or set(gate) - {"metric", "min_delta"}:
-        return [f"gate must be {{metric: NAME, min_delta: NUMBER}}, got {gate!r}."]
-    if kind not in POLICY_KINDS:
-        return [f"a gate compares held-out metrics of policies; a {kind} stage has none."]
-    if not evaluation.get("data"):
-        return ["a gate needs the pipeline's eval block (eval: {data: HELD_OUT})."]
-    out = []
-    delta = gate.get("min_delta", 0.0)
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
-        out.append(f"gate: min_delta must be a finite number (the least change of the metric vs the parent, e.g. 0.0 "
-                   f"or -0.02), got {delta!r}.")
-    metric = gate["metric"]
-    if metrics is not None and metric not in metrics:
-        out.append(f"gate: {unknown_name('metric', str(metric), metrics)[:-1]} (what the eval block measures on its "
-                   "data).")
-    return out
-
-
 def _stage_problems(stages: list[Stage], where: str) -> list[str]:
     """Each stage's own validation (options, data, rewards), with references to not-yet-run stages left out."""
     from align.stages import stage_parts
@@ -392,15 +300,6 @@ def _stage_problems(stages: list[Stage], where: str) -> list[str]:
             except AlignError as e:
                 out.append(f"{label}: {e}")
     return out
-
-
-def offline_hub_id(spec: str | None) -> bool:
-    """A dataset spec that names a hub dataset while the hub is offline (it cannot be validated now)."""
-    from align.data.loading import hub_offline, looks_like_path
-    from align.data.samples import bundled_path
-
-    return bool(spec) and hub_offline() and not Path(spec).exists() and not looks_like_path(spec) \
-        and bundled_path(spec) is None
 
 
 def _refers_to_pending(value: Any, stage: Stage) -> bool:
