@@ -56,6 +56,13 @@ def dpo(**options: Any) -> Path:
     return _scoped(main, DPOConfig.from_kwargs(**options))
 
 
+def kto(**options: Any) -> Path:
+    """KTO on unpaired feedback from a base (model=...) or a run (from_run=...); options as `align kto --help`."""
+    from align.stages.kto import KTOConfig, main
+
+    return _scoped(main, KTOConfig.from_kwargs(**options))
+
+
 def grpo(**options: Any) -> Path:
     """GRPO with reward functions (reward=[...]) from a base or a run; options as `align grpo --help`."""
     from align.stages.grpo import GRPOConfig, main
@@ -93,4 +100,4 @@ def run(pipeline: str | Path | dict[str, Any], *, dry_run: bool = False, force: 
     return _scoped(run_pipeline, pipeline, dry_run=dry_run, force=force)
 
 
-__all__ = ["__version__", "dpo", "evaluate", "grpo", "pairs", "ppo", "rm", "run", "sft"]
+__all__ = ["__version__", "dpo", "evaluate", "grpo", "kto", "pairs", "ppo", "rm", "run", "sft"]

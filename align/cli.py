@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rm": ("Train a reward model (Bradley-Terry) on preference pairs.", "align.stages.rm:RMConfig", "align.stages.rm:main"),
     "rm-score": ("Score data with a reward-model run (also: align rm score).", "align.stages.rm:ScoreConfig", "align.stages.rm:score_main"),
     "dpo": ("Direct Preference Optimization from a base or a finished run (--from).", "align.stages.dpo:DPOConfig", "align.stages.dpo:main"),
+    "kto": ("KTO: preference learning from unpaired feedback (prompt, completion, label true/false) from a base or a run (--from).", "align.stages.kto:KTOConfig", "align.stages.kto:main"),
     "grpo": ("GRPO: group-relative policy optimisation with reward functions (--reward).", "align.stages.grpo:GRPOConfig", "align.stages.grpo:main"),
     "ppo": ("PPO (RLHF): actor-critic training against a reward model (--reward-model) and/or reward functions.", "align.stages.ppo:PPOConfig", "align.stages.ppo:main"),
     "eval": ("Evaluate a run or model on held-out data: accuracy, rewards, length, KL to the parent; preference accuracy.", "align.evaluation:EvalConfig", "align.evaluation:main"),

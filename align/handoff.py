@@ -12,7 +12,7 @@ starts exactly from its parent's policy, in one of two ways (`--handoff`):
 A full-fine-tuning parent's model directory simply becomes the child's base. A reward model is trained on a
 merged parent (its head is new), so `align rm --from` always merges.
 
-The frozen reference model of dpo/grpo/ppo is the parent policy: TRL's trainers copy the starting adapter into
+The frozen reference model of dpo/kto/grpo/ppo is the parent policy: TRL's trainers copy the starting adapter into
 a frozen "ref" adapter of the same PeftModel (no second model copy); for full fine-tuning TRL keeps a copy.
 
 Adapter kinds (align.adapters): a continued prompt-learning adapter (prompt, ptuning) trains its saved virtual-token
@@ -22,7 +22,7 @@ the kind and the reason (align.adapters.STAGE_LIMITS, prompt-learning parents wi
 under a 4-bit or fully fine-tuned child, adalora without --max-steps, LOMO with an adapter).
 
 Refused with AlignError (exit 2): a directory that is not a run, a run that is not `completed`, a reward-model
-run as the policy parent of dpo/grpo/ppo, a `--model` that is not the parent's base, missing weights, weights that
+run as the policy parent of dpo/kto/grpo/ppo, a `--model` that is not the parent's base, missing weights, weights that
 are not the ones the run recorded when it completed (align.runs.verify_run), a base model whose weights or config
 changed since the parent was trained (run.json `base_files`: size + sha256 of the base's weight files and
 config.json, recorded when the first stage starts from it and handed down to every child).
@@ -40,7 +40,7 @@ from align.adapters import ADAPTERS, stage_limit
 from align.errors import AlignError
 from align.runs import read_manifest, sha256_path, verify_run
 
-POLICY_STAGES = ("sft", "dpo", "grpo", "ppo")
+POLICY_STAGES = ("sft", "dpo", "kto", "grpo", "ppo")
 
 
 @dataclass
@@ -114,7 +114,7 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None)
     if manifest.get("status") != "completed":
         raise AlignError(f"--from {path}: the run's status is {manifest.get('status')!r}, not 'completed'. "
                          "Finish it first (rerun its command with --resume).")
-    if child_stage in ("dpo", "grpo", "ppo", "pairs") and parent.stage not in POLICY_STAGES:
+    if child_stage in ("dpo", "kto", "grpo", "ppo", "pairs") and parent.stage not in POLICY_STAGES:
         raise AlignError(f"--from {path}: a {parent.stage!r} run cannot be the policy parent of {child_stage}; "
                          f"start from a policy run ({', '.join(POLICY_STAGES)})"
                          + (" and pass the reward model with --reward-model." if parent.stage == "rm" else "."))
