@@ -199,7 +199,7 @@ def normalize(records: Records, fmt: str = "auto", columns: list[str] = (), syst
     if fmt == "prompt_completion" and "label" in renamed:
         raise AlignError(f"{records.source}: prompt/completion/label rows are unpaired preference data (TRL's KTO "
                          "format): SFT would train on the label: false completions too. Train on the good rows only "
-                         "(filter label: true), or give paired data (prompt/chosen/rejected) to align dpo / align rm.")
+                         "(filter label: true), or learn from both kinds with align kto (it reads this format).")
     required, convert = FORMATS[fmt]
     out, problems = [], []
     for row, where in zip(records.rows, records.locations, strict=True):

@@ -1,8 +1,9 @@
 """`align data inspect D [--model M]`: the first thing to run on a new dataset.
 
 Prints which stages can use the data (it is read the way each stage reads it: conversations for sft, preference
-pairs for dpo / rm / kto-style evaluation, prompts for grpo / ppo / pairs / eval), the detected format, the example
-count, examples as the model will see them (rendered with the chat template; the tokens trained on are wrapped in
+pairs for dpo / rm, unpaired feedback (prompt, completion, label; pairs split in two) for kto, prompts for grpo /
+ppo / pairs / eval), the detected format, the example count (and for unpaired feedback the desirable / undesirable
+counts), examples as the model will see them (rendered with the chat template; the tokens trained on are wrapped in
 [[ ]]), token-length statistics and how many examples --max-length would truncate. Without --model, shows the
 normalised records and character lengths. Data no stage can read gets each reader's reason.
 """
@@ -61,6 +62,7 @@ def _stats(values: list[int]) -> str:
 READERS = {  # how each family of stages reads a dataset: (stages, loader)
     "conversations": ("sft", "align.data:load_examples"),
     "preference pairs": ("dpo, rm, rm score, eval (preference accuracy)", "align.data.preference:load_preferences"),
+    "unpaired feedback": ("kto", "align.data.unpaired:load_unpaired"),
     "prompts": ("grpo, ppo, pairs, eval, rewards check", "align.data.prompts:load_prompts"),
 }
 
@@ -101,6 +103,9 @@ def inspect(cfg: InspectConfig) -> str:
     lines = [f"dataset:  {records.source}", f"format:   {fmt}", f"examples: {len(examples)}",
              f"columns:  {', '.join(records.columns())}",
              "usable by: " + "; ".join(f"{READERS[k][0]} (as {k})" for k in read)]
+    if kind == "unpaired feedback":
+        desirable = sum(ex["label"] for ex in examples)
+        lines.insert(3, f"labels:   {desirable} desirable (true), {len(examples) - desirable} undesirable (false)")
     shown = examples[: cfg.num_examples]
     if cfg.model is None or kind != "conversations":
         for i, ex in enumerate(shown):
@@ -111,7 +116,8 @@ def inspect(cfg: InspectConfig) -> str:
             tokenizer = _tokenizer_for(cfg.model)
             texts = [tokenizer.apply_chat_template(_conversation(ex), tokenize=False) for ex in examples]
             lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-            lines.append(f"tokens per example ({'prompt + longer answer' if kind != 'prompts' else 'prompt'}): "
+            what = {"prompts": "prompt", "unpaired feedback": "prompt + completion"}.get(kind, "prompt + longer answer")
+            lines.append(f"tokens per example ({what}): "
                          f"{_stats(lengths)}")
         return "\n".join(lines)
 
@@ -145,12 +151,13 @@ def _characters(ex: dict) -> int:
         return 0
 
     return size(ex.get("text", "")) + sum(size(ex.get(k, [])) for k in ("messages", "prompt")) + \
-        max(size(ex.get("chosen", [])), size(ex.get("rejected", [])))
+        max(size(ex.get("chosen", [])), size(ex.get("rejected", [])), size(ex.get("completion", [])))
 
 
 def _conversation(ex: dict) -> list[dict]:
-    """The longest conversation a record stands for: prompt + the longer of chosen/rejected, or the prompt."""
-    answers = [ex[k] for k in ("chosen", "rejected") if isinstance(ex.get(k), list)]
+    """The longest conversation a record stands for: prompt + the longer of chosen/rejected (or its completion), or the
+    prompt."""
+    answers = [ex[k] for k in ("chosen", "rejected", "completion") if isinstance(ex.get(k), list)]
     return list(ex.get("prompt", [])) + (max(answers, key=lambda a: sum(len(m["content"]) for m in a)) if answers else [])
 
 

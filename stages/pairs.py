@@ -11,6 +11,10 @@ Writes RUN/pairs.jsonl ({"prompt": messages, "chosen": [assistant], "rejected": 
 prompt data's other columns}) and RUN/run.json (stage "pairs"; metrics: prompts, pairs, the fractions of groups
 whose completions all scored the same). `align dpo --data RUN/pairs.jsonl`, or a stage name in `align run`.
 
+`--unpaired` writes unpaired feedback for `align kto` instead: one row per distinct completion of each prompt,
+{"prompt", "completion": [assistant], "label": total score >= --desirable-score, "score", plus the other columns}.
+Unlike pairs, a group whose completions all scored the same still gives rows (all desirable or all undesirable).
+
 Raises AlignError (exit 2) for config, data, parent and reward-spec problems, all at once, before sampling.
 """
 
@@ -50,6 +54,10 @@ class PairsConfig(RemoteCodeOption, RewardOptions, Config):
                                                          "rollout engine); auto = vllm when installed and on a GPU.")
     vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.", range="(0, 1]")
     max_prompts: int | None = opt(None, "Use the first N prompts (default: all).", range="[1, inf)")
+    unpaired: bool = opt(False, "Write unpaired feedback for align kto (prompt, completion, label) instead of pairs: "
+                                "every distinct completion, labelled by --desirable-score.")
+    desirable_score: float = opt(0.5, "With --unpaired: a completion whose total reward is at least this is labelled "
+                                      "desirable (label true), otherwise undesirable.")
     seed: int = opt(42, "Sampling seed.")
     resume: bool = opt(False, "Redo an interrupted pairs run in --output (sampling restarts; it has no checkpoints).")
     overwrite: bool = opt(False, "Replace an existing run in --output.")
@@ -71,6 +79,11 @@ class PairsConfig(RemoteCodeOption, RewardOptions, Config):
             problems.add(f"--num-generations must be at least 2 (a pair needs two completions), got {self.num_generations}.")
         if self.temperature <= 0:
             problems.add(f"--temperature must be > 0 (greedy sampling gives one completion per prompt), got {self.temperature}.")
+        if self.unpaired and self.pairs_per_prompt != 1:
+            problems.add(f"--pairs-per-prompt {self.pairs_per_prompt}: --unpaired writes every distinct completion, "
+                         "not pairs. Drop one of the two.")
+        if not self.unpaired and self.desirable_score != 0.5:
+            problems.add(f"--desirable-score {self.desirable_score} labels unpaired feedback; add --unpaired (or drop it).")
         for name in ("max_completion_length", "batch_size", "pairs_per_prompt"):
             if getattr(self, name) <= 0:
                 problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
@@ -94,6 +107,21 @@ def make_pairs(rows: list[dict[str, Any]], texts: list[str], totals: list[float]
             pairs.append({**row, "chosen": [{"role": "assistant", "content": best[0]}],
                           "rejected": [{"role": "assistant", "content": text}], "margin": best[1] - score})
     return pairs
+
+
+def make_feedback(rows: list[dict[str, Any]], texts: list[str], totals: list[float], k: int,
+                  desirable_score: float) -> list[dict[str, Any]]:
+    """One unpaired row per distinct completion of each prompt group of `k` scored completions, labelled
+    desirable when its total score is at least `desirable_score` (the first of identical texts counts)."""
+    out = []
+    for i, row in enumerate(rows):
+        seen: set[str] = set()
+        for text, score in zip(texts[i * k : (i + 1) * k], totals[i * k : (i + 1) * k], strict=True):
+            if text not in seen:
+                seen.add(text)
+                out.append({**row, "completion": [{"role": "assistant", "content": text}],
+                            "label": score >= desirable_score, "score": score})
+    return out
 
 
 def main(cfg: PairsConfig) -> Path:
@@ -124,18 +152,24 @@ def main(cfg: PairsConfig) -> Path:
         rewards = cfg.guarded_rewards()
         scores = build_call(rows, texts, completion_ids, k).score(rewards)
         totals = weighted_total(scores, [g.reward.weight for g in rewards])
-        pairs = make_pairs(rows, texts, totals, k, cfg.pairs_per_prompt)
+        if cfg.unpaired:
+            pairs = make_feedback(rows, texts, totals, k, cfg.desirable_score)
+        else:
+            pairs = make_pairs(rows, texts, totals, k, cfg.pairs_per_prompt)
         if not pairs:
             raise AlignError(f"align pairs: every group of {k} completions scored the same, so no pair could be "
                              "formed. Raise --temperature or --num-generations, or use a denser reward.")
         groups = [totals[i : i + k] for i in range(0, len(totals), k)]
-        metrics = {"prompts": len(rows), "pairs": len(pairs), "mean_reward": sum(totals) / len(totals),
+        metrics = {"prompts": len(rows), ("rows" if cfg.unpaired else "pairs"): len(pairs),
+                   **({"desirable": sum(p["label"] for p in pairs)} if cfg.unpaired else {}),
+                   "mean_reward": sum(totals) / len(totals),
                    "groups_all_best": sum(min(g) == max(g) == max(totals) for g in groups) / len(groups),
                    "groups_all_same": sum(min(g) == max(g) for g in groups) / len(groups)}
         tmp = run.path / ".pairs.jsonl.partial"
         tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         tmp.replace(run.path / "pairs.jsonl")
         run.update_manifest(metrics=metrics)
-        logger.info("%d pairs from %d prompts (%.0f%% of groups all scored the same)", len(pairs), len(rows),
+        logger.info("%d %s from %d prompts (%.0f%% of groups all scored the same)", len(pairs),
+                    f"unpaired rows ({metrics['desirable']} desirable)" if cfg.unpaired else "pairs", len(rows),
                     100 * metrics["groups_all_same"])
     return run.path
