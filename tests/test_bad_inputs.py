@@ -28,6 +28,9 @@ def ws(tiny_model, sft_run, tmp_path_factory) -> dict:
     (w / "bad.parquet").write_text("not parquet")
     (w / "syntax.py").write_text("def f(prompts, completions, **kw):\n    return [1.0 for c in completions\n")
     (w / "kto.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "yo", "label": False}) + "\n")
+    (w / "nolabel.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"prompt": "1 + 1?", "completion": "2", "label": True}, {"prompt": "1 + 2?", "completion": "5"},
+        {"prompt": "2 + 2?", "completion": "4", "label": 1})))
     (w / "noanswer.jsonl").write_text(json.dumps({"prompt": "What is 1 + 1?"}) + "\n")
     notok = w / "notok"
     notok.mkdir()
@@ -313,6 +316,24 @@ def cases(T, S, R, W, mounted=False):
          "Reward function 'f' (spec '" + f"{W}/exit_call.py:f" + "') called sys.exit(4)"),
         ("grpo-weight-nan", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy@nan", "-o", O("d")],
          "the weight after '@' must be a finite number, got 'nan'"),
+        ("kto-missing-label", ["kto", "--from", S, "--data", str(W / "nolabel.jsonl"), "-o", O("k")],
+         "nolabel.jsonl:2: missing field 'label' (true = desirable, false = undesirable)"),
+        ("kto-label-not-boolean", ["kto", "--from", S, "--data", str(W / "nolabel.jsonl"), "-o", O("k")],
+         "nolabel.jsonl:3: field 'label' must be true or false (a boolean: true = desirable), got 1"),
+        ("kto-one-label", ["kto", "--from", S, "--data", str(W / "kto.jsonl"), "-o", O("k")],
+         "every one of the 1 rows has label false (undesirable). KTO needs both desirable and undesirable"),
+        ("kto-sft-data", ["kto", "--from", S, "--data", "arith", "-o", O("k")],
+         "not unpaired feedback. Columns found: messages. Expected prompt/completion/label"),
+        ("kto-batch-1", ["kto", "--from", S, "--data", "arith-prefs", "--batch-size", "1", "-o", O("k")],
+         "--batch-size 1: --loss kto estimates its KL baseline from the other completions of the batch"),
+        ("kto-from-rm", ["kto", "--from", R, "--data", "arith-prefs", "-o", O("k")],
+         "a 'rm' run cannot be the policy parent of kto"),
+        ("pairs-unpaired-per-prompt", ["pairs", "--from", S, "--data", "arith-prompts", "--reward", "accuracy",
+                                       "--unpaired", "--pairs-per-prompt", "2", "-o", O("f")],
+         "--pairs-per-prompt 2: --unpaired writes every distinct completion, not pairs"),
+        ("pairs-score-without-unpaired", ["pairs", "--from", S, "--data", "arith-prompts", "--reward", "accuracy",
+                                          "--desirable-score", "1", "-o", O("f")],
+         "--desirable-score 1.0 labels unpaired feedback; add --unpaired"),
         ("dpo-identical-pairs", ["dpo", "--from", S, "--data", str(W / "same.jsonl"), "-o", O("c")],
          "in every pair 'chosen' equals 'rejected'"),
         # issue 19: ranges of numeric options, negative numbers as values
