@@ -63,6 +63,20 @@ def kto(**options: Any) -> Path:
     return _scoped(main, KTOConfig.from_kwargs(**options))
 
 
+def orpo(**options: Any) -> Path:
+    """ORPO (reference-free) on preference pairs from a base or a run; options as `align orpo --help`."""
+    from align.stages.orpo import ORPOConfig, main
+
+    return _scoped(main, ORPOConfig.from_kwargs(**options))
+
+
+def simpo(**options: Any) -> Path:
+    """SimPO (reference-free) on preference pairs from a base or a run; options as `align simpo --help`."""
+    from align.stages.simpo import SimPOConfig, main
+
+    return _scoped(main, SimPOConfig.from_kwargs(**options))
+
+
 def grpo(**options: Any) -> Path:
     """GRPO with reward functions (reward=[...]) from a base or a run; options as `align grpo --help`."""
     from align.stages.grpo import GRPOConfig, main
@@ -100,4 +114,4 @@ def run(pipeline: str | Path | dict[str, Any], *, dry_run: bool = False, force: 
     return _scoped(run_pipeline, pipeline, dry_run=dry_run, force=force)
 
 
-__all__ = ["__version__", "dpo", "evaluate", "grpo", "kto", "pairs", "ppo", "rm", "run", "sft"]
+__all__ = ["__version__", "dpo", "evaluate", "grpo", "kto", "orpo", "pairs", "ppo", "rm", "run", "sft", "simpo"]

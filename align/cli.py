@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rm-score": ("Score data with a reward-model run (also: align rm score).", "align.stages.rm:ScoreConfig", "align.stages.rm:score_main"),
     "dpo": ("Direct Preference Optimization from a base or a finished run (--from).", "align.stages.dpo:DPOConfig", "align.stages.dpo:main"),
     "kto": ("KTO: preference learning from unpaired feedback (prompt, completion, label true/false) from a base or a run (--from).", "align.stages.kto:KTOConfig", "align.stages.kto:main"),
+    "orpo": ("ORPO: reference-free preference optimization (SFT on chosen + odds-ratio penalty) on pairs.", "align.stages.orpo:ORPOConfig", "align.stages.orpo:main"),
+    "simpo": ("SimPO: reference-free preference optimization (length-normalised log-likelihood margin) on pairs.", "align.stages.simpo:SimPOConfig", "align.stages.simpo:main"),
     "grpo": ("GRPO: group-relative policy optimisation with reward functions (--reward).", "align.stages.grpo:GRPOConfig", "align.stages.grpo:main"),
     "ppo": ("PPO (RLHF): actor-critic training against a reward model (--reward-model) and/or reward functions.", "align.stages.ppo:PPOConfig", "align.stages.ppo:main"),
     "eval": ("Evaluate a run or model on held-out data: accuracy, rewards, length, KL to the parent; preference accuracy.", "align.evaluation:EvalConfig", "align.evaluation:main"),

@@ -40,7 +40,7 @@ from align.adapters import ADAPTERS, stage_limit
 from align.errors import AlignError
 from align.runs import read_manifest, sha256_path, verify_run
 
-POLICY_STAGES = ("sft", "dpo", "kto", "grpo", "ppo")
+POLICY_STAGES = ("sft", "dpo", "kto", "orpo", "simpo", "grpo", "ppo")
 
 
 @dataclass
@@ -114,7 +114,7 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None)
     if manifest.get("status") != "completed":
         raise AlignError(f"--from {path}: the run's status is {manifest.get('status')!r}, not 'completed'. "
                          "Finish it first (rerun its command with --resume).")
-    if child_stage in ("dpo", "kto", "grpo", "ppo", "pairs") and parent.stage not in POLICY_STAGES:
+    if child_stage in ("dpo", "kto", "orpo", "simpo", "grpo", "ppo", "pairs") and parent.stage not in POLICY_STAGES:
         raise AlignError(f"--from {path}: a {parent.stage!r} run cannot be the policy parent of {child_stage}; "
                          f"start from a policy run ({', '.join(POLICY_STAGES)})"
                          + (" and pass the reward model with --reward-model." if parent.stage == "rm" else "."))

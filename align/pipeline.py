@@ -12,7 +12,7 @@
       - {name: rm, kind: rm, from: sft, data: pairs}
       - {name: ppo, kind: ppo, from: sft, data: PROMPTS, reward_model: rm}
 
-Stage kinds: sft, rm, dpo, kto, grpo, ppo, pairs. `from` defaults to the previous policy stage (the first stage starts
+Stage kinds: sft, rm, dpo, kto, orpo, simpo, grpo, ppo, pairs. `from` defaults to the previous policy stage (the first stage starts
 from `model`). A stage name works wherever a run path does: `from`, `reward_model`, `reward` specs (`rm@0.5`), and
 `data` / `eval_data` (a pairs stage: its pairs.jsonl).
 

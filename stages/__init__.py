@@ -15,11 +15,13 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "rm": ("align.stages.rm", "RMConfig", "load_preference_data"),
     "dpo": ("align.stages.dpo", "DPOConfig", "load_preference_data"),
     "kto": ("align.stages.kto", "KTOConfig", "load_unpaired_data"),
+    "orpo": ("align.stages.orpo", "ORPOConfig", "load_preference_data"),
+    "simpo": ("align.stages.simpo", "SimPOConfig", "load_preference_data"),
     "grpo": ("align.stages.grpo", "GRPOConfig", "load_prompt_data"),
     "ppo": ("align.stages.ppo", "PPOConfig", "load_prompt_data"),
     "pairs": ("align.stages.pairs", "PairsConfig", "load_prompt_data"),
 }
-POLICY_KINDS = ("sft", "dpo", "kto", "grpo", "ppo")  # stages whose run is a policy (a causal LM a child can start from)
+POLICY_KINDS = ("sft", "dpo", "kto", "orpo", "simpo", "grpo", "ppo")  # stages whose run is a policy (a causal LM a child can start from)
 
 
 def stage_parts(kind: str) -> tuple[Any, Any, Any]:

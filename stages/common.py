@@ -96,7 +96,7 @@ def finish_stage(started: Started, cfg, *, stage: str, task: str, make_trainer, 
                                + best_callbacks(best, policy.tokenizer))
     adapt_trainer(trainer, policy, cfg)
     check_not_empty(trainer, cfg, run)
-    if stage in ("dpo", "kto", "grpo"):
+    if stage in ("dpo", "kto", "orpo", "simpo", "grpo"):
         from align.models import disable_dropout
 
         # after TRL added its "ref" adapter: PEFT's per-adapter dropouts (LoHa/LoKr module dropout, BOFT's
