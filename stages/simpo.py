@@ -25,6 +25,7 @@ from pathlib import Path
 
 from align.adapters import AdapterOptions
 from align.config import Config, opt
+from align.stages.dpo import load_preference_data  # noqa: F401 - the data loader stages.KINDS names
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 from align.stages.orpo import train_reference_free
 

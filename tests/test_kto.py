@@ -1,7 +1,7 @@
 """`align kto`: the first two logged losses equal TRL's KTO loss computed by hand from the models' log-probs (the
 reference is the parent policy, not the base; the KL baseline from the batch neighbours' completions); KTO on the
 bundled pairs turned unpaired raises the held-out preference margin; unpaired data in and out (pairs --unpaired,
-data inspect); a pipeline with a kto stage."""
+data inspect); a pipeline sft -> kto -> orpo -> dpo."""
 
 from __future__ import annotations
 
@@ -151,13 +151,14 @@ def test_pipeline_with_a_kto_stage(tiny_model, tmp_path, cli):
             "stages": [{"name": "sft", "kind": "sft", "data": "arith", "max_steps": 4, "batch_size": 8, "packing": False},
                        {"name": "kto", "kind": "kto", "data": "arith-prefs", "max_steps": 2, "batch_size": 4,
                         "undesirable_weight": 1.5},
+                       {"name": "orpo", "kind": "orpo", "data": "arith-prefs", "max_steps": 1, "batch_size": 2},
                        {"name": "dpo", "kind": "dpo", "data": "arith-prefs", "max_steps": 1, "batch_size": 2}]}
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(spec))
     code, out, err = cli("run", path, "--dry-run")
     assert code == 0, err
-    assert [line.split()[:3] for line in out.splitlines() if line.startswith(("kto", "dpo"))] == \
-        [["kto", "kto", "sft"], ["dpo", "dpo", "kto"]]
+    assert [line.split()[:3] for line in out.splitlines() if line.startswith(("kto", "orpo", "dpo"))] == \
+        [["kto", "kto", "sft"], ["orpo", "orpo", "kto"], ["dpo", "dpo", "orpo"]]
     code, _, err = cli("run", path)
     assert code == 0, err
     kto = json.loads((tmp_path / "out" / "kto" / "run.json").read_text())
@@ -168,5 +169,7 @@ def test_pipeline_with_a_kto_stage(tiny_model, tmp_path, cli):
     train, _, _ = load_unpaired_data(KTOConfig.from_kwargs(model=tiny_model, data="arith-prefs", output="x", seed=3))
     n_d = sum(r["label"] for r in train[:4])
     assert _metrics(tmp_path / "out" / "kto")[0]["loss"] == pytest.approx((1.0 * n_d + 1.5 * (4 - n_d)) / 8, abs=1e-5)
+    orpo = json.loads((tmp_path / "out" / "orpo" / "run.json").read_text())
+    assert orpo["parent"] == str((tmp_path / "out" / "kto").resolve()), "a kto run is a policy parent"
     dpo = json.loads((tmp_path / "out" / "dpo" / "run.json").read_text())
-    assert dpo["parent"] == str((tmp_path / "out" / "kto").resolve()), "a kto run is a policy parent"
+    assert dpo["parent"] == str((tmp_path / "out" / "orpo").resolve()), "so is an orpo run"
