@@ -253,6 +253,9 @@ STAGE_LIMITS: dict[tuple[str, str], str] = {
     ("loraplus", "ppo"): _PPO_LOOP + "builds a plain AdamW optimizer, so the LoRA+ learning-rate ratio would be "
                                      "ignored; use lora, or loraplus in sft/dpo/grpo",
     ("adalora", "ppo"): _PPO_LOOP + "does not run AdaLoRA's rank allocation (update_and_allocate) after each step",
+    **{(k, stage): f"it prepends virtual tokens to the logits, and TRL's experimental {trainer} compares them with "
+                   "labels of the text alone (a shape error); use prefix, or a weight adapter such as lora"
+       for k in ("prompt", "ptuning") for stage, trainer in (("orpo", "ORPOTrainer"), ("simpo", "CPOTrainer"))},
 }
 
 

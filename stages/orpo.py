@@ -45,7 +45,7 @@ def train_reference_free(cfg, stage: str, trainer_class, trl_config_class, **los
         return workers_run  # --num-processes: the launched processes trained
     started = start_stage(cfg, stage, load_preference_data)
     args = trl_config_class(**trainer_arguments(cfg, started.run, started.evaluation is not None),
-                            max_length=cfg.max_length, **loss_args)
+                            max_length=cfg.max_length, remove_unused_columns=False, **loss_args)
     return finish_stage(
         started, cfg, stage=stage, task="causal-lm", reference="none (reference-free loss)",
         make_trainer=lambda callbacks: trainer_class(
@@ -57,7 +57,11 @@ def train_reference_free(cfg, stage: str, trainer_class, trl_config_class, **los
 
 def main(cfg: ORPOConfig) -> Path:
     """Run ORPO as configured; returns the run directory."""
-    from trl.experimental.orpo import ORPOConfig as TRLORPOConfig
-    from trl.experimental.orpo import ORPOTrainer
+    import warnings
+
+    with warnings.catch_warnings():  # TRL's "experimental API" notice: the module docstring says so
+        warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+        from trl.experimental.orpo import ORPOConfig as TRLORPOConfig
+        from trl.experimental.orpo import ORPOTrainer
 
     return train_reference_free(cfg, "orpo", ORPOTrainer, TRLORPOConfig, beta=cfg.beta)

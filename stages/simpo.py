@@ -41,7 +41,11 @@ class SimPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Confi
 
 def main(cfg: SimPOConfig) -> Path:
     """Run SimPO as configured; returns the run directory."""
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    import warnings
+
+    with warnings.catch_warnings():  # TRL's "experimental API" notice: the module docstring says so
+        warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     return train_reference_free(cfg, "simpo", CPOTrainer, CPOConfig, loss_type="simpo", beta=cfg.beta,
                                 simpo_gamma=cfg.gamma, cpo_alpha=cfg.sft_weight)
