@@ -117,7 +117,8 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None)
     if child_stage in ("dpo", "kto", "orpo", "simpo", "grpo", "ppo", "pairs") and parent.stage not in POLICY_STAGES:
         raise AlignError(f"--from {path}: a {parent.stage!r} run cannot be the policy parent of {child_stage}; "
                          f"start from a policy run ({', '.join(POLICY_STAGES)})"
-                         + (" and pass the reward model with --reward-model." if parent.stage == "rm" else "."))
+                         + (" and pass the reward model with --reward-model." if parent.stage == "rm"
+                            and child_stage in ("grpo", "ppo", "pairs") else "."))
     if not parent.weights_dir.is_dir():
         raise AlignError(f"--from {path}: missing {parent.weights_dir.name}/ — the run's weights are not there.")
     if problems := verify_run(path, manifest):

@@ -29,8 +29,9 @@ def ws(tiny_model, sft_run, tmp_path_factory) -> dict:
     (w / "syntax.py").write_text("def f(prompts, completions, **kw):\n    return [1.0 for c in completions\n")
     (w / "kto.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "yo", "label": False}) + "\n")
     (w / "nolabel.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
-        {"prompt": "1 + 1?", "completion": "2", "label": True}, {"prompt": "1 + 2?", "completion": "5"},
-        {"prompt": "2 + 2?", "completion": "4", "label": 1})))
+        {"prompt": "1 + 1?", "completion": "2", "label": True}, {"prompt": "1 + 2?", "completion": "5"})))
+    (w / "intlabel.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"prompt": "1 + 1?", "completion": "2", "label": True}, {"prompt": "2 + 2?", "completion": "5", "label": 0})))
     (w / "noanswer.jsonl").write_text(json.dumps({"prompt": "What is 1 + 1?"}) + "\n")
     notok = w / "notok"
     notok.mkdir()
@@ -318,8 +319,8 @@ def cases(T, S, R, W, mounted=False):
          "the weight after '@' must be a finite number, got 'nan'"),
         ("kto-missing-label", ["kto", "--from", S, "--data", str(W / "nolabel.jsonl"), "-o", O("k")],
          "nolabel.jsonl:2: missing field 'label' (true = desirable, false = undesirable)"),
-        ("kto-label-not-boolean", ["kto", "--from", S, "--data", str(W / "nolabel.jsonl"), "-o", O("k")],
-         "nolabel.jsonl:3: field 'label' must be true or false (a boolean: true = desirable), got 1"),
+        ("kto-label-not-boolean", ["kto", "--from", S, "--data", str(W / "intlabel.jsonl"), "-o", O("k")],
+         "intlabel.jsonl:2: field 'label' must be true or false (a boolean: true = desirable), got 0"),
         ("kto-one-label", ["kto", "--from", S, "--data", str(W / "kto.jsonl"), "-o", O("k")],
          "every one of the 1 rows has label false (undesirable). KTO needs both desirable and undesirable"),
         ("kto-sft-data", ["kto", "--from", S, "--data", "arith", "-o", O("k")],
