@@ -137,7 +137,8 @@ def test_wrong_parents_are_refused(cli, runs, moved_parents, tmp_path, tiny_mode
         _run(cli, "rm", "--from", moved_parents["lora"], "--data", "arith-prefs", "--output", runs / "rm",
              "--max-steps", "1", "--no-tensorboard")
     code, _, err = cli(*dpo, "--from", runs / "rm")
-    assert code == 2 and "a 'rm' run cannot be the policy parent of dpo" in err and "--reward-model" in err
+    assert code == 2 and "a 'rm' run cannot be the policy parent of dpo; start from a policy run" in err
+    assert "--reward-model" not in err, "dpo has no --reward-model: the hint is for grpo / ppo / pairs"
 
     other = tmp_path / "other-base"
     shutil.copytree(tiny_model, other)
