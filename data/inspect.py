@@ -61,7 +61,7 @@ def _stats(values: list[int]) -> str:
 
 READERS = {  # how each family of stages reads a dataset: (stages, loader)
     "conversations": ("sft", "align.data:load_examples"),
-    "preference pairs": ("dpo, rm, rm score, eval (preference accuracy)", "align.data.preference:load_preferences"),
+    "preference pairs": ("dpo, orpo, simpo, rm, rm score, eval (preference accuracy)", "align.data.preference:load_preferences"),
     "unpaired feedback": ("kto", "align.data.unpaired:load_unpaired"),
     "prompts": ("grpo, ppo, pairs, eval, rewards check", "align.data.prompts:load_prompts"),
 }

@@ -111,7 +111,8 @@ def test_data_inspect_shows_format_marks_and_truncation(cli, tiny_model):
 
 
 @pytest.mark.parametrize(("data", "kind", "stages"), [
-    ("arith-prefs", "preference pairs", "dpo, rm"), ("arith-prompts", "prompts", "grpo, ppo, pairs")])
+    ("arith-prefs", "preference pairs", "dpo, orpo, simpo, rm"), ("arith-prefs", "preference pairs", "kto (as unpaired feedback)"),
+    ("arith-prompts", "prompts", "grpo, ppo, pairs")])
 def test_data_inspect_reads_what_each_stage_reads(cli, tiny_model, data, kind, stages):
     code, out, err = cli("data", "inspect", data, "--model", tiny_model)
     assert code == 0, err
