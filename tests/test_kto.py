@@ -1,5 +1,6 @@
 """`align kto`: the first two logged losses equal TRL's KTO loss computed by hand from the models' log-probs (the
-reference is the parent policy, not the base; the KL baseline from the batch neighbours' completions); KTO on the
+reference is the parent policy, not the base), and so does a step whose KL baseline (from the batch neighbours'
+completions) is positive; KTO on the
 bundled pairs turned unpaired raises the held-out preference margin; unpaired data in and out (pairs --unpaired,
 data inspect); a pipeline sft -> kto -> orpo -> dpo."""
 
@@ -40,11 +41,12 @@ def _logp(model, prompt: list[int], completion: list[int]) -> float:
     return sum(logits[len(prompt) - 1 + i, t].item() for i, t in enumerate(completion))
 
 
-def hand_kto_loss(policy, reference, tokenizer, batch: list[dict], beta: float, w_d: float, w_u: float) -> float:
+def hand_kto_loss(policy, reference, tokenizer, batch: list[dict], beta: float, w_d: float, w_u: float,
+                  ) -> tuple[float, float]:
     """TRL 1.16's KTO loss of one batch (trl/trainer/kto_trainer.py, loss_type="kto"):
     r = log π(y|x) − log π_ref(y|x); z = max(0, mean_i [log π(y'_i|x_i) − log π_ref(y'_i|x_i)]) with y'_i the completion
     of row i − 1 (rotated inside the batch); desirable: w_d·(1 − σ(β(r − z))), undesirable: w_u·(1 − σ(β(z − r)));
-    the mean over the batch."""
+    the mean over the batch. Returns (loss, z)."""
     ids = [_ids(tokenizer, row) for row in batch]
     mismatched = [(ids[i][0], ids[i - 1][1]) for i in range(len(ids))]  # i = 0 takes the last row's completion
     z = max(0.0, sum(_logp(policy, p, c) - _logp(reference, p, c) for p, c in mismatched) / len(batch))
@@ -55,7 +57,7 @@ def hand_kto_loss(policy, reference, tokenizer, batch: list[dict], beta: float, 
             losses.append(w_d * (1 - torch.sigmoid(torch.tensor(beta * (r - z))).item()))
         else:
             losses.append(w_u * (1 - torch.sigmoid(torch.tensor(beta * (z - r))).item()))
-    return sum(losses) / len(losses)
+    return sum(losses) / len(losses), z
 
 
 def test_first_losses_equal_trls_kto_loss_by_hand(sft_run, tiny_model, tmp_path):
@@ -75,22 +77,45 @@ def test_first_losses_equal_trls_kto_loss_by_hand(sft_run, tiny_model, tmp_path)
     parent.eval()
     beta, w_d, w_u = opts["beta"], opts["desirable_weight"], opts["undesirable_weight"]
     # step 1: the policy is its reference, the parent: every r and z are 0, so each row's loss is its weight / 2
-    expected = hand_kto_loss(parent, parent, tokenizer, first, beta, w_d, w_u)
+    expected, _ = hand_kto_loss(parent, parent, tokenizer, first, beta, w_d, w_u)
     n_d = sum(r["label"] for r in first)
     assert expected == pytest.approx((w_d * n_d + w_u * (6 - n_d)) / 12, abs=1e-6)
     assert logged[0]["step"] == 1 and logged[0]["loss"] == pytest.approx(expected, abs=1e-5)
     assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-6) and logged[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     base = load_base_model(tiny_model).eval()
-    wrong = hand_kto_loss(parent, base, tokenizer, first, beta, w_d, w_u)
+    wrong, _ = hand_kto_loss(parent, base, tokenizer, first, beta, w_d, w_u)
     assert abs(wrong - logged[0]["loss"]) > 0.05, "with the base as reference the first loss would differ"
 
     # step 2: the policy after one step (checkpoint-1) against the same frozen parent, KL baseline included
     from peft import PeftModel
 
     moved = PeftModel.from_pretrained(load_base_model(tiny_model), str(out / "checkpoints" / "checkpoint-1")).eval()
-    expected = hand_kto_loss(moved, parent, tokenizer, second, beta, w_d, w_u)
+    expected, _ = hand_kto_loss(moved, parent, tokenizer, second, beta, w_d, w_u)
     assert logged[1]["step"] == 2 and logged[1]["loss"] == pytest.approx(expected, abs=1e-4)
     assert abs(logged[1]["loss"] - logged[0]["loss"]) > 1e-3, "the policy moved after one step"
+
+
+def test_the_kl_baseline_by_hand(sft_run, tiny_model, tmp_path):
+    """Step 2 with a KL baseline z > 0: every completion is "Yes." or "No.", so step 1 (mostly desirable "Yes.")
+    raises log π("Yes." | any prompt) and the mismatched pairs of step 2 gain likelihood over the reference too."""
+    labels = [True, True, True, False, True, False] + [True, True, False, True, True, True]
+    rows = [{"prompt": f"What is {i} + {i + 3}?", "completion": "Yes." if good else "No.", "label": good}
+            for i, good in enumerate(labels)]
+    data = tmp_path / "yes.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "kto"
+    align.kto(from_run=str(sft_run), data=str(data), output=str(out), max_steps=2, lr=5e-3, batch_size=6, beta=0.5,
+              shuffle=False, save_steps=1, save_total_limit=0, **FAST)
+    logged = _metrics(out)
+    from peft import PeftModel
+
+    parent, tokenizer, _ = load_run_policy(sft_run)
+    moved = PeftModel.from_pretrained(load_base_model(tiny_model), str(out / "checkpoints" / "checkpoint-1")).eval()
+    second, _ = load_unpaired(str(data))
+    expected, z = hand_kto_loss(moved, parent.eval(), tokenizer, second[6:], 0.5, 1.0, 1.0)
+    assert z > 0.5, "the baseline is in play"
+    assert logged[1]["kl"] == pytest.approx(z, abs=1e-4)
+    assert logged[1]["loss"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_kto_raises_the_held_out_preference_margin(sft_run, tmp_path):
