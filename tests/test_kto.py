@@ -1,8 +1,7 @@
 """`align kto`: the first two logged losses equal TRL's KTO loss computed by hand from the models' log-probs (the
 reference is the parent policy, not the base), and so does a step whose KL baseline (from the batch neighbours'
-completions) is positive; KTO on the
-bundled pairs turned unpaired raises the held-out preference margin; unpaired data in and out (pairs --unpaired,
-data inspect); a pipeline sft -> kto -> orpo -> dpo."""
+completions) is positive; KTO on the bundled pairs turned unpaired raises the held-out preference margin; unpaired
+data in and out (pairs --unpaired, data inspect); a pipeline sft -> kto -> orpo -> dpo."""
 
 from __future__ import annotations
 
