@@ -65,6 +65,9 @@ def test_first_losses_equal_trls_kto_loss_by_hand(sft_run, tiny_model, tmp_path)
     align.kto(from_run=str(sft_run), data="arith-prefs", output=str(out), max_steps=2, lr=5e-3, save_steps=1,
               save_total_limit=0, **opts, **FAST)
     logged = _metrics(out)
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["datasets"]["train"]["unpaired_from"] == "pairs" and manifest["reference"] == "parent policy (frozen)"
+    assert not (out / "adapter" / "ref").exists(), "only the trained adapter is saved, not TRL's frozen copy"
     # the rows in the order the trainer reads them: align's reader (pairs split in two), shuffled once with the seed
     from align.stages.kto import KTOConfig, load_unpaired_data
 
