@@ -1,4 +1,4 @@
-"""align: a staged post-training toolkit (SFT -> RM/DPO -> PPO/GRPO) with PEFT adapters.
+"""align: a staged post-training toolkit (SFT -> RM/DPO/KTO/ORPO/SimPO -> PPO/GRPO) with PEFT adapters.
 
 Python API: each stage takes the same options as its command (snake_case) and returns the run directory.
 
