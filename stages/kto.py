@@ -14,8 +14,9 @@ Loss (TRL's `kto`, Eq. 7 of Ethayarajh et al. 2024), with r(x, y) = log π(y|x) 
 averaged over the batch (w_d = `--desirable-weight`, w_u = `--undesirable-weight`). z_ref, the KL baseline, is
 estimated from mismatched (prompt, completion) pairs: TRL rotates the completions by one inside each batch of
 `--batch-size`, so the batch size must be at least 2, and TRL reads the data in order (no per-epoch shuffle).
-align therefore shuffles the training rows once with `--seed` (`--no-shuffle` keeps the file's order): a file
-sorted by label would otherwise give batches of one label only. With policy = reference every r and z_ref are 0
+align therefore shuffles the training (and held-out) rows once with `--seed` (`--no-shuffle` keeps the file's
+order): a file sorted by label would otherwise give batches of one label only, and split pairs would put each
+rejected completion next to the chosen one of the same prompt (not a mismatched pair for the baseline). With policy = reference every r and z_ref are 0
 and the first loss is (w_d · n_d + w_u · n_u) / (2 · n) for a first batch of n_d desirable and n_u undesirable
 rows. `--loss apo_zero_unpaired` drops z_ref: 1 − σ(β·r) for desirable, σ(β·r) for undesirable rows.
 Imbalanced data: the KTO paper suggests w_d · n_d / (w_u · n_u) in [1, 4/3]; TRL warns when both weights lie
@@ -61,7 +62,7 @@ class KTOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config)
                "desirable, lowers undesirable completions' likelihood relative to the reference).")
     desirable_weight: float = opt(1.0, "Weight w_d of the desirable (label true) rows' losses (for imbalanced data).", range="(0, inf)")
     undesirable_weight: float = opt(1.0, "Weight w_u of the undesirable (label false) rows' losses.", range="(0, inf)")
-    shuffle: bool = opt(True, "Shuffle the training rows once with --seed (TRL's KTO reads them in order).")
+    shuffle: bool = opt(True, "Shuffle the training and held-out rows once with --seed (TRL's KTO reads them in order).")
     precompute_ref_log_probs: bool = opt(False, "Compute the reference log-probs once before training.")
 
     def check(self, problems: Problems) -> None:
@@ -72,7 +73,7 @@ class KTOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config)
 
 
 def load_unpaired_data(cfg):
-    """(train, eval, datasets) as unpaired feedback; the training rows shuffled once with --seed (--shuffle)."""
+    """(train, eval, datasets) as unpaired feedback; the rows shuffled once with --seed (--shuffle)."""
     from align.data.unpaired import load_unpaired
 
     def load(spec: str, split):
@@ -83,8 +84,9 @@ def load_unpaired_data(cfg):
         if described.get("unpaired_from") == "pairs":
             logger.info("%s: %d preference pairs split into unpaired feedback (chosen -> label true, rejected -> "
                         "label false)", described["source"], described["rows"])
-    if cfg.shuffle:
-        random.Random(cfg.seed).shuffle(train)
+    if cfg.shuffle:  # held-out rows too: their KL baseline is estimated the same way
+        for rows in (train, evaluation or []):
+            random.Random(cfg.seed).shuffle(rows)
     return train, evaluation, datasets
 
 
