@@ -160,7 +160,8 @@ def planned_heads(cfg: RMConfig) -> list[str] | None:
 class ScoreConfig(RemoteCodeOption, Config):
     positional = "run"
     run: str | None = opt(None, "The reward-model run (align rm --output).")
-    data: str | None = opt(None, "Pairs to score: preference data (chosen/rejected) or prompt/completion data.")
+    data: str | None = opt(None, "What to score: preference pairs (chosen/rejected), prompt/completion or text rows, or "
+                                 "a pointwise RM's labelled rows (then its metrics too).")
     split: str | None = opt(None, "Split of a DatasetDict directory or hub dataset (default: train).")
     columns: list[str] = opt(factory=list, help="Column renames NAME=COLUMN.")
     output: str | None = opt(None, "Write one JSON object per example here (default: print them).", aliases=["-o"])
@@ -177,32 +178,60 @@ class ScoreConfig(RemoteCodeOption, Config):
 
 
 def score_main(cfg: ScoreConfig) -> str:
-    """Score a dataset with a reward model; preference data also reports accuracy."""
+    """Score a dataset with a reward model: preference data also reports accuracy; labelled rows on a pointwise RM
+    its held-out metrics. Each output line: `score` (one head) or `scores` {head: output} (several)."""
     cfg.validate()
-    from align.data import load_examples
     from align.data.loading import load_records
     from align.data.preference import normalize_preferences
-    from align.rewards.reward_model import RewardModelScorer
+    from align.rewards.reward_model import RewardModelScorer, render
 
     records = load_records(cfg.data, cfg.split)
-    scorer = RewardModelScorer(cfg.run, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+    scorer = RewardModelScorer(cfg.run, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code,
+                               all_heads=True)
     if {"chosen", "rejected"} <= set(records.columns()):
+        if len(scorer.heads) > 1:
+            raise AlignError(f"{cfg.run} has {len(scorer.heads)} heads ({', '.join(scorer.heads)}): preference "
+                             "accuracy needs one score. Score labelled or prompt/completion rows instead.")
         pairs = normalize_preferences(records, cfg.columns)
         chosen = scorer.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
         rejected = scorer.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
         rows = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
         summary = f"accuracy {sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(rows):.3f} on {len(rows)} pairs"
     else:
-        examples, fmt, _ = load_examples(cfg.data, split=cfg.split, columns=cfg.columns)
-        if fmt == "text":
-            raise AlignError(f"{cfg.data}: plain text has no prompt/completion to score. Give prompt/completion "
-                             "or preference data.")
-        prompts = [[m for m in ex["messages"][:-1]] for ex in examples]
-        scores = scorer.score(prompts, [ex["messages"][-1:] for ex in examples])
-        rows = [{"score": s} for s in scores]
-        summary = f"mean score {sum(scores) / len(scores):.4f} over {len(scores)} examples"
+        examples, metrics = score_examples(cfg, records, scorer)
+        outputs = scorer.score_texts([render(scorer.tokenizer, e) for e in examples])
+        rows = [{"score": o[0]} if len(o) == 1 else {"scores": dict(zip(scorer.heads, o, strict=True))} for o in outputs]
+        summary = f"mean score {sum(o[0] for o in outputs) / len(outputs):.4f} over {len(outputs)} examples" \
+            if len(scorer.heads) == 1 else f"{len(outputs)} examples, heads {', '.join(scorer.heads)}"
+        if metrics is not None:
+            summary += "; " + ", ".join(f"{k} {v:.4f}" for k, v in metrics(outputs).items())
     lines = "\n".join(json.dumps(r) for r in rows)
     if cfg.output:
         Path(cfg.output).write_text(lines + "\n")
         return summary
     return lines + "\n" + summary
+
+
+def score_examples(cfg: ScoreConfig, records, scorer):
+    """(examples to score: {"text"} or {"prompt", "completion"}, and for labelled rows of a pointwise RM a function
+    outputs -> metrics, else None)."""
+    from align.data import load_examples
+    from align.data.formats import parse_column_map
+    from align.data.pointwise import normalize_pointwise
+    from align.stages.pointwise import pointwise_metrics
+
+    reward_model = scorer.manifest.get("reward_model") or {}
+    mapping = parse_column_map(list(cfg.columns))
+    columns = {mapping.get(c, c) for c in records.columns()}
+    if reward_model.get("kind") == "pointwise" and set(reward_model["heads"]) <= columns:
+        examples, objective = normalize_pointwise(records, reward_model["heads"], reward_model["objective"], cfg.columns)
+        return examples, lambda outputs: pointwise_metrics(outputs, [e["labels"] for e in examples], objective,
+                                                           reward_model["heads"])
+    if "text" in columns:
+        texts = [{mapping.get(k, k): v for k, v in row.items()}.get("text") for row in records.rows]
+        bad = next((where for t, where in zip(texts, records.locations, strict=True) if not isinstance(t, str)), None)
+        if bad:
+            raise AlignError(f"{bad}: field 'text' must be a string. Fix the row or drop it.")
+        return [{"text": t} for t in texts], None
+    examples, _, _ = load_examples(cfg.data, split=cfg.split, columns=cfg.columns)
+    return [{"prompt": ex["messages"][:-1], "completion": ex["messages"][-1:]} for ex in examples], None
