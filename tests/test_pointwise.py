@@ -127,7 +127,8 @@ def test_several_label_columns_train_several_heads(cli, runs, bert):
     from safetensors.torch import load_file
 
     head = {k: v for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items() if "classifier" in k}
-    assert [tuple(v.shape) for k, v in head.items() if k.endswith("weight")] == [(2, 64)]  # hidden 64: tiny bert
+    hidden = json.loads((Path(bert) / "config.json").read_text())["hidden_size"]
+    assert [tuple(v.shape) for k, v in head.items() if k.endswith("weight")] == [(2, hidden)]
     outputs = _outputs(out, rows[:5])
     assert len(outputs) == 5 and all(len(o) == 2 for o in outputs)
     code, output, err = cli("rm", "score", out, "--data", data)
