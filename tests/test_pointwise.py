@@ -218,4 +218,6 @@ def test_pointwise_rm_drives_ppo_and_grpo(cli, runs, tiny_model):
                        "--max-steps", "2", "--batch-size", "4", "--num-generations", "4", "--max-completion-length", "8",
                        "--no-tensorboard")
     assert code == 0, err
-    assert [m["step"] for m in map(json.loads, (grpo / "metrics.jsonl").read_text().splitlines()) if "loss" in m] == [1, 2]
+    logged = [json.loads(line) for line in (grpo / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2] and _manifest(grpo)["status"] == "completed"
+    assert all(math.isfinite(m[f"rewards/reward_model:{rm.name}/mean"]) for m in logged)
