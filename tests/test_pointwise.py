@@ -92,15 +92,15 @@ def test_held_out_metrics_equal_hand_computations(cli, runs, tiny_model, column)
     y = [float(r[column]) for r in rows]
     metrics = manifest["metrics"]
     if objective == "bce":
-        bce = sum(math.log(1 + math.exp(-zi)) if yi else math.log(1 + math.exp(zi)) for zi, yi in zip(z, y)) / len(z)
-        pos, neg = [zi for zi, yi in zip(z, y) if yi], [zi for zi, yi in zip(z, y) if not yi]
+        bce = sum(math.log(1 + math.exp(-zi)) if yi else math.log(1 + math.exp(zi)) for zi, yi in zip(z, y, strict=True)) / len(z)
+        pos, neg = [zi for zi, yi in zip(z, y, strict=True) if yi], [zi for zi, yi in zip(z, y, strict=True) if not yi]
         auc_pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
         assert metrics["eval_bce"] == pytest.approx(bce, abs=1e-5)
         assert metrics["eval_loss"] == pytest.approx(bce, abs=1e-5)  # the model's BCEWithLogits loss is that mean
         assert metrics["eval_auc"] == pytest.approx(auc_pairs, abs=1e-9)
-        assert metrics["eval_accuracy"] == pytest.approx(sum((zi > 0) == bool(yi) for zi, yi in zip(z, y)) / len(z))
+        assert metrics["eval_accuracy"] == pytest.approx(sum((zi > 0) == bool(yi) for zi, yi in zip(z, y, strict=True)) / len(z))
     else:
-        mse = sum((zi - yi) ** 2 for zi, yi in zip(z, y)) / len(z)
+        mse = sum((zi - yi) ** 2 for zi, yi in zip(z, y, strict=True)) / len(z)
         assert metrics["eval_mse"] == pytest.approx(mse, rel=1e-5)
         assert metrics["eval_loss"] == pytest.approx(mse, rel=1e-5)
         assert metrics["eval_pearson"] == pytest.approx(statistics.correlation(z, y), abs=1e-5)
