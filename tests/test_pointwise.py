@@ -166,7 +166,7 @@ def test_bad_labelled_data_is_refused(cli, runs, tiny_model, case):
     assert not out.exists()  # nothing half-written
 
 
-@pytest.mark.parametrize("adapter", ["prompt", "ptuning", "lora"])
+@pytest.mark.parametrize("adapter", ["prompt", "ptuning", "lora", "qlora"])
 def test_encoder_adapters_train_and_reload_to_the_same_outputs(cli, runs, bert, adapter):
     train, held = _labelled(runs / "enc.jsonl", 24), _labelled(runs / "enc-eval.jsonl", 8)
     out = runs / f"rm-enc-{adapter}"
