@@ -221,3 +221,58 @@ def test_pointwise_rm_drives_ppo_and_grpo(cli, runs, tiny_model):
     logged = [json.loads(line) for line in (grpo / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [1, 2] and _manifest(grpo)["status"] == "completed"
     assert all(math.isfinite(m[f"rewards/reward_model:{rm.name}/mean"]) for m in logged)
+
+
+def _arith_labels(path: Path, n: int) -> Path:
+    """arith-prefs turned into labelled rows: chosen -> correct 1, rejected -> 0; `short`: a completion under 12 chars."""
+    import align
+
+    rows = []
+    source = Path(align.__file__).parent.parent / "data/samples/arith_prefs.jsonl"
+    for row in map(json.loads, source.read_text().splitlines()[:n]):
+        for side, correct in (("chosen", 1), ("rejected", 0)):
+            text = row[side] if isinstance(row[side], str) else row[side][-1]["content"]
+            rows.append({"prompt": row["prompt"], "completion": row[side], "correct": correct, "short": int(len(text) < 12)})
+    return _write(path, rows)
+
+
+def test_two_head_rm_from_a_parent_resumes_exactly_and_loads_in_plain_peft(sft_run, runs):
+    import subprocess
+    import sys
+
+    import torch
+    from helpers import kill_at_checkpoint, max_adapter_difference
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    data = _arith_labels(runs / "arith-two.jsonl", 48)
+
+    def command(run: Path) -> list[str]:
+        return [sys.executable, "-m", "align", "rm", "--from", str(sft_run), "--data", str(data), "--label-columns",
+                "correct", "short", "--output", str(run), "--max-steps", "8", "--save-steps", "3", "--logging-steps",
+                "1", "--batch-size", "8", "--no-tensorboard"]
+
+    straight, run = runs / "two-straight", runs / "two-resumed"
+    done = subprocess.run(command(straight), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kill_at_checkpoint(command(run), run, 3, lost=2)
+    resumed = subprocess.run([*command(run), "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    manifest = _manifest(run)
+    assert manifest["status"] == "completed" and manifest["num_labels"] == 2 and manifest["merged_adapters"]
+    assert max_adapter_difference(run, straight) <= 1e-5
+    # the run's own base (the merged parent, a 2-output head) + its adapter, loaded with plain transformers + PEFT
+    adapter = run / "adapter"
+    base = AutoModelForSequenceClassification.from_pretrained(PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    rows = [json.loads(line) for line in data.read_text().splitlines()[:4]]
+    expected = _outputs(run, rows)
+    from align.models import load_tokenizer
+    from align.rewards.reward_model import render
+
+    tokenizer = load_tokenizer(str(adapter))
+    with torch.no_grad():
+        got = [model(**tokenizer(render(tokenizer, r), return_tensors="pt", add_special_tokens=False)).logits[0].tolist()
+               for r in rows]
+    assert torch.tensor(got).shape == (4, 2)
+    assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-4)
