@@ -5,8 +5,8 @@ whole conversation — the same rendering TRL's RewardTrainer trained on, and `a
 (`render`). `RewardModelScorer` follows the reward protocol `fn(prompts, completions, **columns) -> list[float]`,
 so an rm run plugs in wherever a reward function does: pairwise or pointwise alike, the reward is the head's raw
 output (a pointwise binary RM: the logit, not the probability; a regression RM: the predicted score). A pointwise
-RM with several heads (several label columns) is refused as a reward (which head would it be?); `align rm score`
-and `align eval` report every head.
+RM with several heads (several label columns) serves as a reward only with the head named: the spec `RUN(head="NAME")`
+(refused without it: which head would it be?); `align rm score` and `align eval` report every head.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ class RewardModelScorer:
     frozen adapter + head on that model instead of loading a copy (align ppo does this; same numbers, tested).
     """
 
-    def __init__(self, run: str | Path, batch_size: int = 16, trust_remote_code: bool = False, all_heads: bool = False):
-        from align.errors import AlignError
+    def __init__(self, run: str | Path, batch_size: int = 16, trust_remote_code: bool = False, all_heads: bool = False,
+                 head: str | None = None):
+        from align.errors import AlignError, unknown_name
         from align.handoff import resolve_parent
         from align.models import load_tokenizer
 
@@ -52,16 +53,18 @@ class RewardModelScorer:
         if parent.manifest.get("task") != "seq-cls":
             raise AlignError(f"{run} is a {parent.stage!r} run, not a reward model (align rm).")
         self.heads = heads(parent.manifest)
-        if len(self.heads) > 1 and not all_heads:
+        if head is not None and head not in self.heads:
+            raise AlignError(f"{run}(head={head!r}): " + unknown_name("head", head, self.heads))
+        if len(self.heads) > 1 and head is None and not all_heads:
             raise AlignError(f"{run} is a reward model with {len(self.heads)} heads ({', '.join(self.heads)}); a reward "
-                             "is one number per completion. Train one rm per label column (--label-columns NAME) and "
-                             "combine them as weighted rewards (RUN_A@0.5 RUN_B@0.5).")
-        self.run, self.manifest = Path(run), parent.manifest
+                             f"is one number per completion. Name the head in a reward spec: --reward '{run}(head=\"{self.heads[0]}\")'.")
+        self.head = self.heads.index(head) if head is not None else 0  # the output `score` and a reward return
         self.tokenizer = load_tokenizer(str(parent.weights_dir))
         self.batch_size, self.trust_remote_code = batch_size, trust_remote_code
         self.placed: tuple[Any, str, Any] | None = None  # (model, adapter, head) when placed on another model
         self._model = None
-        self.__name__ = f"reward_model:{Path(run).name}"
+        self.run, self.manifest = Path(run), parent.manifest
+        self.__name__ = f"reward_model:{Path(run).name}" + (f":{head}" if head is not None and len(self.heads) > 1 else "")
 
     @property
     def model(self):
@@ -94,9 +97,9 @@ class RewardModelScorer:
         return head(pooled.to(head.weight.dtype))
 
     def score(self, prompts: list[str | Conversation], completions: list[str | Conversation]) -> list[float]:
-        """The first head's output for each (prompt, completion)."""
+        """The reward head's output for each (prompt, completion) (the named head, else the only one)."""
         texts = [render(self.tokenizer, {"prompt": p, "completion": c}) for p, c in zip(prompts, completions, strict=True)]
-        return [row[0] for row in self.score_texts(texts)]
+        return [row[self.head] for row in self.score_texts(texts)]
 
     def score_texts(self, texts: list[str]) -> list[list[float]]:
         """Every head's output for each rendered text (see `render`)."""

@@ -113,7 +113,7 @@ def test_held_out_metrics_equal_hand_computations(cli, runs, tiny_model, column)
         assert evaluated[name] == pytest.approx(metrics[f"eval_{name}"], abs=1e-5)
 
 
-def test_several_label_columns_train_several_heads(cli, runs, bert):
+def test_several_label_columns_train_several_heads(cli, runs, bert, tiny_model):
     rows = [{"text": f"{'kind' if i % 2 else 'rude'} {'safe' if i % 3 else 'risky'} reply {i}",
              "helpful": i % 2, "harmless": int(i % 3 > 0)} for i in range(24)]
     data = _write(runs / "two.jsonl", rows)
@@ -136,10 +136,30 @@ def test_several_label_columns_train_several_heads(cli, runs, bert):
     first = json.loads(output.splitlines()[0])
     assert set(first["scores"]) == {"helpful", "harmless"}
     assert "accuracy/helpful" in output.splitlines()[-1]
-    code, _, err = cli("grpo", "--model", bert, "--data", "arith-prompts", "--reward", out, "--output", runs / "no")
+    code, _, err = cli("grpo", "--model", tiny_model, "--data", "arith-prompts", "--reward", out, "--output", runs / "no")
     assert code == 2
-    assert f"{out} is a reward model with 2 heads (helpful, harmless); a reward is one number per completion." in err
+    assert f"{out} is a reward model with 2 heads (helpful, harmless); a reward is one number per completion. Name " \
+           f"the head in a reward spec: --reward '{out}(head=\"helpful\")'." in err
     assert not (runs / "no").exists()
+    # with the head named, the reward is that head's output
+    from align.errors import AlignError
+    from align.rewards.registry import resolve_reward
+    from align.rewards.reward_model import render
+
+    reward = resolve_reward(f'{out}(head="harmless")@0.5')
+    assert reward.weight == 0.5 and reward.fn.__name__ == f"reward_model:{out.name}:harmless"
+    prompts, completions = ["Is it ok?", "Is it ok?"], ["kind safe reply", "rude risky reply"]
+    both = _outputs(out, [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)])
+    assert reward.fn(prompts, completions) == pytest.approx([o[1] for o in both], abs=1e-6)
+    with pytest.raises(AlignError, match="Unknown head 'helpfull'. Did you mean 'helpful'"):
+        resolve_reward(f'{out}(head="helpfull")')
+    grpo = runs / "grpo-head"
+    code, _, err = cli("grpo", "--model", tiny_model, "--reward", f'{out}(head="harmless")', "--data", "arith-prompts",
+                       "--output", grpo, "--max-steps", "2", "--batch-size", "4", "--num-generations", "4",
+                       "--max-completion-length", "8", "--no-tensorboard")
+    assert code == 0, err
+    assert all(f"rewards/reward_model:{out.name}:harmless/mean" in json.loads(line)
+               for line in (grpo / "metrics.jsonl").read_text().splitlines())
 
 
 @pytest.mark.parametrize("case", ["fraction", "no-text", "missing-column", "pairs-forced", "pairwise-options"])
