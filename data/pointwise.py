@@ -81,13 +81,17 @@ def normalize_pointwise(records: Records, targets: list[str], objective: str, co
     mapping = parse_column_map(list(columns))
     found = [mapping.get(c, c) for c in records.columns()]
     missing = [c for c in targets if c not in found]
-    if not targets or missing:
+    if not targets:  # auto-detected: the data is neither pairs nor labelled rows
         raise AlignError(
-            f"{records.source}: " + (f"no column {', '.join(repr(c) for c in missing)} (--label-columns). "
-                                     if missing else "no target column ('label' or 'score'). ")
-            + f"Columns found: {', '.join(found) or '(none)'}. A pointwise reward model needs text (or prompt and "
-            "completion) plus a 0/1 'label', a numeric 'score', or the columns named by --label-columns; "
-            "rename with --columns label=COLUMN.")
+            f"{records.source}: neither preference pairs (chosen/rejected) nor labelled rows (a 'label' or 'score' "
+            f"column). Columns found: {', '.join(found) or '(none)'}. align rm trains Bradley-Terry on "
+            "prompt/chosen/rejected, or a pointwise model on text (or prompt + completion) with a 0/1 'label', a numeric "
+            "'score' or the columns named by --label-columns. Rename columns with --columns chosen=COLUMN "
+            "rejected=COLUMN or --columns label=COLUMN.")
+    if missing:
+        raise AlignError(
+            f"{records.source}: no column {', '.join(repr(c) for c in missing)} (--label-columns). Columns found: "
+            f"{', '.join(found) or '(none)'}. Name existing columns, or rename with --columns {missing[0]}=COLUMN.")
     objective = objectives_of(records, targets, objective, mapping)
     convert = _binary if objective == "bce" else _number
     out, problems = [], []
