@@ -144,7 +144,6 @@ def test_several_label_columns_train_several_heads(cli, runs, bert, tiny_model):
     # with the head named, the reward is that head's output
     from align.errors import AlignError
     from align.rewards.registry import resolve_reward
-    from align.rewards.reward_model import render
 
     reward = resolve_reward(f'{out}(head="harmless")@0.5')
     assert reward.weight == 0.5 and reward.fn.__name__ == f"reward_model:{out.name}:harmless"
