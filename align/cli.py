@@ -21,7 +21,7 @@ from align.launch import LAUNCHED_BY_ALIGN, is_main_process
 # name -> (help, "module:ConfigClass", "module:function"); "data inspect" is a nested command
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("Supervised fine-tuning with a PEFT adapter (or full FT).", "align.stages.sft:SFTConfig", "align.stages.sft:main"),
-    "rm": ("Train a reward model (Bradley-Terry) on preference pairs.", "align.stages.rm:RMConfig", "align.stages.rm:main"),
+    "rm": ("Train a reward model: Bradley-Terry on preference pairs, or pointwise on labelled/scored rows.", "align.stages.rm:RMConfig", "align.stages.rm:main"),
     "rm-score": ("Score data with a reward-model run (also: align rm score).", "align.stages.rm:ScoreConfig", "align.stages.rm:score_main"),
     "dpo": ("Direct Preference Optimization from a base or a finished run (--from).", "align.stages.dpo:DPOConfig", "align.stages.dpo:main"),
     "grpo": ("GRPO: group-relative policy optimisation with reward functions (--reward).", "align.stages.grpo:GRPOConfig", "align.stages.grpo:main"),

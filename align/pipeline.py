@@ -126,9 +126,13 @@ def _stage_ref(value: Any, names: dict[str, str], output: Path) -> tuple[Any, st
 
 
 def _reward_ref(spec: str, names: dict[str, str], output: Path) -> tuple[str, str | None]:
-    source, at, weight = spec.partition("@")
+    """A reward spec whose source is a stage name (`rm@0.5`, `rm(head="helpful")`) with that stage's run path."""
+    source, paren, rest = spec.partition("(")
+    if not paren:
+        source, at, rest = spec.partition("@")
+        paren = at
     if source in names:
-        return str(output / source) + at + weight, source
+        return str(output / source) + paren + rest, source
     return spec, None
 
 
@@ -282,7 +286,7 @@ def _stage_problems(stages: list[Stage], where: str) -> list[str]:
         label = f"{where}: stage '{stage.name}'"
         cfg = stage.cfg
         pending = {f for f in REF_FIELDS if _refers_to_pending(getattr(cfg, f, None), stage)}
-        specs = [s for s in getattr(cfg, "reward", []) if _refers_to_pending(s.partition("@")[0], stage)]
+        specs = [s for s in getattr(cfg, "reward", []) if _refers_to_pending(s.partition("@")[0].partition("(")[0], stage)]
         check = dataclasses.replace(cfg, **{f: None for f in pending if f in ("reward_model", "eval_data")},
                                     **({"reward": [s for s in cfg.reward if s not in specs]} if specs else {}))
         has_pending_reward = bool(specs) or "reward_model" in pending

@@ -12,7 +12,7 @@ from typing import Any
 
 KINDS: dict[str, tuple[str, str, str]] = {
     "sft": ("align.stages.sft", "SFTConfig", "load_sft_data"),
-    "rm": ("align.stages.rm", "RMConfig", "load_preference_data"),
+    "rm": ("align.stages.rm", "RMConfig", "load_rm_data"),
     "dpo": ("align.stages.dpo", "DPOConfig", "load_preference_data"),
     "grpo": ("align.stages.grpo", "GRPOConfig", "load_prompt_data"),
     "ppo": ("align.stages.ppo", "PPOConfig", "load_prompt_data"),

@@ -170,7 +170,8 @@ def cases(T, S, R, W, mounted=False):
             "uses DeepSpeed, which is not installed (pip install deepspeed)")]
           if importlib.util.find_spec("deepspeed") is None else []),
         ("rm-prompts", ["rm", "--from", S, "--data", "arith-prompts", "-o", O("b")],
-         'not a preference dataset. Columns found: prompt, answer'),
+         'neither preference pairs (chosen/rejected) nor labelled rows (a \'label\' or \'score\' column). Columns found: '
+         'prompt, answer.'),
         ("rm-no-data", ["rm", "--from", S, "-o", O("b")],
          '--data is required'),
         ("dpo-sft-data", ["dpo", "--from", S, "--data", "arith", "-o", O("c")],
