@@ -158,7 +158,7 @@ def vocabulary_problems(cfg, teacher_dir: Path, teacher_base: Path, student_dir:
     return []
 
 
-def load_teacher(cfg: DistillConfig):
+def load_teacher(cfg: DistillConfig, student):
     """The frozen teacher model: a run's policy with its adapter merged (a QLoRA base dequantised), or a model."""
     from align.handoff import load_run_policy
     from align.models import load_base_model
@@ -170,6 +170,11 @@ def load_teacher(cfg: DistillConfig):
     else:
         model = load_base_model(cfg.teacher, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                 attn_implementation=cfg.attn_implementation)
+    sizes = model.config.get_text_config().vocab_size, student.config.get_text_config().vocab_size
+    if sizes[0] != sizes[1]:  # a hub-id teacher or student, not comparable at validation
+        raise AlignError(f"--teacher {cfg.teacher}: its vocab_size is {sizes[0]}, the student's {sizes[1]}. "
+                         "Distillation compares the two next-token distributions token id by token id; use a teacher "
+                         "with the student's tokenizer.")
     model.eval()
     model.requires_grad_(False)
     return model
@@ -189,7 +194,7 @@ def build_trainer(cfg: DistillConfig, started, callbacks):
         disable_dropout=True,
     )
     return DistillationTrainer(
-        model=policy.model, teacher_model=load_teacher(cfg), args=args, processing_class=policy.tokenizer,
+        model=policy.model, teacher_model=load_teacher(cfg, policy.model), args=args, processing_class=policy.tokenizer,
         train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation), callbacks=callbacks,
     )
 
