@@ -119,7 +119,8 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None,
         role, verb = ("teacher", "use") if flag == "--teacher" else ("policy parent", "start from")
         raise AlignError(f"{flag} {path}: a {parent.stage!r} run cannot be the {role} of {child_stage}; "
                          f"{verb} a policy run ({', '.join(POLICY_STAGES)})"
-                         + (" and pass the reward model with --reward-model." if parent.stage == "rm" else "."))
+                         + (" and pass the reward model with --reward-model." if parent.stage == "rm" and flag == "--from"
+                            else "."))
     if not parent.weights_dir.is_dir():
         raise AlignError(f"{flag} {path}: missing {parent.weights_dir.name}/ — the run's weights are not there.")
     if problems := verify_run(path, manifest):
