@@ -1,7 +1,8 @@
 """`align distill`: on-policy distillation (TRL's DistillationTrainer) with align's hand-off.
 
 Teacher: the session's sft run (tests/conftest.py `sft_run`: a tiny model fine-tuned on the bundled task). Student: a
-smaller tiny base built with the same tokenizer. Checked: the student moves toward the teacher (token-level KL to the
+smaller tiny base built with the same tokenizer. Checked: the first step's loss equals each divergence computed by
+hand (at temperatures other than 1 too); the student moves toward the teacher (token-level KL to the
 teacher on held-out prompts + the teacher's greedy answers, computed here from both models' logits, falls; the
 student's log-likelihood of those answers rises); a student that is a copy of its teacher starts at loss 0 under every
 divergence; a teacher with another tokenizer, a missing teacher and contradicting options exit 2 with their message
@@ -92,6 +93,56 @@ def test_copy_of_the_teacher_starts_at_loss_zero(cli, sft_run, tmp_path, diverge
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1 and abs(first["loss"]) < 1e-6, first
     assert json.loads((run / "run.json").read_text())["parent"] == str(Path(sft_run).resolve())
+
+
+def divergence(student_lp, teacher_lp, kind: str, beta: float | None):
+    """The per-position divergence written out from its definition (docs/DISTILL.md), on log-probabilities."""
+    import torch
+
+    ps, pt = student_lp.exp(), teacher_lp.exp()
+    if kind == "reverse_kl":
+        return (ps * (student_lp - teacher_lp)).sum(-1)
+    if kind == "forward_kl":
+        return (pt * (teacher_lp - student_lp)).sum(-1)
+    log_m = torch.log(beta * pt + (1 - beta) * ps)
+    return beta * (pt * (teacher_lp - log_m)).sum(-1) + (1 - beta) * (ps * (student_lp - log_m)).sum(-1)
+
+
+@pytest.mark.parametrize(("kind", "beta", "temperature"), [("reverse_kl", None, 1.0), ("forward_kl", None, 2.0),
+                                                           ("jsd", 0.3, 0.5)])
+def test_first_step_loss_equals_the_hand_computed_divergence(cli, sft_run, student_base, tmp_path, kind, beta,
+                                                             temperature):
+    """With one completion token the loss looks only at the distributions after the prompt, whatever token is sampled:
+    step 1 (every prompt in the batch, the student still its base) must be the mean over the prompts of the divergence
+    between softmax(logits / T) of the student base and of the teacher, computed here from the definition."""
+    import torch
+
+    from align.data.prompts import load_prompts
+    from align.generate import load_target
+
+    teacher, tokenizer, _ = load_target(str(sft_run))
+    student, _, _ = load_target(student_base)
+    rows, _ = load_prompts("arith-prompts-eval")
+    ids = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+           for r in rows]
+    length = max({len(i) for i in ids}, key=[len(i) for i in ids].count)
+    chosen = [(r, i) for r, i in zip(rows, ids, strict=True) if len(i) == length][:8]  # no padding anywhere
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r, _ in chosen))
+    with torch.no_grad():
+        batch = torch.tensor([i for _, i in chosen])
+        student_lp, teacher_lp = (torch.log_softmax(m(input_ids=batch).logits[:, -1].float() / temperature, dim=-1)
+                                  for m in (student, teacher))
+    expected = float(divergence(student_lp, teacher_lp, kind, beta).mean())
+
+    run = tmp_path / "run"
+    code, _, err = cli("distill", "--model", student_base, "--teacher", sft_run, "--data", data, "--output", run,
+                       "--divergence", kind, *(["--beta", str(beta)] if beta is not None else []), "--temperature",
+                       str(temperature), "--batch-size", "8", "--max-completion-length", "1", "--max-steps", "1",
+                       "--logging-steps", "1", "--no-tensorboard")
+    assert code == 0, err
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert expected > 0.01 and first["loss"] == pytest.approx(expected, rel=1e-4), (first["loss"], expected)
 
 
 def test_teacher_with_another_tokenizer_is_refused(cli, student_base, tmp_path):
