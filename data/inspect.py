@@ -2,8 +2,8 @@
 
 Prints which stages can use the data (it is read the way each stage reads it: conversations for sft, preference
 pairs for dpo / rm / kto-style evaluation, prompts for grpo / ppo / pairs / distill / eval), the detected format, the
-example count, examples as the model will see them (rendered with the chat template; the tokens trained on are wrapped in
-[[ ]]), token-length statistics and how many examples --max-length would truncate. Without --model, shows the
+example count, examples as the model will see them (rendered with the chat template; the tokens trained on are wrapped
+in [[ ]]), token-length statistics and how many examples --max-length would truncate. Without --model, shows the
 normalised records and character lengths. Data no stage can read gets each reader's reason.
 """
 
