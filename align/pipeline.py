@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 GATE_EXIT = 3
 TOP_KEYS = {"model", "output", "seed", "defaults", "eval", "stages"}
-REF_FIELDS = ("from_run", "reward_model", "teacher", "data", "eval_data")  # fields where a stage name stands for its run
+REF_FIELDS = ("from_run", "reward_model", "teacher", "data", "eval_data")  # where a stage name stands for its run
 IGNORED_CHANGES = {"resume", "overwrite", "config", "strict"}
 
 

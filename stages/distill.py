@@ -56,7 +56,8 @@ class DistillConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Con
         "reverse_kl", "Per-token divergence between student and teacher: reverse_kl = KL(student‖teacher) "
                       "(mode-seeking), forward_kl = KL(teacher‖student), jsd = generalized Jensen-Shannon (--beta).")
     beta: float | None = opt(None, "--divergence jsd only: weight β of the teacher in the mixture m = β·teacher + "
-                                   "(1−β)·student (0.5 = the symmetric JSD; default 0.5; 0 and 1 are --divergence forward_kl / reverse_kl).", range="(0, 1)")
+                                   "(1−β)·student (0.5 = the symmetric JSD; default 0.5; 0 and 1 are --divergence "
+                                   "forward_kl / reverse_kl).", range="(0, 1)")
     temperature: float = opt(1.0, "Sampling temperature of the student's completions; both distributions are "
                                   "softened by it in the loss too.", range="(0, inf)")
     top_p: float = opt(1.0, "Nucleus sampling threshold of the student's completions.", range="(0, 1]")
