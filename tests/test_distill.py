@@ -151,7 +151,8 @@ def test_teacher_with_another_tokenizer_is_refused(cli, student_base, tmp_path):
     other = build_tiny_model(tmp_path / "other", vocab_size=600)
     code, _, err = cli("distill", "--model", student_base, "--teacher", other, "--output", tmp_path / "run", *COMMON)
     assert code == 2, err
-    assert f"--teacher {other}: its tokenizer (600 tokens) is not the student's (1024 tokens, from {student_base})" in err
+    assert (f"--teacher {other}: its tokenizer (600 tokens) is not the student's (1024 tokens, from "
+            f"{student_base})") in err
     assert "the teacher must use the student's tokenizer" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
