@@ -102,7 +102,7 @@ def teacher_problems(cfg: DistillConfig) -> list[str]:
         teacher_dir = teacher_base = teacher
     student_dir, student_base = student_source(cfg)
     if student_dir is None or not Path(teacher_dir).is_dir():
-        return []  # a hub id or a pipeline stage that has not run yet: TRL compares the vocabulary sizes at start
+        return []  # a hub id or a pipeline stage that has not run yet: load_teacher compares vocab_size
     return vocabulary_problems(cfg, Path(teacher_dir), Path(teacher_base), Path(student_dir), Path(student_base))
 
 
