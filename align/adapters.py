@@ -253,6 +253,8 @@ STAGE_LIMITS: dict[tuple[str, str], str] = {
     ("loraplus", "ppo"): _PPO_LOOP + "builds a plain AdamW optimizer, so the LoRA+ learning-rate ratio would be "
                                      "ignored; use lora, or loraplus in sft/dpo/grpo",
     ("adalora", "ppo"): _PPO_LOOP + "does not run AdaLoRA's rank allocation (update_and_allocate) after each step",
+    **{(k, "distill"): "TRL's distillation loss runs the model's backbone directly, so the virtual tokens would be "
+                       "skipped; use a weight adapter (lora, ...) or full" for k in ("prompt", "prefix", "ptuning")},
 }
 
 

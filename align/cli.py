@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dpo": ("Direct Preference Optimization from a base or a finished run (--from).", "align.stages.dpo:DPOConfig", "align.stages.dpo:main"),
     "grpo": ("GRPO: group-relative policy optimisation with reward functions (--reward).", "align.stages.grpo:GRPOConfig", "align.stages.grpo:main"),
     "ppo": ("PPO (RLHF): actor-critic training against a reward model (--reward-model) and/or reward functions.", "align.stages.ppo:PPOConfig", "align.stages.ppo:main"),
+    "distill": ("On-policy distillation: the student samples, a frozen --teacher's token distributions teach it.", "align.stages.distill:DistillConfig", "align.stages.distill:main"),
     "eval": ("Evaluate a run or model on held-out data: accuracy, rewards, length, KL to the parent; preference accuracy.", "align.evaluation:EvalConfig", "align.evaluation:main"),
     "pairs": ("On-policy preference pairs: sample from a policy, label with rewards, keep (best, worst) per prompt.", "align.stages.pairs:PairsConfig", "align.stages.pairs:main"),
     "run": ("Run a pipeline file: several stages, each from another, with held-out eval and gates (exit 3 when a gate stops it).", "align.pipeline:RunConfig", "align.pipeline:main"),

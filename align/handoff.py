@@ -40,7 +40,7 @@ from align.adapters import ADAPTERS, stage_limit
 from align.errors import AlignError
 from align.runs import read_manifest, sha256_path, verify_run
 
-POLICY_STAGES = ("sft", "dpo", "grpo", "ppo")
+POLICY_STAGES = ("sft", "dpo", "grpo", "ppo", "distill")
 
 
 @dataclass
@@ -104,22 +104,25 @@ def merged_files(parent: Parent, handoff: str) -> dict[str, integrity.Records]:
     return out
 
 
-def resolve_parent(path: str | Path, child_stage: str, model: str | None = None) -> Parent:
-    """Check that `path` is a finished run that `child_stage` may start from."""
+def resolve_parent(path: str | Path, child_stage: str, model: str | None = None, flag: str = "--from") -> Parent:
+    """Check that `path` is a finished run that `child_stage` may start from (`flag`: the option naming it; distill's
+    --teacher is checked the same way)."""
     path = Path(path)
     if not path.is_dir():
-        raise AlignError(f"--from {path}: no such directory. Pass the --output directory of a finished stage.")
+        raise AlignError(f"{flag} {path}: no such directory. Pass the --output directory of a finished stage.")
     manifest = read_manifest(path)
     parent = Parent(path, manifest)
     if manifest.get("status") != "completed":
-        raise AlignError(f"--from {path}: the run's status is {manifest.get('status')!r}, not 'completed'. "
+        raise AlignError(f"{flag} {path}: the run's status is {manifest.get('status')!r}, not 'completed'. "
                          "Finish it first (rerun its command with --resume).")
-    if child_stage in ("dpo", "grpo", "ppo", "pairs") and parent.stage not in POLICY_STAGES:
-        raise AlignError(f"--from {path}: a {parent.stage!r} run cannot be the policy parent of {child_stage}; "
-                         f"start from a policy run ({', '.join(POLICY_STAGES)})"
-                         + (" and pass the reward model with --reward-model." if parent.stage == "rm" else "."))
+    if child_stage in ("dpo", "grpo", "ppo", "pairs", "distill") and parent.stage not in POLICY_STAGES:
+        role, verb = ("teacher", "use") if flag == "--teacher" else ("policy parent", "start from")
+        raise AlignError(f"{flag} {path}: a {parent.stage!r} run cannot be the {role} of {child_stage}; "
+                         f"{verb} a policy run ({', '.join(POLICY_STAGES)})"
+                         + (" and pass the reward model with --reward-model." if parent.stage == "rm" and flag == "--from"
+                            else "."))
     if not parent.weights_dir.is_dir():
-        raise AlignError(f"--from {path}: missing {parent.weights_dir.name}/ — the run's weights are not there.")
+        raise AlignError(f"{flag} {path}: missing {parent.weights_dir.name}/ — the run's weights are not there.")
     if problems := verify_run(path, manifest):
         raise AlignError(f"{path}: its files are not the ones it recorded when it completed: " + "; ".join(problems)
                          + ". Restore them, or train the run again (in a pipeline: align run --force rebuilds it).")
@@ -135,7 +138,7 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None)
     if recorded and not parent.full:
         current = base_fingerprint(parent.base_model)
         if current is None:
-            raise AlignError(f"--from {path}: its base model {parent.base_model} is gone. Restore it at that path.")
+            raise AlignError(f"{flag} {path}: its base model {parent.base_model} is gone. Restore it at that path.")
         if current != recorded:
             raise AlignError(f"Base/adapter mismatch: the base model at {parent.base_model} changed since {path} "
                              "was trained (config.json differs). Restore the original base or retrain the parent.")

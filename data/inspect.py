@@ -1,9 +1,9 @@
 """`align data inspect D [--model M]`: the first thing to run on a new dataset.
 
 Prints which stages can use the data (it is read the way each stage reads it: conversations for sft, preference
-pairs for dpo / rm / kto-style evaluation, prompts for grpo / ppo / pairs / eval), the detected format, the example
-count, examples as the model will see them (rendered with the chat template; the tokens trained on are wrapped in
-[[ ]]), token-length statistics and how many examples --max-length would truncate. Without --model, shows the
+pairs for dpo / rm / kto-style evaluation, prompts for grpo / ppo / pairs / distill / eval), the detected format, the
+example count, examples as the model will see them (rendered with the chat template; the tokens trained on are wrapped
+in [[ ]]), token-length statistics and how many examples --max-length would truncate. Without --model, shows the
 normalised records and character lengths. Data no stage can read gets each reader's reason.
 """
 
@@ -61,7 +61,7 @@ def _stats(values: list[int]) -> str:
 READERS = {  # how each family of stages reads a dataset: (stages, loader)
     "conversations": ("sft", "align.data:load_examples"),
     "preference pairs": ("dpo, rm, rm score, eval (preference accuracy)", "align.data.preference:load_preferences"),
-    "prompts": ("grpo, ppo, pairs, eval, rewards check", "align.data.prompts:load_prompts"),
+    "prompts": ("grpo, ppo, pairs, distill, eval, rewards check", "align.data.prompts:load_prompts"),
 }
 
 

@@ -17,8 +17,9 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "grpo": ("align.stages.grpo", "GRPOConfig", "load_prompt_data"),
     "ppo": ("align.stages.ppo", "PPOConfig", "load_prompt_data"),
     "pairs": ("align.stages.pairs", "PairsConfig", "load_prompt_data"),
+    "distill": ("align.stages.distill", "DistillConfig", "load_prompt_data"),
 }
-POLICY_KINDS = ("sft", "dpo", "grpo", "ppo")  # stages whose run is a policy (a causal LM a child can start from)
+POLICY_KINDS = ("sft", "dpo", "grpo", "ppo", "distill")  # stages whose run is a policy (a causal LM a child can start from)
 
 
 def stage_parts(kind: str) -> tuple[Any, Any, Any]:
