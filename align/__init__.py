@@ -98,6 +98,13 @@ def pairs(**options: Any) -> Path:
     return _scoped(main, PairsConfig.from_kwargs(**options))
 
 
+def distill(**options: Any) -> Path:
+    """On-policy distillation of a student (model=... or from_run=...) by teacher=RUN|MODEL; options as `align distill --help`."""
+    from align.stages.distill import DistillConfig, main
+
+    return _scoped(main, DistillConfig.from_kwargs(**options))
+
+
 def evaluate(target: str | Path, **options: Any) -> dict[str, Any]:
     """Held-out metrics of a run or model (data=..., reward=[...], ...); options as `align eval --help`."""
     from align.evaluation import EvalConfig, evaluate
@@ -114,4 +121,5 @@ def run(pipeline: str | Path | dict[str, Any], *, dry_run: bool = False, force: 
     return _scoped(run_pipeline, pipeline, dry_run=dry_run, force=force)
 
 
-__all__ = ["__version__", "dpo", "evaluate", "grpo", "kto", "orpo", "pairs", "ppo", "rm", "run", "sft", "simpo"]
+__all__ = ["__version__", "distill", "dpo", "evaluate", "grpo", "kto", "orpo", "pairs", "ppo", "rm", "run", "sft",
+           "simpo"]

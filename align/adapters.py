@@ -256,6 +256,8 @@ STAGE_LIMITS: dict[tuple[str, str], str] = {
     **{(k, stage): f"it prepends virtual tokens to the logits, and TRL's experimental {trainer} compares them with "
                    "labels of the text alone (a shape error); use prefix, or a weight adapter such as lora"
        for k in ("prompt", "ptuning") for stage, trainer in (("orpo", "ORPOTrainer"), ("simpo", "CPOTrainer"))},
+    **{(k, "distill"): "TRL's distillation loss runs the model's backbone directly, so the virtual tokens would be "
+                       "skipped; use a weight adapter (lora, ...) or full" for k in ("prompt", "prefix", "ptuning")},
 }
 
 

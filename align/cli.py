@@ -21,7 +21,7 @@ from align.launch import LAUNCHED_BY_ALIGN, is_main_process
 # name -> (help, "module:ConfigClass", "module:function"); "data inspect" is a nested command
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("Supervised fine-tuning with a PEFT adapter (or full FT).", "align.stages.sft:SFTConfig", "align.stages.sft:main"),
-    "rm": ("Train a reward model (Bradley-Terry) on preference pairs.", "align.stages.rm:RMConfig", "align.stages.rm:main"),
+    "rm": ("Train a reward model: Bradley-Terry on preference pairs, or pointwise on labelled/scored rows.", "align.stages.rm:RMConfig", "align.stages.rm:main"),
     "rm-score": ("Score data with a reward-model run (also: align rm score).", "align.stages.rm:ScoreConfig", "align.stages.rm:score_main"),
     "dpo": ("Direct Preference Optimization from a base or a finished run (--from).", "align.stages.dpo:DPOConfig", "align.stages.dpo:main"),
     "kto": ("KTO: preference learning from unpaired feedback (prompt, completion, label true/false) from a base or a run (--from).", "align.stages.kto:KTOConfig", "align.stages.kto:main"),
@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "simpo": ("SimPO: reference-free preference optimization (length-normalised log-likelihood margin) on pairs.", "align.stages.simpo:SimPOConfig", "align.stages.simpo:main"),
     "grpo": ("GRPO: group-relative policy optimisation with reward functions (--reward).", "align.stages.grpo:GRPOConfig", "align.stages.grpo:main"),
     "ppo": ("PPO (RLHF): actor-critic training against a reward model (--reward-model) and/or reward functions.", "align.stages.ppo:PPOConfig", "align.stages.ppo:main"),
+    "distill": ("On-policy distillation: the student samples, a frozen --teacher's token distributions teach it.", "align.stages.distill:DistillConfig", "align.stages.distill:main"),
     "eval": ("Evaluate a run or model on held-out data: accuracy, rewards, length, KL to the parent; preference accuracy.", "align.evaluation:EvalConfig", "align.evaluation:main"),
     "pairs": ("On-policy preference pairs: sample from a policy, label with rewards, keep (best, worst) per prompt.", "align.stages.pairs:PairsConfig", "align.stages.pairs:main"),
     "run": ("Run a pipeline file: several stages, each from another, with held-out eval and gates (exit 3 when a gate stops it).", "align.pipeline:RunConfig", "align.pipeline:main"),

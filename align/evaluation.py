@@ -18,6 +18,10 @@ Preference data (chosen/rejected): a reward-model run reports `preference_accura
 `margin` = mean(r(chosen) − r(rejected)); a policy the same with DPO's implicit reward r = log π(y|x) − log π_ref(y|x)
 (with no reference: log π(y|x)).
 
+Labelled data on a pointwise reward-model run (`align rm` on labels/scores; rows with its label columns): accuracy,
+auc and bce (0/1 labels) or mse and pearson (scores), per head and averaged with several heads — the metrics
+`align rm` logs as eval_* (align.stages.pointwise).
+
 Raises AlignError (exit 2) for a missing target or data, a data set without prompts, or an rm run on prompt data.
 """
 
@@ -269,15 +273,46 @@ def evaluate_pairs(model, tokenizer, manifest, pairs: list[dict[str, Any]], cfg:
             "margin": sum(margins) / len(margins)}
 
 
+def pointwise_reward_model(target: str | None) -> dict[str, Any] | None:
+    """run.json's `reward_model` when `target` is a pointwise reward-model run (labelled data is scored against its
+    heads), else None."""
+    from align.runs import read_manifest
+
+    if not target or not (Path(target) / "run.json").is_file():
+        return None
+    reward_model = read_manifest(Path(target)).get("reward_model") or {}
+    return reward_model if reward_model.get("kind") == "pointwise" else None
+
+
+def evaluate_labels(cfg: EvalConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A pointwise reward model's held-out metrics (accuracy/AUC/BCE or MSE/Pearson, align.stages.pointwise) on
+    labelled rows: the same numbers `align rm` logs as eval_*."""
+    from align.rewards.reward_model import RewardModelScorer, render
+    from align.stages.pointwise import pointwise_metrics
+
+    scorer = RewardModelScorer(cfg.target, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code,
+                               all_heads=True)
+    outputs = scorer.score_texts([render(scorer.tokenizer, r) for r in rows])
+    reward_model = scorer.manifest["reward_model"]
+    return {"rows": len(rows), **pointwise_metrics(outputs, [r["labels"] for r in rows], reward_model["objective"],
+                                                   reward_model["heads"])}
+
+
 def load_eval_data(cfg: EvalConfig) -> tuple[str, list[dict[str, Any]]]:
-    """("prompts" | "pairs", rows) of --data, cut to --max-samples."""
+    """("prompts" | "pairs" | "labels", rows) of --data, cut to --max-samples ("labels": a pointwise reward model's
+    labelled rows, by its own heads)."""
     from align.data.loading import HELD_OUT, Split, load_records
     from align.data.preference import normalize_preferences
     from align.data.prompts import normalize_prompts
 
     records = load_records(cfg.data, Split(cfg.split, HELD_OUT))
+    reward_model = pointwise_reward_model(cfg.target)
     if {"chosen", "rejected"} <= set(records.columns()):
         kind, rows = "pairs", normalize_preferences(records)
+    elif reward_model:
+        from align.data.pointwise import normalize_pointwise
+
+        kind, rows = "labels", normalize_pointwise(records, reward_model["heads"], reward_model["objective"])[0]
     else:
         kind, rows = "prompts", normalize_prompts(records)
     if not rows:
@@ -303,7 +338,9 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, manifest=None) -> dict
     if ref_name and ref_name.lower() != "none" and task != "seq-cls":
         reference = load_target(ref_name, cfg.trust_remote_code)[0]
     set_seed(cfg.seed)
-    if kind == "pairs":
+    if kind == "labels":
+        metrics = evaluate_labels(cfg, rows)
+    elif kind == "pairs":
         metrics = evaluate_pairs(model, tokenizer, manifest, rows, cfg, reference)
     else:
         metrics = evaluate_prompts(model, tokenizer, manifest, rows, cfg, reference)

@@ -53,7 +53,9 @@ def write_base(run_dir: Path, manifest: dict[str, Any], *, task: str, pad_token_
     final, tmp = run_dir / BASE, run_dir / f".{BASE}.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model = materialize_base(manifest["base_model"], manifest["merged_adapters"], task=task,
+    from align.handoff import head_count
+
+    model = materialize_base(manifest["base_model"], manifest["merged_adapters"], task=task, num_labels=head_count(manifest),
                              quantize_4bit=bool(manifest.get("quantized_4bit")), trust_remote_code=trust_remote_code)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
@@ -108,7 +110,7 @@ def _overlaps(a: Path, b: Path) -> bool:
 
 
 def export(run: str | Path, output: str | Path, *, merged: bool = False, trust_remote_code: bool = False) -> Path:
-    from align.handoff import materialize_base, resolve_parent
+    from align.handoff import head_count, materialize_base, resolve_parent
     from align.merge import merge
 
     run, output = Path(run), Path(output)
@@ -131,7 +133,8 @@ def export(run: str | Path, output: str | Path, *, merged: bool = False, trust_r
         else:
             task = parent.manifest.get("task", "causal-lm")
             materialize_base(parent.base_model, [], task=task, quantize_4bit=parent.quantized_4bit,
-                             trust_remote_code=trust_remote_code).save_pretrained(tmp / BASE)
+                             num_labels=head_count(parent.manifest), trust_remote_code=trust_remote_code,
+                             ).save_pretrained(tmp / BASE)
     _write_generation_config(tmp, tmp if merged or parent.full else tmp / BASE)
     if output.exists():
         shutil.rmtree(output)

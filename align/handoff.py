@@ -40,7 +40,7 @@ from align.adapters import ADAPTERS, stage_limit
 from align.errors import AlignError
 from align.runs import read_manifest, sha256_path, verify_run
 
-POLICY_STAGES = ("sft", "dpo", "kto", "orpo", "simpo", "grpo", "ppo")
+POLICY_STAGES = ("sft", "dpo", "kto", "orpo", "simpo", "grpo", "ppo", "distill")
 
 
 @dataclass
@@ -104,23 +104,25 @@ def merged_files(parent: Parent, handoff: str) -> dict[str, integrity.Records]:
     return out
 
 
-def resolve_parent(path: str | Path, child_stage: str, model: str | None = None) -> Parent:
-    """Check that `path` is a finished run that `child_stage` may start from."""
+def resolve_parent(path: str | Path, child_stage: str, model: str | None = None, flag: str = "--from") -> Parent:
+    """Check that `path` is a finished run that `child_stage` may start from (`flag`: the option naming it; distill's
+    --teacher is checked the same way)."""
     path = Path(path)
     if not path.is_dir():
-        raise AlignError(f"--from {path}: no such directory. Pass the --output directory of a finished stage.")
+        raise AlignError(f"{flag} {path}: no such directory. Pass the --output directory of a finished stage.")
     manifest = read_manifest(path)
     parent = Parent(path, manifest)
     if manifest.get("status") != "completed":
-        raise AlignError(f"--from {path}: the run's status is {manifest.get('status')!r}, not 'completed'. "
+        raise AlignError(f"{flag} {path}: the run's status is {manifest.get('status')!r}, not 'completed'. "
                          "Finish it first (rerun its command with --resume).")
-    if child_stage in ("dpo", "kto", "orpo", "simpo", "grpo", "ppo", "pairs") and parent.stage not in POLICY_STAGES:
-        raise AlignError(f"--from {path}: a {parent.stage!r} run cannot be the policy parent of {child_stage}; "
-                         f"start from a policy run ({', '.join(POLICY_STAGES)})"
-                         + (" and pass the reward model with --reward-model." if parent.stage == "rm"
+    if child_stage in ("dpo", "kto", "orpo", "simpo", "grpo", "ppo", "pairs", "distill") and parent.stage not in POLICY_STAGES:
+        role, verb = ("teacher", "use") if flag == "--teacher" else ("policy parent", "start from")
+        raise AlignError(f"{flag} {path}: a {parent.stage!r} run cannot be the {role} of {child_stage}; "
+                         f"{verb} a policy run ({', '.join(POLICY_STAGES)})"
+                         + (" and pass the reward model with --reward-model." if parent.stage == "rm" and flag == "--from"
                             and child_stage in ("grpo", "ppo", "pairs") else "."))
     if not parent.weights_dir.is_dir():
-        raise AlignError(f"--from {path}: missing {parent.weights_dir.name}/ — the run's weights are not there.")
+        raise AlignError(f"{flag} {path}: missing {parent.weights_dir.name}/ — the run's weights are not there.")
     if problems := verify_run(path, manifest):
         raise AlignError(f"{path}: its files are not the ones it recorded when it completed: " + "; ".join(problems)
                          + ". Restore them, or train the run again (in a pipeline: align run --force rebuilds it).")
@@ -136,7 +138,7 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None)
     if recorded and not parent.full:
         current = base_fingerprint(parent.base_model)
         if current is None:
-            raise AlignError(f"--from {path}: its base model {parent.base_model} is gone. Restore it at that path.")
+            raise AlignError(f"{flag} {path}: its base model {parent.base_model} is gone. Restore it at that path.")
         if current != recorded:
             raise AlignError(f"Base/adapter mismatch: the base model at {parent.base_model} changed since {path} "
                              "was trained (config.json differs). Restore the original base or retrain the parent.")
@@ -145,13 +147,16 @@ def resolve_parent(path: str | Path, child_stage: str, model: str | None = None)
 
 # -- building models -------------------------------------------------------------------------------------
 def materialize_base(base_model: str, merged_adapters: list[str], *, quantize_4bit: bool, task: str = "causal-lm",
-                     dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None):
-    """The base model with `merged_adapters` merged in order (re-quantised to 4-bit if asked)."""
+                     dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None,
+                     num_labels: int = 1):
+    """The base model with `merged_adapters` merged in order (re-quantised to 4-bit if asked); a seq-cls model gets a
+    head of `num_labels` outputs."""
     from peft import PeftConfig, PeftModel
 
     from align.models import load_base_model
 
-    kwargs = dict(task=task, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    kwargs = dict(task=task, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                  num_labels=num_labels)
     if not merged_adapters:
         return load_base_model(base_model, quantize_4bit=quantize_4bit, **kwargs)
     from align.native_adapters import is_native_dir, load
@@ -228,10 +233,16 @@ def load_run_policy(run_path: str | Path, *, dequantize: bool = False, trainable
     if parent.full:
         from align.models import load_base_model
 
-        return load_base_model(str(parent.weights_dir), task=task, trust_remote_code=trust), tokenizer, parent.manifest
+        return load_base_model(str(parent.weights_dir), task=task, trust_remote_code=trust,
+                               num_labels=head_count(parent.manifest)), tokenizer, parent.manifest
     base = materialize_base(parent.base_model, parent.merged_adapters, task=task, trust_remote_code=trust,
-                            quantize_4bit=parent.quantized_4bit and not dequantize)
+                            quantize_4bit=parent.quantized_4bit and not dequantize, num_labels=head_count(parent.manifest))
     return load_adapter(base, parent.weights_dir, trainable), tokenizer, parent.manifest
+
+
+def head_count(manifest: dict[str, Any]) -> int:
+    """Outputs of a reward model run's head (several for a pointwise RM with several label columns; else 1)."""
+    return int(manifest.get("num_labels", 1))
 
 
 @dataclass
@@ -310,8 +321,9 @@ def check_adapter(cfg, stage: str, task: str = "causal-lm") -> None:
             "The adapter cannot train here:", problems)
 
 
-def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "CAUSAL_LM") -> Policy:
-    """The trainable model a stage starts from: a base + fresh adapter, or the parent policy (`cfg.from_run`)."""
+def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "CAUSAL_LM", num_labels: int = 1) -> Policy:
+    """The trainable model a stage starts from: a base + fresh adapter, or the parent policy (`cfg.from_run`). A
+    seq-cls model gets a head of `num_labels` outputs (recorded in the manifest when more than 1)."""
     from align.adapters import peft_config
     from align.models import attach_adapter, load_tokenizer
 
@@ -321,14 +333,16 @@ def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "
     # --dtype auto loads bf16 on a GPU; a model trained whole keeps float32 master weights there (the trainer's
     # autocast computes in bf16): an AdamW step below 1/256 of a bf16 weight would be rounded away
     dtype = "float32" if kind.full and cfg.dtype == "auto" else cfg.dtype
-    opts = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    opts = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+                num_labels=num_labels)
+    heads = {"num_labels": num_labels} if num_labels != 1 else {}
     if parent is None:
         model = materialize_base(cfg.model, [], quantize_4bit=kind.quantize_4bit, task=task, **opts)
         model = attach_adapter(model, peft_config(_with_kind(cfg, kind.name), peft_task, cfg.model),
                                gradient_checkpointing=cfg.gradient_checkpointing)
         return Policy(model, load_tokenizer(cfg.model, cfg.trust_remote_code), kind.name, kind.quantize_4bit,
                       dict(base_model=_ref(cfg.model), merged_adapters=[], parent=None, lineage=[], handoff=None,
-                           base_config_sha256=base_fingerprint(cfg.model), base_files=base_files(cfg.model)))
+                           base_config_sha256=base_fingerprint(cfg.model), base_files=base_files(cfg.model), **heads))
 
     tokenizer = load_tokenizer(str(parent.weights_dir), cfg.trust_remote_code)
     common = dict(parent=str(parent.path.resolve()), lineage=parent.lineage(), handoff=handoff,
@@ -336,7 +350,7 @@ def build_policy(cfg, *, stage: str, task: str = "causal-lm", peft_task: str = "
                   base_config_sha256=base_fingerprint(parent.base_model) if parent.full
                   else parent.manifest.get("base_config_sha256"),
                   base_files=base_files(parent.base_model) if parent.full else parent.manifest.get("base_files"),
-                  merged_files=merged_files(parent, handoff))
+                  merged_files=merged_files(parent, handoff), **heads)
     if handoff == "continue":
         base = materialize_base(parent.base_model, parent.merged_adapters, quantize_4bit=parent.quantized_4bit,
                                 task=task, **opts)

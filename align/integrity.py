@@ -308,7 +308,8 @@ def command_inputs(cfg) -> dict[str, str]:
         value = getattr(cfg, field, None)
         for item in value if isinstance(value, list | tuple) else [value]:
             if isinstance(item, str | Path) and item:
-                path = str(item).partition("@")[0] if field in ("reward", "gold_reward") else str(item)
+                # a reward spec's source: before its settings "(...)" and weight "@w"
+                path = str(item).partition("@")[0].partition("(")[0] if field in ("reward", "gold_reward") else str(item)
                 if field in ("reward", "gold_reward") and not Path(path).exists():
                     path = path.rpartition(":")[0] or path  # path/to/file.py:fn
                 inputs[f"{flag} {item}"] = path

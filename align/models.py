@@ -93,7 +93,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def quantization_config():
+SEQ_CLS_HEADS = ["score", "classifier"]  # transformers' names of a sequence-classification head (Qwen/Llama, BERT)
+
+
+def quantization_config(skip: list[str] | None = None):
+    """nf4 double-quant 4-bit; `skip`: modules kept in full precision (a classifier's new head: bitsandbytes cannot
+    train or copy a 4-bit head, and transformers skips only `score`, not BERT's `classifier`)."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -105,7 +110,7 @@ def quantization_config():
     storage = {"bnb_4bit_quant_storage": compute} if has_cuda() and sharded_launch(None) else {}
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
-        **storage,
+        **storage, **({"llm_int8_skip_modules": skip} if skip else {}),
     )
 
 
@@ -123,7 +128,7 @@ def load_base_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantize_4bit:
-        kwargs["quantization_config"] = quantization_config()
+        kwargs["quantization_config"] = quantization_config(SEQ_CLS_HEADS if task == "seq-cls" else None)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if has_cuda() else "cpu"  # this process's GPU
     if task == "seq-cls":
         model = _load(AutoModelForSequenceClassification.from_pretrained, name, "model", num_labels=num_labels, **kwargs)

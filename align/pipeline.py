@@ -12,9 +12,9 @@
       - {name: rm, kind: rm, from: sft, data: pairs}
       - {name: ppo, kind: ppo, from: sft, data: PROMPTS, reward_model: rm}
 
-Stage kinds: sft, rm, dpo, kto, orpo, simpo, grpo, ppo, pairs. `from` defaults to the previous policy stage (the first stage starts
-from `model`). A stage name works wherever a run path does: `from`, `reward_model`, `reward` specs (`rm@0.5`), and
-`data` / `eval_data` (a pairs stage: its pairs.jsonl).
+Stage kinds: sft, rm, dpo, kto, orpo, simpo, grpo, ppo, pairs, distill. `from` defaults to the previous policy stage
+(the first stage starts from `model`). A stage name works wherever a run path does: `from`, `reward_model`, a distill
+stage's `teacher`, `reward` specs (`rm@0.5`), and `data` / `eval_data` (a pairs stage: its pairs.jsonl).
 
 Order of work: the whole pipeline is validated first — every stage's options, data, reward specs, kinds, names
 (unknown, duplicate, forward references), a ppo/grpo without a reward — and every problem is reported at once,
@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 GATE_EXIT = 3
 TOP_KEYS = {"model", "output", "seed", "defaults", "eval", "stages"}
-REF_FIELDS = ("from_run", "reward_model", "data", "eval_data")  # fields where a stage name stands for its run
+REF_FIELDS = ("from_run", "reward_model", "teacher", "data", "eval_data")  # where a stage name stands for its run
 IGNORED_CHANGES = {"resume", "overwrite", "config", "strict"}
 
 
@@ -126,9 +126,13 @@ def _stage_ref(value: Any, names: dict[str, str], output: Path) -> tuple[Any, st
 
 
 def _reward_ref(spec: str, names: dict[str, str], output: Path) -> tuple[str, str | None]:
-    source, at, weight = spec.partition("@")
+    """A reward spec whose source is a stage name (`rm@0.5`, `rm(head="helpful")`) with that stage's run path."""
+    source, paren, rest = spec.partition("(")
+    if not paren:
+        source, at, rest = spec.partition("@")
+        paren = at
     if source in names:
-        return str(output / source) + at + weight, source
+        return str(output / source) + paren + rest, source
     return spec, None
 
 
@@ -219,11 +223,14 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
             options.setdefault("model", raw.get("model"))
             if not raw.get("model") and not options.get("model"):
                 problems.add(f"{label}: no parent: set the pipeline's 'model' or the stage's 'from'.")
-        for key in ("reward_model", "data", "eval_data"):
+        for key in ("reward_model", "teacher", "data", "eval_data"):
             if key in options:
                 options[key], ref = _stage_ref(options[key], names, output)
                 if ref:
                     refs.add(ref)
+                if ref and key == "teacher" and names[ref] not in POLICY_KINDS:
+                    problems.add(f"{label}: teacher '{ref}' is a {names[ref]} stage, not a policy "
+                                 f"({', '.join(POLICY_KINDS)}).")
         if "reward" in options:
             specs = options["reward"] if isinstance(options["reward"], list) else [options["reward"]]
             resolved = [_reward_ref(str(s), names, output) for s in specs]
@@ -282,12 +289,14 @@ def _stage_problems(stages: list[Stage], where: str) -> list[str]:
         label = f"{where}: stage '{stage.name}'"
         cfg = stage.cfg
         pending = {f for f in REF_FIELDS if _refers_to_pending(getattr(cfg, f, None), stage)}
-        specs = [s for s in getattr(cfg, "reward", []) if _refers_to_pending(s.partition("@")[0], stage)]
-        check = dataclasses.replace(cfg, **{f: None for f in pending if f in ("reward_model", "eval_data")},
+        specs = [s for s in getattr(cfg, "reward", []) if _refers_to_pending(s.partition("@")[0].partition("(")[0], stage)]
+        check = dataclasses.replace(cfg, **{f: None for f in pending if f in ("reward_model", "teacher", "eval_data")},
                                     **({"reward": [s for s in cfg.reward if s not in specs]} if specs else {}))
         has_pending_reward = bool(specs) or "reward_model" in pending
         for problem in check.problems().items:
             if problem.startswith("Give at least one reward") and has_pending_reward:
+                continue
+            if problem.startswith("--teacher is required") and "teacher" in pending:
                 continue
             out.append(f"{label}: {problem}")
         if offline_hub_id(cfg.data) or offline_hub_id(getattr(cfg, "eval_data", None)):

@@ -2,9 +2,9 @@
 
 Prints which stages can use the data (it is read the way each stage reads it: conversations for sft, preference
 pairs for dpo / rm, unpaired feedback (prompt, completion, label; pairs split in two) for kto, prompts for grpo /
-ppo / pairs / eval), the detected format, the example count (and for unpaired feedback the desirable / undesirable
-counts), examples as the model will see them (rendered with the chat template; the tokens trained on are wrapped in
-[[ ]]), token-length statistics and how many examples --max-length would truncate. Without --model, shows the
+ppo / pairs / distill / eval), the detected format, the example count (and for unpaired feedback the desirable /
+undesirable counts), examples as the model will see them (rendered with the chat template; the tokens trained on are
+wrapped in [[ ]]), token-length statistics and how many examples --max-length would truncate. Without --model, shows the
 normalised records and character lengths. Data no stage can read gets each reader's reason.
 """
 
@@ -63,7 +63,7 @@ READERS = {  # how each family of stages reads a dataset: (stages, loader)
     "conversations": ("sft", "align.data:load_examples"),
     "preference pairs": ("dpo, orpo, simpo, rm, rm score, eval (preference accuracy)", "align.data.preference:load_preferences"),
     "unpaired feedback": ("kto", "align.data.unpaired:load_unpaired"),
-    "prompts": ("grpo, ppo, pairs, eval, rewards check", "align.data.prompts:load_prompts"),
+    "prompts": ("grpo, ppo, pairs, distill, eval, rewards check", "align.data.prompts:load_prompts"),
 }
 
 

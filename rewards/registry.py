@@ -5,7 +5,7 @@ A spec is `SOURCE[(key=value, ...)][@weight]`, where SOURCE is one of
 - a name registered by an installed package under the entry-point group `align.rewards`,
 - `path/to/file.py:function`,
 - `package.module:function`,
-- a reward-model run directory (from `align rm`).
+- a reward-model run directory (from `align rm`; `RUN(head="NAME")` picks one output of a several-head pointwise RM).
 With parentheses the source is a factory, called with the settings inside them (`pkg.mod:make()` calls it with
 none) to make the reward function; built-ins always are. The weight defaults to 1.0. Unknown names list the
 available ones.
@@ -122,12 +122,22 @@ def _attr(module, attr: str, spec: str, where: str):
     return getattr(module, attr)
 
 
-def resolve_source(source: str, spec: str):
-    """The object a spec's source names (a function, a factory, or a reward-model scorer)."""
+def is_reward_model(obj: Any) -> bool:
+    from align.rewards.reward_model import RewardModelScorer
+
+    return isinstance(obj, RewardModelScorer)
+
+
+def resolve_source(source: str, spec: str, settings: dict[str, Any] | None = None):
+    """The object a spec's source names (a function, a factory, or a reward-model scorer; a reward model takes one
+    setting, `head=NAME`, the output of a several-head pointwise RM to use)."""
     if (Path(source) / "run.json").is_file():
         from align.rewards.reward_model import RewardModelScorer
 
-        return RewardModelScorer(source)
+        if set(settings or {}) - {"head"}:
+            raise AlignError(f"Reward spec '{spec}': a reward-model run takes one setting, head=\"NAME\" (the output of a "
+                             f"several-head pointwise RM), got {', '.join(sorted(settings))}.")
+        return RewardModelScorer(source, head=(settings or {}).get("head"))
     if ":" in source:
         target, _, attr = source.rpartition(":")
         if target.endswith(".py") or "/" in target:
@@ -176,9 +186,9 @@ def base_name(source: str, obj: Any) -> str:
 
 def resolve_reward(spec: str) -> Reward:
     source, settings, weight = split_spec(spec)
-    obj = resolve_source(source, spec)
+    obj = resolve_source(source, spec, settings)
     name = base_name(source, obj)
-    if settings is not None or source in BUILTINS:
+    if (settings is not None or source in BUILTINS) and not is_reward_model(obj):
         try:
             obj = obj(**(settings or {}))
         except (TypeError, ValueError) as e:

@@ -1,9 +1,12 @@
 """Score text with a finished `align rm` run.
 
 The reward of a (prompt, completion) pair is the model's scalar output on the chat-template rendering of the
-whole conversation — the same rendering TRL's RewardTrainer trained on. `RewardModelScorer` follows the reward
-protocol `fn(prompts, completions, **columns) -> list[float]`, so an rm run plugs in wherever a reward
-function does.
+whole conversation — the same rendering TRL's RewardTrainer trained on, and `align rm`'s pointwise training
+(`render`). `RewardModelScorer` follows the reward protocol `fn(prompts, completions, **columns) -> list[float]`,
+so an rm run plugs in wherever a reward function does: pairwise or pointwise alike, the reward is the head's raw
+output (a pointwise binary RM: the logit, not the probability; a regression RM: the predicted score). A pointwise
+RM with several heads (several label columns) serves as a reward only with the head named: the spec `RUN(head="NAME")`
+(refused without it: which head would it be?); `align rm score` and `align eval` report every head.
 """
 
 from __future__ import annotations
@@ -18,6 +21,20 @@ def as_messages(value: str | Conversation, role: str) -> Conversation:
     return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
 
 
+def render(tokenizer, example: dict[str, Any]) -> str:
+    """The text a reward model reads: a `text` as is, or the chat-template rendering of prompt + completion
+    (tokenized without added special tokens, by training and scoring alike)."""
+    if "text" in example:
+        return example["text"]
+    conversation = as_messages(example["prompt"], "user") + as_messages(example["completion"], "assistant")
+    return tokenizer.apply_chat_template(conversation, tokenize=False)
+
+
+def heads(manifest: dict[str, Any]) -> list[str]:
+    """The names of a reward-model run's outputs: its label columns (pointwise), else one 'reward'."""
+    return list((manifest.get("reward_model") or {}).get("heads") or ["reward"])
+
+
 class RewardModelScorer:
     """Callable reward source backed by an rm run directory.
 
@@ -26,20 +43,28 @@ class RewardModelScorer:
     frozen adapter + head on that model instead of loading a copy (align ppo does this; same numbers, tested).
     """
 
-    def __init__(self, run: str | Path, batch_size: int = 16, trust_remote_code: bool = False):
-        from align.errors import AlignError
+    def __init__(self, run: str | Path, batch_size: int = 16, trust_remote_code: bool = False, all_heads: bool = False,
+                 head: str | None = None):
+        from align.errors import AlignError, unknown_name
         from align.handoff import resolve_parent
         from align.models import load_tokenizer
 
         parent = resolve_parent(run, child_stage="load")
         if parent.manifest.get("task") != "seq-cls":
             raise AlignError(f"{run} is a {parent.stage!r} run, not a reward model (align rm).")
-        self.run, self.manifest = Path(run), parent.manifest
+        self.heads = heads(parent.manifest)
+        if head is not None and head not in self.heads:
+            raise AlignError(f"{run}(head={head!r}): " + unknown_name("head", head, self.heads))
+        if len(self.heads) > 1 and head is None and not all_heads:
+            raise AlignError(f"{run} is a reward model with {len(self.heads)} heads ({', '.join(self.heads)}); a reward "
+                             f"is one number per completion. Name the head in a reward spec: --reward '{run}(head=\"{self.heads[0]}\")'.")
+        self.head = self.heads.index(head) if head is not None else 0  # the output `score` and a reward return
         self.tokenizer = load_tokenizer(str(parent.weights_dir))
         self.batch_size, self.trust_remote_code = batch_size, trust_remote_code
         self.placed: tuple[Any, str, Any] | None = None  # (model, adapter, head) when placed on another model
         self._model = None
-        self.__name__ = f"reward_model:{Path(run).name}"
+        self.run, self.manifest = Path(run), parent.manifest
+        self.__name__ = f"reward_model:{Path(run).name}" + (f":{head}" if head is not None and len(self.heads) > 1 else "")
 
     @property
     def model(self):
@@ -55,8 +80,9 @@ class RewardModelScorer:
         self.placed = (model, adapter, head)
 
     def _logits(self, batch) -> Any:
+        """[batch, heads] outputs."""
         if self.placed is None:
-            return self.model(**batch).logits[:, 0]
+            return self.model(**batch).logits
         import torch
 
         from align.models import activate, backbone
@@ -68,17 +94,19 @@ class RewardModelScorer:
         ids = batch["input_ids"]
         last = (torch.arange(ids.shape[1], device=ids.device) * (ids != self.tokenizer.pad_token_id)).argmax(-1)
         pooled = hidden[torch.arange(len(ids), device=ids.device), last]
-        return head(pooled.to(head.weight.dtype))[:, 0]
+        return head(pooled.to(head.weight.dtype))
 
     def score(self, prompts: list[str | Conversation], completions: list[str | Conversation]) -> list[float]:
+        """The reward head's output for each (prompt, completion) (the named head, else the only one)."""
+        texts = [render(self.tokenizer, {"prompt": p, "completion": c}) for p, c in zip(prompts, completions, strict=True)]
+        return [row[self.head] for row in self.score_texts(texts)]
+
+    def score_texts(self, texts: list[str]) -> list[list[float]]:
+        """Every head's output for each rendered text (see `render`)."""
         import torch
 
-        texts = [
-            self.tokenizer.apply_chat_template(as_messages(p, "user") + as_messages(c, "assistant"), tokenize=False)
-            for p, c in zip(prompts, completions, strict=True)
-        ]
         self.tokenizer.padding_side = "right"
-        scores: list[float] = []
+        scores: list[list[float]] = []
         device = next((self.placed[0] if self.placed else self.model).parameters()).device
         for i in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True,

@@ -12,7 +12,7 @@ from typing import Any
 
 KINDS: dict[str, tuple[str, str, str]] = {
     "sft": ("align.stages.sft", "SFTConfig", "load_sft_data"),
-    "rm": ("align.stages.rm", "RMConfig", "load_preference_data"),
+    "rm": ("align.stages.rm", "RMConfig", "load_rm_data"),
     "dpo": ("align.stages.dpo", "DPOConfig", "load_preference_data"),
     "kto": ("align.stages.kto", "KTOConfig", "load_unpaired_data"),
     "orpo": ("align.stages.orpo", "ORPOConfig", "load_preference_data"),
@@ -20,8 +20,9 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "grpo": ("align.stages.grpo", "GRPOConfig", "load_prompt_data"),
     "ppo": ("align.stages.ppo", "PPOConfig", "load_prompt_data"),
     "pairs": ("align.stages.pairs", "PairsConfig", "load_prompt_data"),
+    "distill": ("align.stages.distill", "DistillConfig", "load_prompt_data"),
 }
-POLICY_KINDS = ("sft", "dpo", "kto", "orpo", "simpo", "grpo", "ppo")  # stages whose run is a policy (a causal LM a child can start from)
+POLICY_KINDS = ("sft", "dpo", "kto", "orpo", "simpo", "grpo", "ppo", "distill")  # stages whose run is a policy (a causal LM a child can start from)
 
 
 def stage_parts(kind: str) -> tuple[Any, Any, Any]:

@@ -243,8 +243,8 @@ def add_reward_adapter(model, name: str, rm_dir: Path, *, trainable: bool) -> to
 def place_reward_model(policy, scorer, name: str) -> bool:
     """Run a RewardModelScorer as a frozen adapter `name` + head on the actor's model (when the reward model was
     trained on the actor's base) instead of loading a model copy of its own. False (nothing done) if it does not fit."""
-    if shared_impossible(policy, str(scorer.run)) is not None:
-        return False
+    if shared_impossible(policy, str(scorer.run)) is not None or len(scorer.heads) > 1:
+        return False  # a several-head RM (one head picked) scores with its own model copy
     weight = add_reward_adapter(policy.model, name, scorer.run / "adapter", trainable=False)
     head = _value_head(policy.model, weight).requires_grad_(False)
     scorer.place_on(policy.model, name, head.to(next(policy.model.parameters()).device))

@@ -123,7 +123,8 @@ def load_prompt_data(cfg):
 
     def load(spec: str, split):
         rows, records = load_prompts(spec, split=split, columns=cfg.columns, system_prompt=cfg.system_prompt)
-        check_reward_columns(cfg, rows, records.source)
+        if hasattr(cfg, "reward_specs"):  # grpo, ppo, pairs; distill reads prompts only
+            check_reward_columns(cfg, rows, records.source)
         return rows, records
 
     return load_train_eval(cfg, load)

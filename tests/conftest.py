@@ -1,5 +1,11 @@
 """Shared fixtures: a tiny local model (built once per session), paths to the committed test data, and an
-in-process CLI runner that returns (exit code, stdout, stderr)."""
+in-process CLI runner that returns (exit code, stdout, stderr).
+
+The suite runs in parallel (pytest-xdist, `-n auto --dist loadfile` in pyproject.toml: one worker per core, each
+test file on one worker, so a module's fixtures are built once). Each worker, and every process a test starts, gets
+an equal share of the cores as torch's thread count (OMP_NUM_THREADS), so N workers do not oversubscribe the
+machine; `pytest -n 0` runs serially with torch's default threads.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # set before anything imports torch
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 DATA = Path(__file__).parent / "data"
 

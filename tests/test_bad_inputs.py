@@ -174,7 +174,8 @@ def cases(T, S, R, W, mounted=False):
             "uses DeepSpeed, which is not installed (pip install deepspeed)")]
           if importlib.util.find_spec("deepspeed") is None else []),
         ("rm-prompts", ["rm", "--from", S, "--data", "arith-prompts", "-o", O("b")],
-         'not a preference dataset. Columns found: prompt, answer'),
+         'neither preference pairs (chosen/rejected) nor labelled rows (a \'label\' or \'score\' column). Columns found: '
+         'prompt, answer.'),
         ("rm-no-data", ["rm", "--from", S, "-o", O("b")],
          '--data is required'),
         ("dpo-sft-data", ["dpo", "--from", S, "--data", "arith", "-o", O("c")],
@@ -374,6 +375,16 @@ def cases(T, S, R, W, mounted=False):
          "is a 'sft' run, not a reward model (align rm)"),
         ("unknown-command", ["sftt"],
          "invalid choice: 'sftt'"),
+        ("distill-no-teacher", ["distill", "--from", S, "--data", "arith-prompts", "-o", O("d")],
+         "--teacher is required"),
+        ("distill-teacher-rm", ["distill", "--from", S, "--teacher", R, "--data", "arith-prompts", "-o", O("d")],
+         "a 'rm' run cannot be the teacher of distill; use a policy run"),
+        ("distill-teacher-vocab", ["distill", "--from", S, "--teacher", str(W / "small-vocab"), "--data",
+                                   "arith-prompts", "-o", O("d")],
+         "its vocab_size is 259 (config.json of"),
+        ("distill-beta-without-jsd", ["distill", "--from", S, "--teacher", S, "--beta", "0.3", "--data",
+                                      "arith-prompts", "-o", O("d")],
+         "--beta 0.3 weighs the generalized JSD; --divergence reverse_kl has no β"),
     ]
 
 

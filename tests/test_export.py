@@ -19,7 +19,8 @@ ANSWER = [{"role": "assistant", "content": "19"}]
 
 @pytest.fixture(scope="module")
 def children(sft_run, tmp_path_factory):
-    """Short runs from the LoRA sft fixture: dpo both ways, a reward model (always merged) and ppo (merged)."""
+    """Short runs from the LoRA sft fixture: dpo both ways, grpo (continue), a reward model (always merged) and ppo
+    (merged)."""
     import align
 
     out = tmp_path_factory.mktemp("export")
@@ -28,6 +29,8 @@ def children(sft_run, tmp_path_factory):
     for handoff in ("continue", "merge"):
         runs[f"dpo-{handoff}"] = align.dpo(from_run=str(sft_run), data="arith-prefs", output=out / f"dpo-{handoff}",
                                            handoff=handoff, batch_size=4, **common)
+    runs["grpo"] = align.grpo(from_run=str(sft_run), data="arith-prompts", reward=["accuracy"], output=out / "grpo",
+                              batch_size=4, num_generations=2, max_completion_length=4, backend="hf", **common)
     runs["rm"] = align.rm(from_run=str(sft_run), data="arith-prefs", output=out / "rm", batch_size=4, **common)
     runs["ppo"] = align.ppo(from_run=str(sft_run), data="arith-prompts", reward_model=str(runs["rm"]),
                             output=out / "ppo", batch_size=4, max_completion_length=4, backend="hf", **common)
@@ -49,7 +52,7 @@ def _plain_peft(adapter_dir: Path, seq_cls: bool):
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo-continue", "dpo-merge", "ppo"])
+@pytest.mark.parametrize("name", ["sft", "dpo-continue", "dpo-merge", "grpo", "ppo"])
 def test_policy_runs_load_in_plain_peft_to_aligns_logits(children, name):
     from align.handoff import load_run_policy
 

@@ -1,7 +1,8 @@
 """Interrupted runs resume exactly: kill -9 after a checkpoint, or SIGTERM / SIGINT at any step (the stage saves a
 checkpoint of that step and exits 143 / 130), then `--resume` — the final adapter equals an uninterrupted run's
 (every tensor, 1e-5) and every step is logged once. grpo runs two iterations per batch of completions, so its
-checkpoint-3 falls inside a batch (the buffered completions are restored). ppo's own loop is tested the same way in
+checkpoint-3 falls inside a batch (the buffered completions are restored); distill samples its completions again
+after resuming, from the restored RNG state. ppo's own loop is tested the same way in
 test_ppo.py."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ STAGES = {
             "--eval-batch-size", "20"],
     "grpo": ["--data", "arith-prompts", "--reward", "closeness", "--batch-size", "8", "--num-generations", "4",
              "--max-completion-length", "6", "--backend", "hf", "--num-iterations", "2"],  # checkpoint-3: mid-batch
+    "distill": ["--data", "arith-prompts", "--batch-size", "8", "--max-completion-length", "6"],
 }
 
 
@@ -30,7 +32,8 @@ STAGES = {
 def command(tiny_model, sft_run):
     """stage, run -> the command line of a short run of that stage (sft from the tiny model, the others from sft)."""
     def make(stage: str, run) -> list[str]:
-        start = ["--model", tiny_model] if stage == "sft" else ["--from", str(sft_run)]
+        start = {"sft": ["--model", tiny_model], "distill": ["--model", tiny_model, "--teacher", str(sft_run)]}.get(
+            stage, ["--from", str(sft_run)])  # distill: a fresh student on the base, taught by sft
         return [sys.executable, "-m", "align", stage, *start, "--output", str(run), "--max-steps", str(STEPS),
                 "--save-steps", "3", "--logging-steps", "1", "--no-tensorboard", *STAGES[stage]]
 
@@ -66,7 +69,7 @@ def resume_and_compare(command, stage: str, run, straight_run) -> None:
     assert max_adapter_difference(run, straight_run) <= 1e-5
 
 
-@pytest.mark.parametrize("stage", ["rm", "dpo", "grpo"])
+@pytest.mark.parametrize("stage", ["rm", "dpo", "grpo", "distill"])
 def test_killed_stage_resumes_exactly(command, straight, tmp_path, stage):
     run = tmp_path / stage
     kill_at_checkpoint(command(stage, run), run, 3, lost=2)  # two steps past it are lost
