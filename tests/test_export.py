@@ -19,8 +19,8 @@ ANSWER = [{"role": "assistant", "content": "19"}]
 
 @pytest.fixture(scope="module")
 def children(sft_run, tmp_path_factory):
-    """Short runs from the LoRA sft fixture: dpo both ways, grpo (continue), a reward model (always merged) and ppo
-    (merged)."""
+    """Short runs from the LoRA sft fixture: dpo both ways, kto, orpo, distill and grpo (continue), a reward model
+    (always merged) and ppo (merged)."""
     import align
 
     out = tmp_path_factory.mktemp("export")
@@ -29,6 +29,10 @@ def children(sft_run, tmp_path_factory):
     for handoff in ("continue", "merge"):
         runs[f"dpo-{handoff}"] = align.dpo(from_run=str(sft_run), data="arith-prefs", output=out / f"dpo-{handoff}",
                                            handoff=handoff, batch_size=4, **common)
+    runs["kto"] = align.kto(from_run=str(sft_run), data="arith-prefs", output=out / "kto", batch_size=4, **common)
+    runs["orpo"] = align.orpo(from_run=str(sft_run), data="arith-prefs", output=out / "orpo", batch_size=4, **common)
+    runs["distill"] = align.distill(from_run=str(sft_run), teacher=str(sft_run), data="arith-prompts",
+                                    output=out / "distill", batch_size=4, max_completion_length=4, **common)
     runs["grpo"] = align.grpo(from_run=str(sft_run), data="arith-prompts", reward=["accuracy"], output=out / "grpo",
                               batch_size=4, num_generations=2, max_completion_length=4, backend="hf", **common)
     runs["rm"] = align.rm(from_run=str(sft_run), data="arith-prefs", output=out / "rm", batch_size=4, **common)
@@ -52,7 +56,7 @@ def _plain_peft(adapter_dir: Path, seq_cls: bool):
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo-continue", "dpo-merge", "grpo", "ppo"])
+@pytest.mark.parametrize("name", ["sft", "dpo-continue", "dpo-merge", "kto", "orpo", "distill", "grpo", "ppo"])
 def test_policy_runs_load_in_plain_peft_to_aligns_logits(children, name):
     from align.handoff import load_run_policy
 
