@@ -1,9 +1,10 @@
 """`align data inspect D [--model M]`: the first thing to run on a new dataset.
 
 Prints which stages can use the data (it is read the way each stage reads it: conversations for sft, preference
-pairs for dpo / rm, unpaired feedback (prompt, completion, label; pairs split in two) for kto, prompts for grpo /
-ppo / pairs / distill / eval), the detected format, the example count (and for unpaired feedback the desirable /
-undesirable counts), examples as the model will see them (rendered with the chat template; the tokens trained on are
+pairs for dpo / rm, unpaired feedback (prompt, completion, label; pairs split in two) for kto, labelled rows (text or
+prompt + completion with a 0/1 `label` or a numeric `score`) for the pointwise rm, prompts for grpo / ppo / pairs /
+distill / eval), the detected format, the example count (and for unpaired feedback the desirable / undesirable
+counts; for labelled rows the pointwise rm's target columns and loss), examples as the model will see them (rendered with the chat template; the tokens trained on are
 wrapped in [[ ]]), token-length statistics and how many examples --max-length would truncate. Without --model, shows the
 normalised records and character lengths. Data no stage can read gets each reader's reason.
 """
@@ -63,6 +64,7 @@ READERS = {  # how each family of stages reads a dataset: (stages, loader)
     "conversations": ("sft", "align.data:load_examples"),
     "preference pairs": ("dpo, orpo, simpo, rm, rm score, eval (preference accuracy)", "align.data.preference:load_preferences"),
     "unpaired feedback": ("kto", "align.data.unpaired:load_unpaired"),
+    "labelled rows": ("rm (pointwise)", "align.data.pointwise:load_pointwise"),
     "prompts": ("grpo, ppo, pairs, distill, eval, rewards check", "align.data.prompts:load_prompts"),
 }
 
@@ -106,6 +108,9 @@ def inspect(cfg: InspectConfig) -> str:
     if kind == "unpaired feedback":
         desirable = sum(ex["label"] for ex in examples)
         lines.insert(3, f"labels:   {desirable} desirable (true), {len(examples) - desirable} undesirable (false)")
+    if "labelled rows" in read:
+        extra = read["labelled rows"][2].extra
+        lines.insert(-1, f"targets:  {', '.join(extra['heads'])} ({extra['objective']}) for the pointwise rm")
     shown = examples[: cfg.num_examples]
     if cfg.model is None or kind != "conversations":
         for i, ex in enumerate(shown):
@@ -114,9 +119,11 @@ def inspect(cfg: InspectConfig) -> str:
         lines.append(f"\ncharacters per example: {_stats([_characters(ex) for ex in examples])}")
         if cfg.model is not None:
             tokenizer = _tokenizer_for(cfg.model)
-            texts = [tokenizer.apply_chat_template(_conversation(ex), tokenize=False) for ex in examples]
+            texts = [ex["text"] if "text" in ex else tokenizer.apply_chat_template(_conversation(ex), tokenize=False)
+                     for ex in examples]
             lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-            what = {"prompts": "prompt", "unpaired feedback": "prompt + completion"}.get(kind, "prompt + longer answer")
+            what = {"prompts": "prompt", "unpaired feedback": "prompt + completion",
+                    "labelled rows": "text or prompt + completion"}.get(kind, "prompt + longer answer")
             lines.append(f"tokens per example ({what}): "
                          f"{_stats(lengths)}")
         return "\n".join(lines)

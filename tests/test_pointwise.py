@@ -295,3 +295,26 @@ def test_two_head_rm_from_a_parent_resumes_exactly_and_loads_in_plain_peft(sft_r
                for r in rows]
     assert torch.tensor(got).shape == (4, 2)
     assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-4)
+
+
+@pytest.mark.parametrize(("rows", "readers", "targets"), [
+    ([{"text": "great film", "label": 1}, {"text": "dull", "label": 0}],
+     "sft (as conversations); rm (pointwise) (as labelled rows)", "label (bce)"),
+    ([{"prompt": "Review?", "completion": "great film", "label": True},
+      {"prompt": "Review?", "completion": "dull", "label": False}],
+     "kto (as unpaired feedback); rm (pointwise) (as labelled rows); grpo, ppo", "label (bce)"),
+    ([{"text": "great film", "score": 4.5}, {"text": "dull", "score": 1}], "rm (pointwise) (as labelled rows)",
+     "score (mse)")], ids=["text-label", "prompt-completion-label", "text-score"])
+def test_data_inspect_names_the_pointwise_rm_as_a_reader(cli, tmp_path, tiny_model, rows, readers, targets):
+    data = _write(tmp_path / "rows.jsonl", rows)
+    code, out, err = cli("data", "inspect", data, "--model", tiny_model)
+    assert code == 0, err
+    assert readers in out.split("usable by: ")[1].splitlines()[0], out
+    assert f"targets:  {targets} for the pointwise rm" in out
+    code, out, err = cli("data", "inspect", "arith-prefs")  # pairs are not labelled rows
+    assert code == 0 and "labelled rows" not in out and "targets:" not in out, out
+
+
+def test_data_inspect_says_why_unlabelled_data_is_not_for_the_pointwise_rm(cli, data_dir):
+    code, _, err = cli("data", "inspect", data_dir / "unknown_format.jsonl")
+    assert code == 2 and "as labelled rows (rm (pointwise)): " in err and "neither preference pairs" in err, err

@@ -25,6 +25,9 @@ STAGES = {
     "grpo": ["--data", "arith-prompts", "--reward", "closeness", "--batch-size", "8", "--num-generations", "4",
              "--max-completion-length", "6", "--backend", "hf", "--num-iterations", "2"],  # checkpoint-3: mid-batch
     "distill": ["--data", "arith-prompts", "--batch-size", "8", "--max-completion-length", "6"],
+    "kto": ["--data", "arith-prefs", "--batch-size", "8"],  # pairs split into rows, shuffled once with --seed
+    "orpo": ["--data", "arith-prefs", "--batch-size", "8"],
+    "simpo": ["--data", "arith-prefs", "--batch-size", "8"],
 }
 
 
@@ -69,7 +72,7 @@ def resume_and_compare(command, stage: str, run, straight_run) -> None:
     assert max_adapter_difference(run, straight_run) <= 1e-5
 
 
-@pytest.mark.parametrize("stage", ["rm", "dpo", "grpo", "distill"])
+@pytest.mark.parametrize("stage", ["rm", "dpo", "grpo", "distill", "kto", "orpo", "simpo"])
 def test_killed_stage_resumes_exactly(command, straight, tmp_path, stage):
     run = tmp_path / stage
     kill_at_checkpoint(command(stage, run), run, 3, lost=2)  # two steps past it are lost
