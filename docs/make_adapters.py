@@ -1,6 +1,7 @@
 """Regenerate the tables of docs/ADAPTERS.md from results, never by hand.
 
     python docs/make_adapters.py            # run tests/test_adapters_matrix.py, then render both tables
+    python docs/make_adapters.py --only "kto or distill"  # rerun only the matching cells (pytest -k), keep the rest
     python docs/make_adapters.py --no-test  # render from docs/adapter_matrix.json and bench/results/adapters.json
 
 The matrix table comes from the outcomes the matrix test records (ALIGN_MATRIX_JSON, written to
@@ -22,13 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "ADAPTERS.md"
 MATRIX = ROOT / "docs" / "adapter_matrix.json"
 BENCH = ROOT / "bench" / "results" / "adapters.json"
-COLUMNS = [("sft", "sft"), ("merge", "align merge"), ("rm", "rm"), ("dpo-continue", "dpo --from (continue)"),
-           ("dpo-merge", "dpo --from (merge)"), ("grpo", "grpo --from (continue)"), ("ppo", "ppo --from (continue)")]
+COLUMNS = [("sft", "sft"), ("merge", "align merge"), ("rm", "rm (pairs)"), ("rm-pointwise", "rm (pointwise)"),
+           ("dpo-continue", "dpo --from (continue)"), ("dpo-merge", "dpo --from (merge)"),
+           ("kto", "kto --from (continue)"), ("orpo", "orpo --from (continue)"), ("simpo", "simpo --from (continue)"),
+           ("grpo", "grpo --from (continue)"), ("ppo", "ppo --from (continue)"), ("distill", "distill --from (continue)")]
 
 
-def run_matrix_test() -> None:
+def run_matrix_test(only: str | None) -> None:
+    """Run the matrix test; its outcomes are merged into MATRIX (a full run starts from an empty file)."""
+    if only is None:
+        MATRIX.unlink(missing_ok=True)
     env = {**os.environ, "ALIGN_MATRIX_JSON": str(MATRIX)}
-    code = subprocess.call([sys.executable, "-m", "pytest", "-q", "tests/test_adapters_matrix.py"], cwd=ROOT, env=env)
+    select = ["-k", only] if only else []
+    code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-n", "0", "tests/test_adapters_matrix.py", *select],
+                           cwd=ROOT, env=env)
     if code:
         sys.exit(f"the matrix test failed (exit {code}); the table is not regenerated")
 
@@ -82,9 +90,11 @@ def replace(page: str, name: str, body: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-test", action="store_true", help="render from the stored results only")
+    parser.add_argument("--only", metavar="EXPR", help="rerun only the matrix cells pytest -k EXPR selects (e.g. "
+                        "'kto or distill'); the other cells keep their stored outcomes")
     args = parser.parse_args()
     if not args.no_test:
-        run_matrix_test()
+        run_matrix_test(args.only)
     page = PAGE.read_text()
     page = replace(page, "matrix", matrix_table(json.loads(MATRIX.read_text())))
     if BENCH.is_file():

@@ -6,14 +6,16 @@ One SFT parent per kind (two steps on 8 examples, a high learning rate so it mov
   and `align generate` / `align eval` read it;
   only the adapter moved (adapters disabled — or the non-adapter weights — equal the base; full moves the base);
   `align merge` gives the same logits (1e-4) where the kind is mergeable, and is refused (exit 2) where not.
-- rm (from the base), dpo from the parent with `--handoff continue` and with `--handoff merge`, grpo and ppo
-  continuing the parent: two steps with a finite loss, the child starts at its parent (DPO: loss ln 2 and margins
-  0; GRPO/PPO: KL 0), the child moved away from its parent, and its run reloads.
+- rm (from the base, on pairs and — pointwise — on labelled rows), dpo from the parent with `--handoff continue`
+  and with `--handoff merge`, and kto, orpo, simpo, grpo, ppo and distill continuing the parent: two steps with a
+  finite loss, the child starts at its parent (DPO: loss ln 2 and margins 0; KTO: loss 1/2, every reward and the KL
+  baseline 0; GRPO/PPO: KL 0), the child moved away from its parent, and its run reloads. orpo and simpo have no
+  reference and distill's teacher (the tiny base) is not the parent, so their first step has no fixed value.
 - A combination that cannot work is refused at validation: exit 2, a message naming the kind and the reason, and
   no run directory written.
 
-Every outcome is recorded; with ALIGN_MATRIX_JSON=FILE the table is written there (docs/make_adapter_matrix.py
-renders docs/ADAPTERS.md from it).
+Every outcome is recorded; with ALIGN_MATRIX_JSON=FILE the outcomes are merged into that file (docs/make_adapters.py
+renders docs/ADAPTERS.md from it, and can rerun only some columns: `--only "kto or distill"`).
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from align.models import load_base_model
 from align.native_adapters import state_dict as native_state_dict
 
 KINDS = list(ADAPTERS)
-STAGES = ["rm", "dpo-continue", "dpo-merge", "grpo", "ppo"]
+STAGES = ["rm", "rm-pointwise", "dpo-continue", "dpo-merge", "kto", "orpo", "simpo", "grpo", "ppo", "distill"]
 COMMON = ["--max-steps", "2", "--batch-size", "4", "--logging-steps", "1", "--max-length", "96", "--no-tensorboard"]
 # refused combinations and a word their message must contain (besides the kind's name)
 REFUSED = {
     **{(k, "ppo"): "ppo" for k in ("prompt", "prefix", "ptuning", "bitfit", "bottleneck", "loraplus", "adalora")},
     **{(k, "dpo-merge"): "cannot be merged" for k in ("prompt", "prefix", "ptuning")},
+    **{(k, stage): "labels of the text alone" for k in ("prompt", "ptuning") for stage in ("orpo", "simpo")},
+    **{(k, "distill"): "virtual tokens" for k in ("prompt", "prefix", "ptuning")},
 }
 NOT_MERGEABLE = {"prompt": "virtual tokens", "prefix": "virtual tokens", "ptuning": "virtual tokens",
                  "bottleneck": "adds modules", "bitfit": "added biases"}
@@ -67,13 +71,19 @@ def matrix(tmp_path_factory) -> dict[str, Path]:
         lines = Path(bundled_path(sample)).read_text().splitlines()[:8]
         (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
         out[name] = root / f"{name}.jsonl"
+    pairs = [json.loads(line) for line in out["prefs"].read_text().splitlines()[:4]]
+    labelled = [{"text": f"{p['prompt']} {p[answer]}", "label": int(answer == "chosen")}
+                for p in pairs for answer in ("chosen", "rejected")]
+    (root / "labelled.jsonl").write_text("".join(json.dumps(row) + "\n" for row in labelled))
+    out["labelled"] = root / "labelled.jsonl"
     (root / "reward.py").write_text("def chars(prompts, completions, **kw):\n"
                                     "    return [float(len(str(c))) / 10 for c in completions]\n")
     out["reward"] = f"{root / 'reward.py'}:chars"
     yield out
     target = os.environ.get("ALIGN_MATRIX_JSON")
-    if target:
-        Path(target).write_text(json.dumps(OUTCOMES, indent=1, sort_keys=True) + "\n")
+    if target:  # merged into what is there: a run of some columns (-k) keeps the others
+        old = json.loads(Path(target).read_text()) if Path(target).is_file() else {}
+        Path(target).write_text(json.dumps({**old, **OUTCOMES}, indent=1, sort_keys=True) + "\n")
 
 
 _PARENTS: dict[str, Path] = {}
@@ -159,11 +169,17 @@ def test_sft(kind, matrix, tiny_model, cli, tmp_path):
 
 
 def _stage_command(stage: str, kind: str, run: Path, out: Path, matrix, tiny_model) -> list:
-    if stage == "rm":
-        return ["rm", "--model", tiny_model, "--adapter", kind, "--data", matrix["prefs"], "--output", out, *COMMON]
+    if stage.startswith("rm"):
+        data = matrix["labelled"] if stage == "rm-pointwise" else matrix["prefs"]
+        return ["rm", "--model", tiny_model, "--adapter", kind, "--data", data, "--output", out, *COMMON]
     if stage.startswith("dpo"):
         return ["dpo", "--from", run, "--handoff", stage.split("-")[1], "--data", matrix["prefs"], "--output", out,
                 *COMMON]
+    if stage in ("kto", "orpo", "simpo"):
+        return [stage, "--from", run, "--handoff", "continue", "--data", matrix["prefs"], "--output", out, *COMMON]
+    if stage == "distill":  # the teacher is the tiny base: not the parent, so there is something to learn
+        return ["distill", "--from", run, "--handoff", "continue", "--teacher", tiny_model, "--data", matrix["prompts"],
+                "--max-completion-length", "8", "--output", out, *COMMON]
     rl = ["--from", run, "--handoff", "continue", "--data", matrix["prompts"], "--reward", matrix["reward"],
           "--max-completion-length", "8", "--output", out, *COMMON]
     return ["grpo", *rl, "--num-generations", "2"] if stage == "grpo" else ["ppo", *rl, "--num-generations", "2"]
@@ -172,7 +188,7 @@ def _stage_command(stage: str, kind: str, run: Path, out: Path, matrix, tiny_mod
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_stage(kind, stage, matrix, tiny_model, cli):
-    run = parent(kind, matrix, tiny_model) if stage != "rm" else None
+    run = parent(kind, matrix, tiny_model) if not stage.startswith("rm") else None
     out = matrix["root"] / f"{stage}-{kind}"
     code, _, err = cli(*_stage_command(stage, kind, run, out, matrix, tiny_model))
     if (kind, stage) in REFUSED:
@@ -190,12 +206,18 @@ def test_stage(kind, stage, matrix, tiny_model, cli):
     if stage.startswith("dpo"):  # the reference is the parent policy: the child starts exactly there
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-3) and abs(first["rewards/margins"]) <= 2e-4, first
         detail = f"first loss {first['loss']:.4f}"
+    elif stage == "kto":  # policy = reference: every reward and the KL baseline are 0, the loss (1 + 1) / 4
+        rewards = [first[k] for k in first if k.startswith("rewards/") or k == "kl"]
+        assert first["loss"] == pytest.approx(0.5, abs=1e-4) and rewards and max(map(abs, rewards)) <= 2e-4, first
+        detail = f"first loss {first['loss']:.4f}"
+    elif stage in ("orpo", "simpo", "distill", "rm-pointwise"):
+        detail = f"first loss {loss:.4f}"
     elif stage in ("grpo", "ppo"):
         kl = first["kl"] if stage == "grpo" else first["objective/kl"]
         assert abs(kl) < 1e-4, first
         detail = f"first KL {kl:.1e}"
     child = load_run_policy(out)[0]
-    if stage != "rm":
+    if not stage.startswith("rm"):
         assert not torch.allclose(_logits(child), _logits(load_run_policy(run)[0]), atol=0), "the child did not train"
     trained = json.loads((out / "run.json").read_text())["adapter"]
     if trained != kind:  # e.g. a full parent is merged and the child trains a fresh lora
