@@ -2,7 +2,8 @@
 checkpoint of that step and exits 143 / 130), then `--resume` — the final adapter equals an uninterrupted run's
 (every tensor, 1e-5) and every step is logged once. grpo runs two iterations per batch of completions, so its
 checkpoint-3 falls inside a batch (the buffered completions are restored); distill samples its completions again
-after resuming, from the restored RNG state. ppo's own loop is tested the same way in
+after resuming, from the restored RNG state; kto's rows are shuffled once with --seed, the same order again on resuming
+(kto, orpo and simpo read pairs from the same bundled file). ppo's own loop is tested the same way in
 test_ppo.py."""
 
 from __future__ import annotations
