@@ -32,12 +32,17 @@ STAGES = {
     "ppo": (["--data", "arith-prompts", "--reward", "closeness(scale=100)", "--backend", "hf",
              "--max-completion-length", "8", "--ppo-epochs", "2", "--lr", "1e-3"], 8,
             ["loss/policy_avg", "loss/value_avg", "objective/scores"]),
+    # kto's KL baseline pairs each row with its batch neighbour inside one process's batch, so after the first step
+    # (policy = reference: exact) it pairs other rows than one process does: equal within the 5%
+    "kto": (["--data", "arith-prefs", "--lr", "5e-3"], 8, ["loss"]),
+    "rm-pointwise": (["--data", str(Path(__file__).parent / "data" / "sentiment.jsonl"), "--lora-dropout", "0",
+                      "--lr", "5e-3"], 8, ["loss"]),  # text/label rows: BCE
 }
 
 
 def command(stage: str, start: list[str], out: Path, batch: int, processes: int) -> list[str]:
     extra, _, _ = STAGES[stage]
-    return [stage, *start, "-o", str(out), "--max-steps", str(STEPS), "--batch-size", str(batch),
+    return [stage.split("-")[0], *start, "-o", str(out), "--max-steps", str(STEPS), "--batch-size", str(batch),
             "--logging-steps", "1", "--save-steps", "2", "--report-to", "none", "--num-processes", str(processes),
             *extra]
 
