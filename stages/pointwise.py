@@ -115,8 +115,16 @@ def make_trainer(started, cfg, args: dict[str, Any], reward_model: dict[str, Any
         return pointwise_metrics(outputs.reshape(len(outputs), -1).tolist(), targets.reshape(len(targets), -1).tolist(),
                                  reward_model["objective"], reward_model["heads"])
 
-    return lambda callbacks: Trainer(
-        model=policy.model, args=TrainingArguments(**args, label_names=["labels"]), train_dataset=train,
-        eval_dataset=evaluation, processing_class=policy.tokenizer, callbacks=callbacks,
-        data_collator=DataCollatorWithPadding(policy.tokenizer), compute_metrics=compute_metrics,
-    )
+    def make(callbacks):
+        trainer = Trainer(
+            model=policy.model, args=TrainingArguments(**args, label_names=["labels"]), train_dataset=train,
+            eval_dataset=evaluation, processing_class=policy.tokenizer, callbacks=callbacks,
+            data_collator=DataCollatorWithPadding(policy.tokenizer), compute_metrics=compute_metrics,
+        )
+        # The model's forward takes **kwargs, so the Trainer would take its BCE/MSE (a mean over this process's rows)
+        # for a sum over the global batch divided by `num_items_in_batch`: it would multiply it by the process count
+        # and skip the division by --gradient-accumulation-steps (loss and gradients 2x with 2 processes or 2 steps).
+        trainer.model_accepts_loss_kwargs = False
+        return trainer
+
+    return make

@@ -318,3 +318,19 @@ def test_data_inspect_names_the_pointwise_rm_as_a_reader(cli, tmp_path, tiny_mod
 def test_data_inspect_says_why_unlabelled_data_is_not_for_the_pointwise_rm(cli, data_dir):
     code, _, err = cli("data", "inspect", data_dir / "unknown_format.jsonl")
     assert code == 2 and "as labelled rows (rm (pointwise)): " in err and "neither preference pairs" in err, err
+
+
+def test_gradient_accumulation_gives_the_same_steps_as_one_big_batch(cli, runs, tiny_model, tmp_path):
+    """batch 8 = 2 x 4 accumulated: the same rows per step, the same loss (the model's BCE is a mean over the rows,
+    not a sum the Trainer divides by its item count: it must be divided by the accumulation steps)."""
+    data = _labelled(tmp_path / "labelled.jsonl", 48)
+    curves = []
+    for batch, accumulate in ((8, 1), (4, 2)):
+        out = tmp_path / f"rm-{batch}x{accumulate}"
+        code, _, err = cli("rm", "--model", tiny_model, "--data", data, "--output", out, "--max-steps", "3",
+                           "--batch-size", str(batch), "--grad-accum", str(accumulate), "--lora-dropout", "0",
+                           "--logging-steps", "1", "--no-tensorboard", "--lr", "5e-3")
+        assert code == 0, err
+        curves.append([m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                       if "loss" in m])
+    assert len(curves[0]) == 3 and curves[1] == pytest.approx(curves[0], abs=1e-4), curves
