@@ -1,0 +1,143 @@
+"""Tools and multi-turn rollouts (align.rewards.tools, align.stages.tool_rollout): the calculator, guarded tool calls
+(a tool that raises, hangs or returns garbage), environments' state per rollout, bad specs refused at validation, a
+tool called mid-rollout with its result in the next turn (masks checked token by token), and a grpo run with the
+calculator that logs the tool metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+PLUGINS = Path(__file__).parent / "tool_plugins.py"
+
+
+def _spec(name: str) -> str:
+    return f"{PLUGINS}:{name}"
+
+
+@pytest.fixture(scope="module")
+def tool_policy(tmp_path_factory) -> Path:
+    """A tiny model fine-tuned on the bundled calculator traces (mult-tools): it calls the calculator."""
+    import align
+    from align.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path_factory.mktemp("tools") / "base", split_digits=True, num_heads=8,
+                            initializer_range=0.02, seed=1)
+    return align.sft(model=str(base), data="mult-tools", adapter="full", lr=3e-3, lr_scheduler="constant_with_warmup",
+                     warmup=0.05, batch_size=8, max_length=700, max_steps=SFT_STEPS, logging_steps=50,
+                     output=tmp_path_factory.mktemp("tools") / "sft", tensorboard=False)
+
+
+SFT_STEPS = 60
+
+
+def test_calculator_is_exact_and_never_evaluates_code():
+    from align.rewards.tools import calculator
+
+    assert calculator("4821 * 37") == "178377"
+    assert calculator("7 / 2") == "3.5" and calculator("(1 + 2) ** 3 - -1") == "28" and calculator("1,234 + 1") == "1235"
+    assert calculator("__import__('os').system('true')").startswith("error: unsupported element")
+    assert calculator("2 ** 100000").startswith("error:") and calculator("1 / 0") == "error: division by zero"
+    assert calculator("12 +").startswith("error: cannot parse")
+
+
+def test_a_tool_that_raises_hangs_or_returns_garbage_becomes_an_error_message_and_is_counted():
+    from align.rewards.tools import ToolSet, ToolStats
+
+    tools = ToolSet.resolve([_spec("boom"), _spec("hang"), _spec("garbage"), _spec("double")], None, timeout=0.5)
+    rollout, stats = tools.for_rollout(), ToolStats()
+    assert rollout.call({"name": "boom", "arguments": {"x": 3}}, stats) == ("boom", "error: boom raised RuntimeError: boom 3")
+    assert rollout.call({"name": "hang", "arguments": {"x": 1}}, stats) == ("hang", "error: hang timed out after 0.5s")
+    assert rollout.call({"name": "garbage", "arguments": {"x": 1}}, stats) == \
+        ("garbage", "error: garbage returned a object, which is neither text nor JSON")
+    assert rollout.call({"name": "double", "arguments": {"x": 4}}, stats) == ("double", '{"value": 8}')
+    assert rollout.call({"name": "double", "arguments": {"y": 4}}, stats)[1].startswith("error: double raised TypeError")
+    assert rollout.call({"name": "nope", "arguments": {}}, stats)[1] == \
+        "error: unknown tool 'nope'; available: boom, double, garbage, hang"
+    assert (stats.calls, stats.errors, stats.timeouts) == (6, 4, 1)
+
+
+def test_tool_calls_are_parsed_from_the_model_text():
+    from align.rewards.tools import parse_tool_calls
+
+    text = 'x<tool_call>\n{"name": "calculator", "arguments": {"expression": "1 + 2"}}\n</tool_call><tool_call>{oops</tool_call>'
+    calls = parse_tool_calls(text)
+    assert calls[0] == {"name": "calculator", "arguments": {"expression": "1 + 2"}}
+    assert isinstance(calls[1], str) and "is not JSON" in calls[1]
+    assert parse_tool_calls("19") == []
+
+
+def test_an_environment_keeps_its_state_per_rollout():
+    from align.rewards.tools import ToolSet, ToolStats
+
+    tools = ToolSet.resolve([], _spec("Counter"))
+    first, second, stats = tools.for_rollout(), tools.for_rollout(), ToolStats()
+    assert sorted(first.tools) == ["increment"]  # public methods, reset aside
+    assert [s["function"]["name"] for s in tools.schemas()] == ["increment"]
+    assert first.call({"name": "increment", "arguments": {"by": 2}}, stats)[1] == "2"
+    assert first.call({"name": "increment", "arguments": {"by": 3}}, stats)[1] == "5"
+    assert second.call({"name": "increment", "arguments": {"by": 1}}, stats)[1] == "1"
+    assert (first.environment.count, second.environment.count) == (5, 1) and first.environment is not second.environment
+
+
+def test_bad_tool_specs_are_refused_before_any_model_loads(cli, tmp_path):
+    code, _, err = cli("grpo", "--model", tmp_path / "no-model", "--data", "mult-prompts", "--reward", "accuracy",
+                       "--tool", "calculater", "--tool", _spec("undocumented"), "--environment", _spec("boom"),
+                       "--output", tmp_path / "out")
+    assert code == 2
+    assert "Tool spec: Unknown tool 'calculater'. Did you mean 'calculator'? Available: calculator." in err
+    assert f"Tool spec '{_spec('undocumented')}': no JSON schema for 'undocumented'" in err and "`Args:` section" in err
+    assert f"Environment spec '{_spec('boom')}': making an instance raised TypeError" in err
+    assert not (tmp_path / "out").exists()
+    code, out, _ = cli("tools", "list", "--tool", "calculator")
+    assert code == 0 and "tools (--tool NAME): calculator" in out and '"name": "calculator"' in out
+
+
+def test_a_tool_is_called_mid_rollout_and_only_the_model_tokens_are_trained(tool_policy):
+    """Greedy rollouts of the calculator-tuned model: each tool result is the calculator's answer to the call, it sits
+    between two model turns, and the mask is 0 exactly on its rendered tokens and 1 on every token the model made."""
+    from align.data.prompts import load_prompts
+    from align.generate import load_target
+    from align.rewards.tools import ToolSet, calculator
+    from align.stages.rollout import Sampling, make_engine
+    from align.stages.tool_rollout import run_conversations, tool_suffix_ids
+
+    model, tok, _ = load_target(str(tool_policy))
+    rows, _ = load_prompts("mult-eval")
+    prompts = [r["prompt"] for r in rows[:6]]
+    engine = make_engine("hf", tok, Sampling(max_new_tokens=96, temperature=0.0))
+    out = run_conversations(engine, model, prompts, ToolSet.resolve(["calculator"], None), max_tool_calls=2,
+                            max_completion_length=96)
+    assert out.stats.calls >= 3 and out.stats.errors == 0 and out.stats.timeouts == 0
+    for ids, mask, conversation in zip(out.completion_ids, out.model_mask, out.conversation, strict=True):
+        assert len(ids) == len(mask) and mask[0] == 1 and mask[-1] == 1  # starts and ends with the model's tokens
+        tool_turns = [i for i, m in enumerate(conversation) if m["role"] == "tool"]
+        masked = [t for t, m in zip(ids, mask, strict=True) if m == 0]
+        expected = []
+        for i in tool_turns:
+            call = json.loads(conversation[i - 1]["content"].split("<tool_call>")[1].split("</tool_call>")[0])
+            assert conversation[i]["content"] == calculator(**call["arguments"])  # the tool ran on the model's call
+            assert conversation[i + 1]["role"] == "assistant"  # ... and the model went on after reading the result
+            expected += tool_suffix_ids(tok, [conversation[i]])
+        assert masked == expected  # exactly the rendered tool results are 0
+        model_text = tok.decode([t for t, m in zip(ids, mask, strict=True) if m == 1], skip_special_tokens=True)
+        assert model_text == "".join(m["content"] for m in conversation if m["role"] == "assistant")
+    rolled = [r for r in out.conversation if any(m["role"] == "tool" for m in r)]
+    assert rolled and all(r[-1]["role"] == "assistant" for r in rolled)
+
+
+def test_grpo_with_the_calculator_logs_tool_metrics_and_masks_tool_results(cli, tool_policy, tmp_path):
+    out = tmp_path / "grpo"
+    code, _, err = cli("grpo", "--from", tool_policy, "--data", "mult-prompts", "--reward", "accuracy", "--tool",
+                       "calculator", "--max-tool-calls", "2", "--num-generations", "4", "--batch-size", "8",
+                       "--max-completion-length", "64", "--max-steps", "2", "--logging-steps", "1", "--beta", "0",
+                       "--backend", "hf", "--no-tensorboard", "--output", out)
+    assert code == 0, err
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "reward" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(m["tools/calls"] > 0 and m["tools/errors"] == 0 and m["tools/timeouts"] == 0 for m in steps)
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["tools"] == {"tool": ["calculator"], "environment": None, "max_tool_calls": 2, "tool_timeout": 10.0}
