@@ -23,12 +23,13 @@ from typing import Any
 
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
+from align.stages.online import ToolOptions
 
 IDENTICAL_WARN = 0.5  # fraction of identical-reward groups above which the verdict warns
 
 
 @dataclass
-class RewardsCheckConfig(RemoteCodeOption, Config):
+class RewardsCheckConfig(RemoteCodeOption, ToolOptions, Config):
     positional = "reward"
     reward: list[str] = opt(factory=list, help="Reward specs: name, file.py:fn, package.module:fn, entry-point name "
                                                "or rm run; optional (key=value, ...) settings and @weight.")
@@ -55,6 +56,9 @@ class RewardsCheckConfig(RemoteCodeOption, Config):
         for name in ("num_samples", "num_generations", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        if self.enabled() and not (self.from_run or self.model):
+            problems.add("--tool / --environment make the completions multi-turn rollouts, which need --from RUN (or "
+                         "--model M) to sample them; the data's own completions are not rollouts.")
         if self.num_generations > 1 and not (self.from_run or self.model):
             problems.add("--num-generations needs --from RUN (or --model M) to sample the completions from.")
         if self.num_generations > 1 and self.temperature <= 0:
@@ -90,10 +94,9 @@ def samples(cfg: RewardsCheckConfig):
         model, tokenizer, manifest = load_target(source, cfg.trust_remote_code)
         engine = make_engine("hf", model, tokenizer, manifest, source, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=1.0)
-        _, ids, texts = generate_completions(engine, model, [r["prompt"] for r in rows],
-                                             num_samples=cfg.num_generations, batch_size=cfg.batch_size,
-                                             desc="Sampling")
-        return build_call(rows, texts, ids, cfg.num_generations), cfg.num_generations, f"completions sampled from {source}"
+        gen = generate_completions(engine, model, [r["prompt"] for r in rows], num_samples=cfg.num_generations,
+                                   batch_size=cfg.batch_size, desc="Sampling", tools=cfg)
+        return build_call(rows, gen.texts, gen.completion_ids, cfg.num_generations), cfg.num_generations, f"completions sampled from {source}"
     texts = [_data_completion(r) for r in raw]
     if any(t is None for t in texts):
         raise AlignError(f"{cfg.data} has prompts but no completions: pass --from RUN (or --model M) to sample them.")
