@@ -170,3 +170,22 @@ def test_grpo_with_the_calculator_logs_tool_metrics(cli, tool_policy, tmp_path):
                for m in steps)
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["tools"] == {"tool": ["calculator"], "environment": None, "max_tool_calls": 2, "tool_timeout": 10.0}
+
+
+def test_eval_samples_the_same_multi_turn_rollouts(cli, tool_policy, tmp_path):
+    out = tmp_path / "eval.json"
+    code, _, err = cli("eval", tool_policy, "--data", DATA / "tool_prompts.jsonl", "--tool", "calculator",
+                       "--max-new-tokens", "128", "--backend", "hf", "--output", out)
+    assert code == 0, err
+    metrics = json.loads(out.read_text())
+    assert metrics["tools/calls"] >= 0.5 and metrics["tools/timeouts"] == 0  # per completion (greedy: one each)
+    assert metrics["kl"] > 0  # to the base model, over the model's own tokens
+    from align.rewards.tools import calculator
+
+    called = [e["completion"] for e in metrics["examples"] if "<tool_response>" in e["completion"]]
+    assert called
+    for text in called:  # the completion the rewards read: the call, the calculator's result, the model's answer
+        call = json.loads(text.split("<tool_call>")[1].split("</tool_call>")[0])
+        assert f"<tool_response>\n{calculator(**call['arguments'])}\n</tool_response>" in text
+    code, _, err = cli("eval", tool_policy, "--data", "arith-prefs-eval", "--tool", "calculator")
+    assert code == 2 and "holds preference pairs, which are scored, not sampled: --tool / --environment" in err
