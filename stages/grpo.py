@@ -123,7 +123,8 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
         is_correction=resolved["is_correction"], rollout=cfg,
         model=policy.model, reward_funcs=rewards, args=args, processing_class=policy.tokenizer,
         train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation),
-        callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine, seed=cfg.seed if cfg.num_processes is not None else None, tools=cfg),
+        callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine, seed=cfg.seed if cfg.num_processes is not None else None,
+                                      tools=cfg.toolset() if cfg.enabled() else None, max_tool_calls=cfg.max_tool_calls),
     )
 
 

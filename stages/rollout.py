@@ -162,9 +162,9 @@ def close_on_train_end(engine):
     return CloseEngine()
 
 
-def trl_rollout_func(engine, seed: int | None = None, tools=None):
+def trl_rollout_func(engine, seed: int | None = None, tools=None, max_tool_calls: int = 4):
     """Adapt an engine to GRPOTrainer's `rollout_func(prompts, trainer)` hook; with `seed` (hf backend) rows are
-    sampled with `row_seeds`. With `tools` (align.stages.options.ToolOptions) each rollout is multi-turn
+    sampled with `row_seeds`. With `tools` (a resolved align.rewards.tools.ToolSet) each rollout is multi-turn
     (align.stages.tool_rollout): the output adds `env_mask` (TRL's key: 1 = model token, 0 = tool result), each
     rollout's `conversation` and `environments` (reward keywords), and the tool metrics are logged."""
 
@@ -173,8 +173,8 @@ def trl_rollout_func(engine, seed: int | None = None, tools=None):
         first = trainer.accelerator.process_index * len(prompts)
         seeds = row_seeds(seed, trainer.state.global_step, first, len(prompts)) \
             if seed is not None and engine.name == "hf" else None
-        if tools is not None and tools.enabled():
-            return _multi_turn(engine, prompts, trainer, tools, seeds)
+        if tools is not None:
+            return _multi_turn(engine, prompts, trainer, tools, max_tool_calls, seeds)
         prompt_ids = render_prompts(engine.tokenizer, prompts)
         completion_ids, logprobs = engine.generate(trainer.model, prompt_ids, **({"seeds": seeds} if seeds else {}))
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
@@ -182,13 +182,14 @@ def trl_rollout_func(engine, seed: int | None = None, tools=None):
     return rollout
 
 
-def _multi_turn(engine, prompts: list[Any], trainer, tools, seeds: list[int] | None) -> dict[str, Any]:
+def _multi_turn(engine, prompts: list[Any], trainer, tools, max_tool_calls: int,
+                seeds: list[int] | None) -> dict[str, Any]:
     import torch
 
     from align.stages.tool_rollout import run_conversations
 
-    out = run_conversations(engine, trainer.model, prompts, tools.toolset(), tools.max_tool_calls,
-                            engine.sampling.max_new_tokens, seeds=seeds)
+    out = run_conversations(engine, trainer.model, prompts, tools, max_tool_calls, engine.sampling.max_new_tokens,
+                            seeds=seeds)
     mode = "train" if trainer.model.training else "eval"
     counts = torch.tensor(list(out.stats.metrics().values()), device=trainer.accelerator.device)
     for key, value in zip(out.stats.metrics(), trainer.accelerator.gather(counts.unsqueeze(0)).sum(0).tolist(),
