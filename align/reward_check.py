@@ -4,7 +4,8 @@ before a long RL run.
 The samples are the data's prompts, loaded exactly as grpo/ppo load them (align.data.prompts: `--split`,
 `--columns`, `--system-prompt`), with either the data's own completions (a `completion` column, or the last
 assistant turn of `messages`) or `--num-generations` completions per prompt sampled from `--from RUN` (or
-`--model M`) at `--temperature`. Every reward receives the same call training makes (align.rewards.call),
+`--model M`) at `--temperature` — with `--tool` / `--environment` as the multi-turn rollouts grpo samples
+(align.stages.tool_rollout; the tool call counts are printed). Every reward receives the same call training makes (align.rewards.call),
 in batches of `--batch-size` completions, through the same guard.
 
 Printed: per-sample scores and the weighted total; per function its weight, mean, std, how many samples it applies
@@ -96,7 +97,10 @@ def samples(cfg: RewardsCheckConfig):
                              temperature=cfg.temperature, top_p=1.0)
         gen = generate_completions(engine, model, [r["prompt"] for r in rows], num_samples=cfg.num_generations,
                                    batch_size=cfg.batch_size, desc="Sampling", tools=cfg)
-        return build_call(rows, gen.texts, gen.completion_ids, cfg.num_generations), cfg.num_generations, f"completions sampled from {source}"
+        tools = "" if gen.stats is None else (f", multi-turn with tools: {gen.stats.calls} tool calls, "
+                                              f"{gen.stats.errors} errors, {gen.stats.timeouts} timeouts")
+        return (build_call(rows, gen.texts, gen.completion_ids, cfg.num_generations), cfg.num_generations,
+                f"completions sampled from {source}{tools}")
     texts = [_data_completion(r) for r in raw]
     if any(t is None for t in texts):
         raise AlignError(f"{cfg.data} has prompts but no completions: pass --from RUN (or --model M) to sample them.")

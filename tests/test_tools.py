@@ -194,6 +194,15 @@ def test_eval_samples_the_same_multi_turn_rollouts(cli, tool_policy, tmp_path):
     assert code == 2 and "holds preference pairs, which are scored, not sampled: --tool / --environment" in err
 
 
+def test_rewards_check_scores_multi_turn_rollouts(cli, tool_policy):
+    code, out, err = cli("rewards", "check", "accuracy", "--data", DATA / "tool_prompts.jsonl", "--from", tool_policy,
+                         "--tool", "calculator", "--max-new-tokens", "128", "--num-samples", "4")
+    assert code == 0, err
+    assert "multi-turn with tools: " in out and " 0 timeouts" in out and "<tool_call>" in out
+    code, _, err = cli("rewards", "check", "accuracy", "--data", DATA / "tool_prompts.jsonl", "--tool", "calculator")
+    assert code == 2 and "--tool / --environment make the completions multi-turn rollouts, which need --from RUN" in err
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_hf_and_vllm_give_the_same_conversation_greedily(tool_policy, tmp_path):
     """Both rollout backends run the same loop: greedy rollouts with the calculator, one per backend (vLLM serving
