@@ -188,7 +188,13 @@ class Generated:
     texts: list[str]
     model_mask: list[list[int]] | None = None
     conversation: list[list[dict]] | None = None
+    environments: list[Any] | None = None
     stats: Any = None  # align.rewards.tools.ToolStats with tools
+
+    def reward_keywords(self) -> dict[str, list] | None:
+        """What rewards receive besides the columns with tools, as in grpo: each conversation and environment."""
+        return None if self.conversation is None else {"conversation": self.conversation,
+                                                       "environments": self.environments}
 
 
 def generate_completions(engine, model, prompts: list[Any], *, num_samples: int, batch_size: int,
@@ -210,7 +216,7 @@ def generate_completions(engine, model, prompts: list[Any], *, num_samples: int,
     from align.rewards.tools import ToolStats
     from align.stages.tool_rollout import run_conversations
 
-    toolset, out = tools.toolset(), Generated([], [], [], [], [], ToolStats())
+    toolset, out = tools.toolset(), Generated([], [], [], [], [], [], ToolStats())
     for i in tqdm(range(0, len(repeated), batch_size), desc=desc, unit="batch"):
         part = run_conversations(engine, model, repeated[i : i + batch_size], toolset, tools.max_tool_calls,
                                  engine.sampling.max_new_tokens)
@@ -218,6 +224,7 @@ def generate_completions(engine, model, prompts: list[Any], *, num_samples: int,
         out.completion_ids += part.completion_ids
         out.model_mask += part.model_mask
         out.conversation += part.conversation
+        out.environments += part.environments
         out.stats.add(part.stats)
     out.texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     return out
@@ -246,7 +253,7 @@ def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg
     finally:
         getattr(engine, "shutdown", engine.close)()
     prompt_ids, completion_ids, texts = gen.prompt_ids, gen.completion_ids, gen.texts
-    call = build_call(rows, texts, completion_ids, k)
+    call = build_call(rows, texts, completion_ids, k, per_completion=gen.reward_keywords())
     metrics: dict[str, Any] = {"prompts": len(rows), "num_samples": k}
     if cfg.answer_column in rows[0]:
         correct = accuracy(column=cfg.answer_column)(call.prompts, call.completions, **call.kwargs)

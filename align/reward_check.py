@@ -99,7 +99,8 @@ def samples(cfg: RewardsCheckConfig):
                                    batch_size=cfg.batch_size, desc="Sampling", tools=cfg)
         tools = "" if gen.stats is None else (f", multi-turn with tools: {gen.stats.calls} tool calls, "
                                               f"{gen.stats.errors} errors, {gen.stats.timeouts} timeouts")
-        return (build_call(rows, gen.texts, gen.completion_ids, cfg.num_generations), cfg.num_generations,
+        return (build_call(rows, gen.texts, gen.completion_ids, cfg.num_generations,
+                           per_completion=gen.reward_keywords()), cfg.num_generations,
                 f"completions sampled from {source}{tools}")
     texts = [_data_completion(r) for r in raw]
     if any(t is None for t in texts):

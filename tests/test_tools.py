@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,8 +134,6 @@ def test_a_tool_is_called_mid_rollout_and_only_the_model_tokens_are_trained(tool
 def test_grpo_hands_trl_a_mask_that_is_zero_exactly_on_the_tool_results(tool_policy, tmp_path):
     """What TRL's GRPOTrainer trains on: `tool_mask` (from the rollout's env_mask) is 0 on the rendered tool results and
     1 on every token the model sampled; the loss mask is completion_mask × tool_mask."""
-    import re
-
     from align.stages.common import start_stage
     from align.stages.grpo import GRPOConfig, build_trainer, load_prompt_data
 
@@ -199,6 +198,14 @@ def test_rewards_check_scores_multi_turn_rollouts(cli, tool_policy):
                          "--tool", "calculator", "--max-new-tokens", "128", "--num-samples", "4")
     assert code == 0, err
     assert "multi-turn with tools: " in out and " 0 timeouts" in out and "<tool_call>" in out
+    # rewards receive each rollout's conversation and environment, as in grpo
+    code, out, err = cli("rewards", "check", _spec("env_calls"), "--data", DATA / "tool_prompts.jsonl", "--from",
+                         tool_policy, "--environment", _spec("CountingCalculator"), "--max-new-tokens", "128",
+                         "--num-samples", "4", "--temperature", "0")
+    assert code == 0, err
+    calls, errors = map(int, re.search(r"multi-turn with tools: (\d+) tool calls, (\d+) errors", out).groups())
+    mean = float(re.search(r"env_calls \(.*?\), weight 1: mean ([\d.]+)", out).group(1))
+    assert calls > errors and mean == pytest.approx((calls - errors) / 4)  # each environment saw its rollout's calls
     code, _, err = cli("rewards", "check", "accuracy", "--data", DATA / "tool_prompts.jsonl", "--tool", "calculator")
     assert code == 2 and "--tool / --environment make the completions multi-turn rollouts, which need --from RUN" in err
 

@@ -63,3 +63,32 @@ class Counter:
 
     def reset(self, **row):
         self.count = 0
+
+
+class CountingCalculator:
+    """The built-in calculator as an environment (the same schema) that counts its calls within its rollout."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def calculator(self, expression: str) -> str:
+        """Evaluate an arithmetic expression exactly.
+
+        Args:
+            expression: The expression, e.g. "12345 * 678": numbers, + - * / // % **, unary minus and parentheses.
+        """
+        from align.rewards.tools import calculator
+
+        self.calls += 1
+        return calculator(expression)
+
+
+def env_calls(prompts, completions, conversation, environments, **columns):
+    """A reward reading what multi-turn rollouts hand the rewards: each rollout's own environment state, checked
+    against the tool results in its conversation."""
+    if len({id(e) for e in environments}) != len(environments):
+        raise ValueError("rollouts share an environment instance")
+    for env, messages in zip(environments, conversation, strict=True):  # malformed calls never reach the environment
+        if env.calls > sum(m["role"] == "tool" for m in messages):
+            raise ValueError(f"{env.calls} calls but {messages}")
+    return [float(env.calls) for env in environments]
