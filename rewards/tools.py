@@ -11,9 +11,9 @@
                          receive each rollout's instance as the `environments` keyword (TRL's name for it).
 
 Built-in tools:
-    calculator(expression)   exact arithmetic on integers and decimals: + - * / // % ** (exponent at most 64),
-                             unary minus and parentheses, parsed with `ast` (never `eval`); an error string for
-                             anything else ("12 * 3" -> "36", "7 / 2" -> "3.5").
+    calculator(expression)   exact arithmetic on integers and decimals: + - * / // % ** (exponents up to 64,
+                             powers up to 2**4096), unary minus and parentheses, parsed with `ast` (never `eval`);
+                             an error string for anything else ("12 * 3" -> "36", "7 / 2" -> "3.5").
 
 A tool call is guarded (`call_tool`): it runs in a daemon thread with a deadline (`--tool-timeout`), so a hung tool
 never hangs the rollout; an exception, a timeout, an unknown tool or bad arguments, and a result that is neither a
@@ -217,6 +217,11 @@ class Rollout:
             stats.errors += 1
             return "unknown", f"error: {call}"
         name, arguments = call.get("name"), call.get("arguments", {})
+        if isinstance(arguments, str):  # OpenAI's form: the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass  # refused below, with the text
         if name not in self.tools:
             stats.errors += 1
             return str(name), f"error: unknown tool {name!r}; available: {', '.join(sorted(self.tools))}"
