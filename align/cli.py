@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("Write a self-contained HF model directory of a run (for from_pretrained, vLLM, servers).", "align.export:ExportConfig", "align.export:main"),
     "data inspect": ("Show a dataset's format, a rendered example and token-length statistics.", "align.data.inspect:InspectConfig", "align.data.inspect:main"),
     "rewards check": ("Dry-run reward functions on samples: scores, timing, return-type checks.", "align.reward_check:RewardsCheckConfig", "align.reward_check:main"),
+    "tools list": ("List the built-in and installed tools and environments, and the schema of each --tool given.", "align.tool_list:ToolsListConfig", "align.tool_list:main"),
     "tiny-model": ("Build a tiny random Qwen2-style model + tokenizer locally (tests, demo).", "align.tiny:TinyModelConfig", "align.tiny:main"),
 }
 

@@ -9,7 +9,10 @@ Prompt data (a `prompt` / `messages` / `question` column; an answer column enabl
     pass@k              with k = --num-samples > 1: fraction of prompts with at least one correct completion
     reward/<name>       mean of each --reward / --reward-model source (None = not applicable, left out);
     reward              mean weighted total Σ w·r
-    completion_length   mean completion tokens (EOS included)
+    completion_length   mean completion tokens (EOS included; the model's own tokens with tools)
+    tools/calls, tools/errors, tools/timeouts   with --tool / --environment: per completion (multi-turn rollouts,
+                        align.stages.tool_rollout, as grpo samples them; the rewards and accuracy read the whole
+                        conversation after the prompt, the KL covers the model's tokens only)
     kl                  mean over completions of Σ_t KL(π(·|x,y<t) ‖ π_ref(·|x,y<t)): the exact per-token KL over the
                         vocabulary, summed along the completion, to --reference (default: the run's parent policy —
                         its parent run, or its base model for a first stage); 0 means "same distribution"
@@ -37,12 +40,13 @@ from typing import Any, Literal
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
 from align.io import output_file_problem
+from align.stages.online import ToolOptions
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EvalConfig(RemoteCodeOption, Config):
+class EvalConfig(RemoteCodeOption, ToolOptions, Config):
     positional = "target"
     target: str | None = opt(None, "A run directory (any stage) or a model directory / hub id to evaluate.")
     data: str | None = opt(None, "Held-out data: prompts (with an answer column for accuracy) or preference pairs.")
@@ -134,13 +138,22 @@ def sequence_logprobs(model, prompt_ids, completion_ids, pad: int, batch_size: i
     return out
 
 
-def sequence_kl(model, reference, prompt_ids, completion_ids, pad: int, batch_size: int) -> list[float]:
-    """Σ_t KL(π(·|x,y<t) ‖ π_ref(·|x,y<t)) along each completion (exact over the vocabulary)."""
+def sequence_kl(model, reference, prompt_ids, completion_ids, pad: int, batch_size: int,
+                masks: list[list[int]] | None = None) -> list[float]:
+    """Σ_t KL(π(·|x,y<t) ‖ π_ref(·|x,y<t)) along each completion (exact over the vocabulary), over the positions where
+    `masks` is 1 (the model's own tokens; tool results aside) when given."""
+    import torch
+
     out: list[float] = []
     for i in range(0, len(prompt_ids), batch_size):
         ps, cs = prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size]
-        for lp, lq in zip(_completion_logits(model, ps, cs, pad), _completion_logits(reference, ps, cs, pad), strict=True):
-            out.append(float((lp.exp() * (lp - lq)).sum().clamp_min(0.0)) if len(lp) else 0.0)
+        ms = masks[i : i + batch_size] if masks is not None else [None] * len(cs)
+        for lp, lq, m in zip(_completion_logits(model, ps, cs, pad), _completion_logits(reference, ps, cs, pad), ms,
+                             strict=True):
+            per_token = (lp.exp() * (lp - lq)).sum(-1)
+            if m is not None:
+                per_token = per_token * torch.tensor(m, dtype=per_token.dtype)
+            out.append(float(per_token.sum().clamp_min(0.0)) if len(lp) else 0.0)
     return out
 
 
@@ -169,20 +182,56 @@ def make_engine(backend: str, model, tokenizer, manifest: dict[str, Any] | None,
     return engine
 
 
+@dataclass
+class Generated:
+    """What `generate_completions` sampled: ids and texts per completion (prompts repeated, grouped); with tools also
+    the model-token masks (1 = the model's token, 0 = a tool result), each conversation and the tool counts."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    model_mask: list[list[int]] | None = None
+    conversation: list[list[dict]] | None = None
+    environments: list[Any] | None = None
+    stats: Any = None  # align.rewards.tools.ToolStats with tools
+
+    def reward_keywords(self) -> dict[str, list] | None:
+        """What rewards receive besides the columns with tools, as in grpo: each conversation and environment."""
+        return None if self.conversation is None else {"conversation": self.conversation,
+                                                       "environments": self.environments}
+
+
 def generate_completions(engine, model, prompts: list[Any], *, num_samples: int, batch_size: int,
-                         desc: str = "Generating"):
-    """(prompt_ids, completion_ids, completion texts) for every prompt repeated `num_samples` times (grouped)."""
+                         desc: str = "Generating", tools=None) -> Generated:
+    """Every prompt repeated `num_samples` times (grouped), sampled in batches; with `tools` (ToolOptions with a tool
+    or an environment) each completion is a multi-turn rollout (align.stages.tool_rollout), as in grpo."""
     from tqdm.auto import tqdm
 
     from align.stages.rollout import render_prompts
 
     tokenizer = engine.tokenizer
-    prompt_ids = [ids for ids in render_prompts(tokenizer, prompts) for _ in range(num_samples)]
-    completion_ids: list[list[int]] = []
-    for i in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch"):
-        completion_ids.extend(engine.generate(model, prompt_ids[i : i + batch_size])[0])
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return prompt_ids, completion_ids, texts
+    repeated = [p for p in prompts for _ in range(num_samples)]
+    if tools is None or not tools.enabled():
+        prompt_ids = render_prompts(tokenizer, repeated)
+        completion_ids: list[list[int]] = []
+        for i in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch"):
+            completion_ids.extend(engine.generate(model, prompt_ids[i : i + batch_size])[0])
+        return Generated(prompt_ids, completion_ids, tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
+    from align.rewards.tools import ToolStats
+    from align.stages.tool_rollout import run_conversations
+
+    toolset, out = tools.toolset(), Generated([], [], [], [], [], [], ToolStats())
+    for i in tqdm(range(0, len(repeated), batch_size), desc=desc, unit="batch"):
+        part = run_conversations(engine, model, repeated[i : i + batch_size], toolset, tools.max_tool_calls,
+                                 engine.sampling.max_new_tokens)
+        out.prompt_ids += part.prompt_ids
+        out.completion_ids += part.completion_ids
+        out.model_mask += part.model_mask
+        out.conversation += part.conversation
+        out.environments += part.environments
+        out.stats.add(part.stats)
+    out.texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+    return out
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------
@@ -204,11 +253,11 @@ def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg
     engine = make_engine(cfg.backend, model, tokenizer, manifest, str(cfg.target), max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_p=cfg.top_p, memory=cfg.vllm_memory, seed=cfg.seed)
     try:
-        prompt_ids, completion_ids, texts = generate_completions(engine, model, prompts, num_samples=k,
-                                                                 batch_size=cfg.batch_size)
+        gen = generate_completions(engine, model, prompts, num_samples=k, batch_size=cfg.batch_size, tools=cfg)
     finally:
         getattr(engine, "shutdown", engine.close)()
-    call = build_call(rows, texts, completion_ids, k)
+    prompt_ids, completion_ids, texts = gen.prompt_ids, gen.completion_ids, gen.texts
+    call = build_call(rows, texts, completion_ids, k, per_completion=gen.reward_keywords())
     metrics: dict[str, Any] = {"prompts": len(rows), "num_samples": k}
     if cfg.answer_column in rows[0]:
         correct = accuracy(column=cfg.answer_column)(call.prompts, call.completions, **call.kwargs)
@@ -223,10 +272,13 @@ def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg
         for g, s in zip(guarded, scores, strict=True):
             metrics[f"reward/{g.__name__}"] = _mean(s)
         metrics["reward"] = _mean(weighted_total(scores, [g.reward.weight for g in guarded]))
-    metrics["completion_length"] = sum(len(c) for c in completion_ids) / len(completion_ids)
+    masks = gen.model_mask or [[1] * len(c) for c in completion_ids]
+    metrics["completion_length"] = sum(sum(m) for m in masks) / len(masks)  # the model's tokens (tool results aside)
+    if gen.stats is not None:
+        metrics.update({k: v / len(masks) for k, v in gen.stats.metrics().items()})  # per completion
     if reference is not None:
         metrics["kl"] = _mean(sequence_kl(model, reference, prompt_ids, completion_ids, tokenizer.pad_token_id,
-                                          cfg.batch_size))
+                                          cfg.batch_size, masks))
     metrics["examples"] = [
         {"prompt": p[-1]["content"], "completion": t, **({"answer": r.get(cfg.answer_column)} if cfg.answer_column in r else {})}
         for p, t, r in zip(call.prompts[: 5 * k : k], texts[: 5 * k : k], rows[:5], strict=False)
@@ -327,6 +379,9 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, manifest=None) -> dict
     from align.generate import load_target
 
     kind, rows = load_eval_data(cfg)
+    if kind == "pairs" and cfg.enabled():
+        raise AlignError(f"{cfg.data} holds preference pairs, which are scored, not sampled: --tool / --environment "
+                         "apply to prompt data only. Drop them, or evaluate on prompts.")
     if model is None:
         model, tokenizer, manifest = load_target(cfg.target, cfg.trust_remote_code)
     task = (manifest or {}).get("task", "causal-lm")

@@ -15,7 +15,8 @@ from align.errors import AlignError, Problems, did_you_mean, unknown_name
 
 STAGE_KEYS = {"name", "kind", "from", "gate"}  # a stage entry's keys that are not stage options
 EVAL_KEYS = {"data", "split", "answer_column", "reward", "reward_model", "max_samples", "max_new_tokens",
-             "batch_size", "num_samples", "temperature", "top_p", "backend", "vllm_memory"}
+             "batch_size", "num_samples", "temperature", "top_p", "backend", "vllm_memory", "tool", "environment",
+             "max_tool_calls", "tool_timeout"}
 
 
 RESERVED_NAMES = {"report", "pipeline.json"}  # DIR/report/ is the pipeline's report, DIR/pipeline.json its summary

@@ -4,7 +4,8 @@ before a long RL run.
 The samples are the data's prompts, loaded exactly as grpo/ppo load them (align.data.prompts: `--split`,
 `--columns`, `--system-prompt`), with either the data's own completions (a `completion` column, or the last
 assistant turn of `messages`) or `--num-generations` completions per prompt sampled from `--from RUN` (or
-`--model M`) at `--temperature`. Every reward receives the same call training makes (align.rewards.call),
+`--model M`) at `--temperature` — with `--tool` / `--environment` as the multi-turn rollouts grpo samples
+(align.stages.tool_rollout; the tool call counts are printed). Every reward receives the same call training makes (align.rewards.call),
 in batches of `--batch-size` completions, through the same guard.
 
 Printed: per-sample scores and the weighted total; per function its weight, mean, std, how many samples it applies
@@ -23,12 +24,13 @@ from typing import Any
 
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
+from align.stages.online import ToolOptions
 
 IDENTICAL_WARN = 0.5  # fraction of identical-reward groups above which the verdict warns
 
 
 @dataclass
-class RewardsCheckConfig(RemoteCodeOption, Config):
+class RewardsCheckConfig(RemoteCodeOption, ToolOptions, Config):
     positional = "reward"
     reward: list[str] = opt(factory=list, help="Reward specs: name, file.py:fn, package.module:fn, entry-point name "
                                                "or rm run; optional (key=value, ...) settings and @weight.")
@@ -55,6 +57,9 @@ class RewardsCheckConfig(RemoteCodeOption, Config):
         for name in ("num_samples", "num_generations", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        if self.enabled() and not (self.from_run or self.model):
+            problems.add("--tool / --environment make the completions multi-turn rollouts, which need --from RUN (or "
+                         "--model M) to sample them; the data's own completions are not rollouts.")
         if self.num_generations > 1 and not (self.from_run or self.model):
             problems.add("--num-generations needs --from RUN (or --model M) to sample the completions from.")
         if self.num_generations > 1 and self.temperature <= 0:
@@ -90,10 +95,13 @@ def samples(cfg: RewardsCheckConfig):
         model, tokenizer, manifest = load_target(source, cfg.trust_remote_code)
         engine = make_engine("hf", model, tokenizer, manifest, source, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=1.0)
-        _, ids, texts = generate_completions(engine, model, [r["prompt"] for r in rows],
-                                             num_samples=cfg.num_generations, batch_size=cfg.batch_size,
-                                             desc="Sampling")
-        return build_call(rows, texts, ids, cfg.num_generations), cfg.num_generations, f"completions sampled from {source}"
+        gen = generate_completions(engine, model, [r["prompt"] for r in rows], num_samples=cfg.num_generations,
+                                   batch_size=cfg.batch_size, desc="Sampling", tools=cfg)
+        tools = "" if gen.stats is None else (f", multi-turn with tools: {gen.stats.calls} tool calls, "
+                                              f"{gen.stats.errors} errors, {gen.stats.timeouts} timeouts")
+        return (build_call(rows, gen.texts, gen.completion_ids, cfg.num_generations,
+                           per_completion=gen.reward_keywords()), cfg.num_generations,
+                f"completions sampled from {source}{tools}")
     texts = [_data_completion(r) for r in raw]
     if any(t is None for t in texts):
         raise AlignError(f"{cfg.data} has prompts but no completions: pass --from RUN (or --model M) to sample them.")

@@ -169,6 +169,21 @@ def parse_column_map(items: list[str]) -> dict[str, str]:
     return mapping
 
 
+def convert_rows(records: Records, mapping: dict[str, str], convert: Callable[[dict], Any], what: str) -> list:
+    """`convert(row)` for every record, its columns renamed by `mapping`; a RecordError on a row is collected, and
+    one AlignError lists every bad record as file:line (the first MAX_LISTED, then a count)."""
+    out, problems = [], []
+    for row, where in zip(records.rows, records.locations, strict=True):
+        try:
+            out.append(convert({mapping.get(k, k): v for k, v in row.items()}))
+        except RecordError as e:
+            problems.append(f"{where}: {e}")
+    if problems:
+        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
+        raise AlignError(f"{records.source}: {len(problems)} invalid {what}:", shown)
+    return out
+
+
 def detect_format(columns: list[str]) -> str | None:
     for name, (required, _) in FORMATS.items():
         if all(c in columns for c in required):
@@ -201,28 +216,18 @@ def normalize(records: Records, fmt: str = "auto", columns: list[str] = (), syst
                          "format): SFT would train on the label: false completions too. Train on the good rows only "
                          "(filter label: true), or learn from both kinds with align kto (it reads this format).")
     required, convert = FORMATS[fmt]
-    out, problems = [], []
-    for row, where in zip(records.rows, records.locations, strict=True):
-        row = {mapping.get(k, k): v for k, v in row.items()}
-        try:
-            absent = [c for c in required if c not in row or row[c] is None]
-            if absent:
-                raise RecordError(f"missing field(s) {', '.join(absent)} required by the {fmt} format")
-            example = convert(row)
-        except RecordError as e:
-            problems.append(f"{where}: {e}")
-            continue
+
+    def example_of(row: dict) -> dict:
+        absent = [c for c in required if c not in row or row[c] is None]
+        if absent:
+            raise RecordError(f"missing field(s) {', '.join(absent)} required by the {fmt} format")
+        example = convert(row)
         if "messages" in example:
             if system_prompt and example["messages"][0]["role"] != "system":
                 example["messages"].insert(0, {"role": "system", "content": system_prompt})
             if not any(m["role"] == "assistant" for m in example["messages"]):
-                problems.append(f"{where}: no assistant message, so nothing to train on")
-                continue
-        out.append(example)
-    if problems:
-        shown = problems[:MAX_LISTED]
-        more = len(problems) - len(shown)
-        if more:
-            shown.append(f"... and {more} more")
-        raise AlignError(f"{records.source}: {len(problems)} invalid record(s) for format '{fmt}':", shown)
+                raise RecordError("no assistant message, so nothing to train on")
+        return example
+
+    out = convert_rows(records, mapping, example_of, f"record(s) for format '{fmt}'")
     return out, fmt

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from align.data.formats import MAX_LISTED, RecordError, _turn, parse_column_map
+from align.data.formats import RecordError, _turn, convert_rows, parse_column_map
 from align.data.loading import Records, load_records
 from align.errors import AlignError
 
@@ -94,16 +94,9 @@ def normalize_pointwise(records: Records, targets: list[str], objective: str, co
             f"{', '.join(found) or '(none)'}. Name existing columns, or rename with --columns {missing[0]}=COLUMN.")
     objective = objectives_of(records, targets, objective, mapping)
     convert = _binary if objective == "bce" else _number
-    out, problems = [], []
-    for row, where in zip(records.rows, records.locations, strict=True):
-        row = {mapping.get(k, k): v for k, v in row.items()}
-        try:
-            out.append({**_text_of(row, system_prompt), "labels": [_target(row, c, convert) for c in targets]})
-        except RecordError as e:
-            problems.append(f"{where}: {e}")
-    if problems:
-        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
-        raise AlignError(f"{records.source}: {len(problems)} invalid labelled record(s):", shown)
+    out = convert_rows(records, mapping, lambda row: {**_text_of(row, system_prompt),
+                                                      "labels": [_target(row, c, convert) for c in targets]},
+                       "labelled record(s)")
     for i, column in enumerate(targets):
         if len({e["labels"][i] for e in out}) == 1:
             raise AlignError(f"{records.source}: every row has {column} = {out[0]['labels'][i]:g}: there is nothing "

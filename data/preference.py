@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align.data.formats import MAX_LISTED, RecordError, _messages, _string, _turn, parse_column_map
+from align.data.formats import RecordError, _messages, _string, _turn, convert_rows, parse_column_map
 from align.data.loading import Records, load_records
 from align.errors import AlignError
 
@@ -69,15 +69,7 @@ def normalize_preferences(records: Records, columns=(), system_prompt: str | Non
             "prompt/chosen/rejected (explicit) or chosen/rejected conversations (implicit prompt), optional margin. "
             "Rename columns with --columns chosen=COLUMN rejected=COLUMN."
         )
-    out, problems = [], []
-    for row, where in zip(records.rows, records.locations, strict=True):
-        try:
-            out.append(normalize_pair({mapping.get(k, k): v for k, v in row.items()}, system_prompt))
-        except RecordError as e:
-            problems.append(f"{where}: {e}")
-    if problems:
-        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
-        raise AlignError(f"{records.source}: {len(problems)} invalid preference record(s):", shown)
+    out = convert_rows(records, mapping, lambda row: normalize_pair(row, system_prompt), "preference record(s)")
     if any("margin" in e for e in out) and not all("margin" in e for e in out):
         raise AlignError(f"{records.source}: 'margin' is set on some records but not all; give it everywhere or nowhere.")
     if out and all(e["chosen"] == e["rejected"] for e in out):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align.data.formats import MAX_LISTED, RecordError, _messages, _turn, parse_column_map
+from align.data.formats import RecordError, _messages, _turn, convert_rows, parse_column_map
 from align.data.loading import Records, load_records
 from align.errors import AlignError
 
@@ -36,21 +36,14 @@ def normalize_prompts(records: Records, columns=(), system_prompt: str | None = 
     if not {"prompt", "messages", "question"} & {mapping.get(c, c) for c in found}:
         raise AlignError(f"{records.source}: no prompts found. Columns: {', '.join(found) or '(none)'}. Expected a "
                          "'prompt' column (or 'messages' / 'question'); rename with --columns prompt=COLUMN.")
-    out, problems = [], []
-    for row, where in zip(records.rows, records.locations, strict=True):
-        row = {mapping.get(k, k): v for k, v in row.items()}
-        try:
-            prompt, used = _prompt_of(row)
-        except RecordError as e:
-            problems.append(f"{where}: {e}")
-            continue
+
+    def prompt_row(row: dict) -> dict:
+        prompt, used = _prompt_of(row)
         if system_prompt and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": system_prompt}, *prompt]
-        out.append({"prompt": prompt, **{k: v for k, v in row.items() if k not in used}})
-    if problems:
-        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
-        raise AlignError(f"{records.source}: {len(problems)} invalid prompt record(s):", shown)
-    return out
+        return {"prompt": prompt, **{k: v for k, v in row.items() if k not in used}}
+
+    return convert_rows(records, mapping, prompt_row, "prompt record(s)")
 
 
 def load_prompts(spec: str, *, split=None, columns=(), system_prompt=None) -> tuple[list[dict], Records]:

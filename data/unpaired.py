@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align.data.formats import MAX_LISTED, RecordError, _turn, parse_column_map
+from align.data.formats import RecordError, _turn, convert_rows, parse_column_map
 from align.data.loading import Records, load_records
 from align.errors import AlignError
 
@@ -75,16 +75,7 @@ def normalize_unpaired(records: Records, columns=(), system_prompt: str | None =
             "(prompt/chosen/rejected), which are split into one desirable and one undesirable row. Rename columns "
             "with --columns label=COLUMN completion=COLUMN."
         )
-    out, problems = [], []
-    for row, where in zip(records.rows, records.locations, strict=True):
-        try:
-            out.append(normalize_feedback({mapping.get(k, k): v for k, v in row.items()}, system_prompt))
-        except RecordError as e:
-            problems.append(f"{where}: {e}")
-    if problems:
-        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
-        raise AlignError(f"{records.source}: {len(problems)} invalid unpaired record(s):", shown)
-    return out
+    return convert_rows(records, mapping, lambda row: normalize_feedback(row, system_prompt), "unpaired record(s)")
 
 
 def check_both_labels(rows: list[dict[str, Any]], source: str) -> None:

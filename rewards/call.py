@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RESERVED = ("prompt", "completion", "completion_ids")  # columns the call provides itself (TRL drops them too)
-PROVIDED = ("completion_ids", "trainer_state", "log_metric", "log_extra", "environments")  # keywords besides columns
+# keywords besides columns; with tools (align.stages.tool_rollout) also each completion's `conversation` (the messages
+# after the prompt) and `environments` (its environment instance, TRL's name)
+PROVIDED = ("completion_ids", "trainer_state", "log_metric", "log_extra", "environments", "conversation")
 
 
 def data_columns(kwargs: dict[str, Any]) -> list[str]:
@@ -77,8 +79,9 @@ class RewardCall:
 
 def build_call(rows: list[dict[str, Any]], texts: list[str], completion_ids: list[list[int]] | None, k: int = 1, *,
                trainer_state: Any = None, log_metric: Callable | None = None,
-               log_extra: Callable | None = None) -> RewardCall:
-    """The call for `rows` ({"prompt": ..., **columns}) whose completions are `texts` (k per row, grouped)."""
+               log_extra: Callable | None = None, per_completion: dict[str, list] | None = None) -> RewardCall:
+    """The call for `rows` ({"prompt": ..., **columns}) whose completions are `texts` (k per row, grouped);
+    `per_completion`: more keywords with one value per completion (with tools: conversation, environments)."""
     if len(texts) != len(rows) * k:
         raise ValueError(f"{len(texts)} completions for {len(rows)} rows x {k}")
     prompts = [r["prompt"] for r in rows for _ in range(k)]
@@ -86,5 +89,5 @@ def build_call(rows: list[dict[str, Any]], texts: list[str], completion_ids: lis
     return RewardCall(
         prompts, [as_completion(p, t) for p, t in zip(prompts, texts, strict=True)],
         {**columns, "completion_ids": completion_ids, "trainer_state": trainer_state,
-         "log_metric": log_metric or _ignore, "log_extra": log_extra or _ignore},
+         "log_metric": log_metric or _ignore, "log_extra": log_extra or _ignore, **(per_completion or {})},
     )

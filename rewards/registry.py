@@ -85,10 +85,10 @@ def split_spec(spec: str) -> tuple[str, dict[str, Any] | None, float]:
     return source.strip(), settings, weight
 
 
-def _load_file(path: Path, attr: str, spec: str):
+def _load_file(path: Path, attr: str, spec: str, kind: str = "reward"):
     if not path.is_file():
-        raise AlignError(f"Reward spec '{spec}': no such file {path}.")
-    name = f"align_user_rewards_{abs(hash(path.resolve()))}"
+        raise AlignError(f"{kind.capitalize()} spec '{spec}': no such file {path}.")
+    name = f"align_user_{kind}s_{abs(hash(path.resolve()))}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
@@ -96,29 +96,30 @@ def _load_file(path: Path, attr: str, spec: str):
         module_spec.loader.exec_module(module)
     except SyntaxError as e:
         sys.modules.pop(name, None)
-        raise AlignError(f"{e.filename or path}:{e.lineno}: syntax error in reward file ({e.msg}): "
+        raise AlignError(f"{e.filename or path}:{e.lineno}: syntax error in {kind} file ({e.msg}): "
                          f"{(e.text or '').strip()!r}. Fix that line.") from None
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed at import: named, not hidden
         sys.modules.pop(name, None)
-        raise import_failed(spec, str(path), e) from e
-    return _attr(module, attr, spec, str(path))
+        raise import_failed(spec, str(path), e, kind) from e
+    return _attr(module, attr, spec, str(path), kind)
 
 
-def import_failed(spec: str, where: str, error: BaseException) -> AlignError:
-    """The error for a reward module that raised (or called sys.exit) while it was imported: the spec, the error and
-    the line of the user's code it came from."""
+def import_failed(spec: str, where: str, error: BaseException, kind: str = "reward") -> AlignError:
+    """The error for a reward (tool, environment) module that raised (or called sys.exit) while it was imported: the
+    spec, the error and the line of the user's code it came from."""
     frames = [f for f in traceback.extract_tb(error.__traceback__) if "importlib" not in f.filename]
     at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
     what = f"called sys.exit({error.code!r})" if isinstance(error, SystemExit) else \
         f"raised {type(error).__name__}: {error}"
-    return AlignError(f"Reward spec '{spec}': importing {where} {what}{at}. A reward module must import cleanly; fix "
-                      "it (run `python -c 'import ...'` to see the full traceback).")
+    return AlignError(f"{kind.capitalize()} spec '{spec}': importing {where} {what}{at}. A {kind} module must import "
+                      "cleanly; fix it (run `python -c 'import ...'` to see the full traceback).")
 
 
-def _attr(module, attr: str, spec: str, where: str):
+def _attr(module, attr: str, spec: str, where: str, kind: str = "reward"):
     if not hasattr(module, attr):
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise AlignError(f"Reward spec '{spec}': {where} has no '{attr}'. Callables there: {', '.join(public) or '(none)'}.")
+        raise AlignError(f"{kind.capitalize()} spec '{spec}': {where} has no '{attr}'. Callables there: "
+                         f"{', '.join(public) or '(none)'}.")
     return getattr(module, attr)
 
 
@@ -126,6 +127,37 @@ def is_reward_model(obj: Any) -> bool:
     from align.rewards.reward_model import RewardModelScorer
 
     return isinstance(obj, RewardModelScorer)
+
+
+def load_named(source: str, spec: str, kind: str, builtins: dict[str, Any], group: str, hint: str):
+    """The object a plugin spec's source names: `path/file.py:attr`, `package.module:attr`, a built-in, or an entry
+    point of `group`. Shared by rewards, tools and environments (align.rewards.tools); `kind` names the plugin in the
+    messages, `hint` ends the unknown-name message."""
+    if ":" in source:
+        target, _, attr = source.rpartition(":")
+        if target.endswith(".py") or "/" in target:
+            return _load_file(Path(target), attr, spec, kind)
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            if e.name is not None and not target.startswith(e.name):  # the module imports something missing
+                raise import_failed(spec, f"module '{target}'", e, kind) from e
+            raise AlignError(f"{kind.capitalize()} spec '{spec}': cannot import module '{target}' ({e}).") from None
+        except SyntaxError as e:
+            raise AlignError(f"{e.filename}:{e.lineno}: syntax error in module '{target}' ({e.msg}). Fix that line.") \
+                from None
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed at import: named, not hidden
+            raise import_failed(spec, f"module '{target}'", e, kind) from e
+        return _attr(module, attr, spec, f"module {target}", kind)
+    if source in builtins:
+        return builtins[source]
+    eps = {ep.name: ep for ep in entry_points(group=group)}
+    if source in eps:
+        try:
+            return eps[source].load()
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - a broken plugin package: named, not hidden
+            raise import_failed(spec, f"entry point '{source}' ({eps[source].value})", e, kind) from e
+    raise AlignError(f"{kind.capitalize()} spec: " + unknown_name(kind, source, sorted({*builtins, *eps})) + hint)
 
 
 def resolve_source(source: str, spec: str, settings: dict[str, Any] | None = None):
@@ -138,32 +170,8 @@ def resolve_source(source: str, spec: str, settings: dict[str, Any] | None = Non
             raise AlignError(f"Reward spec '{spec}': a reward-model run takes one setting, head=\"NAME\" (the output of a "
                              f"several-head pointwise RM), got {', '.join(sorted(settings))}.")
         return RewardModelScorer(source, head=(settings or {}).get("head"))
-    if ":" in source:
-        target, _, attr = source.rpartition(":")
-        if target.endswith(".py") or "/" in target:
-            return _load_file(Path(target), attr, spec)
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as e:
-            if e.name is not None and not target.startswith(e.name):  # the module imports something missing
-                raise import_failed(spec, f"module '{target}'", e) from e
-            raise AlignError(f"Reward spec '{spec}': cannot import module '{target}' ({e}).") from None
-        except SyntaxError as e:
-            raise AlignError(f"{e.filename}:{e.lineno}: syntax error in module '{target}' ({e.msg}). Fix that line.") \
-                from None
-        except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed at import: named, not hidden
-            raise import_failed(spec, f"module '{target}'", e) from e
-        return _attr(module, attr, spec, f"module {target}")
-    if source in BUILTINS:
-        return BUILTINS[source]
-    eps = registered()
-    if source in eps:
-        try:
-            return eps[source].load()
-        except (Exception, SystemExit) as e:  # noqa: BLE001 - a broken plugin package: named, not hidden
-            raise import_failed(spec, f"entry point '{source}' ({eps[source].value})", e) from e
-    raise AlignError("Reward spec: " + unknown_name("reward", source, available())
-                     + " Or give path/to/file.py:function, package.module:function, or a reward-model run.")
+    return load_named(source, spec, "reward", BUILTINS, GROUP,
+                      " Or give path/to/file.py:function, package.module:function, or a reward-model run.")
 
 
 def takes_completions(fn: Any) -> bool:

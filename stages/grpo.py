@@ -23,6 +23,12 @@ Options beyond TRL's GRPO (align.stages.grpo_trainer):
 - `--sync-check N`: every N steps, check that the sampler serves the current adapter and agrees with the trainer
   on the sampled tokens' log-probs (mean |Δ log p| ≤ `--sync-threshold`), else stop with a clear error.
 
+Tools (`--tool SPEC`, `--environment SPEC`, align.rewards.tools): rollouts become multi-turn (align.stages.tool_rollout):
+the model's `<tool_call>` JSON is run, guarded (`--tool-timeout`), its result appended as a `tool` message, and the
+model answers or calls again, up to `--max-tool-calls` turns. The loss covers the model's tokens only (tool results
+are masked through TRL's `env_mask`); rewards see the whole conversation. Logged: `tools/calls`, `tools/errors`,
+`tools/timeouts` (per generation batch).
+
 `--batch-size` counts completions per device per step: prompts per step = batch size / num generations.
 Logged: reward (total, and per function `rewards/<name>/mean`), reward std, KL, completion length, clip ratios,
 entropy; with `--gold-reward` the gold metrics `gold/<name>/mean` (held out: `eval_gold/<name>/mean`), never trained
@@ -40,13 +46,13 @@ from align.config import Config, opt
 from align.errors import Problems
 from align.stages.common import as_dataset, finish_stage, launch_or_join, start_stage, trainer_arguments
 from align.stages.gold import Gold, GoldOptions
-from align.stages.online import RewardOptions, RolloutOptions, load_prompt_data, make_rollout_engine
+from align.stages.online import RewardOptions, RolloutOptions, ToolOptions, load_prompt_data, make_rollout_engine
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
 
 @dataclass
 class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardOptions, GoldOptions, RolloutOptions,
-                 Config):
+                 ToolOptions, Config):
     lr: float = opt(5e-5, "Peak learning rate.", range="(0, inf)")
     batch_size: int = opt(16, "Completions per device per step (prompts per step = this / --num-generations).", range="[1, inf)")
     beta: float = opt(0.04, "KL coefficient to the reference (the starting/parent policy); 0 disables the reference.", range="[0, inf)")
@@ -117,7 +123,8 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
         is_correction=resolved["is_correction"], rollout=cfg,
         model=policy.model, reward_funcs=rewards, args=args, processing_class=policy.tokenizer,
         train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation),
-        callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine, seed=cfg.seed if cfg.num_processes is not None else None),
+        callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine, seed=cfg.seed if cfg.num_processes is not None else None,
+                                      tools=cfg.toolset() if cfg.enabled() else None, max_tool_calls=cfg.max_tool_calls),
     )
 
 
@@ -127,5 +134,5 @@ def main(cfg: GRPOConfig) -> Path:
         return workers_run  # --num-processes: the launched processes trained
     started = start_stage(cfg, "grpo", load_prompt_data)
     return finish_stage(started, cfg, stage="grpo", task="causal-lm", rewards=cfg.reward_manifest(),
-                        resolved=cfg.resolved(), reference="parent policy (frozen)" if cfg.beta > 0 else None,
+                        resolved=cfg.resolved(), tools=cfg.tools_manifest(), reference="parent policy (frozen)" if cfg.beta > 0 else None,
                         make_trainer=lambda callbacks: build_trainer(cfg, started, callbacks))

@@ -12,6 +12,9 @@
   (align.stages.rollout.check_sync) when the served adapter is not the current step's or the mean |Δ log p| over
   the sampled tokens passes `--sync-threshold` ("rollouts silently use stale weights"). Logged as
   `sampling/sync_logp_diff`.
+- Multi-turn rollouts with tools: the rollout engine runs the tool loop (align.stages.tool_rollout) and hands TRL
+  the model-token mask as `env_mask`; the correction's cut fraction and the sync check use it too (`model_tokens`),
+  so neither compares the sampler with the trainer on tool-result tokens.
 - Exact resume inside a generation batch: with `--num-iterations` > 1 (or several optimizer steps per generation)
   TRL reuses one batch of completions over several steps and, resumed between them, would sample that batch anew.
   The checkpoint keeps the buffered completions and TRL's micro-step counter (grpo_buffer-<process>.pt, tensors
@@ -25,6 +28,12 @@ from typing import Any
 
 import torch
 from trl import GRPOTrainer
+
+
+def model_tokens(output: dict[str, Any]) -> torch.Tensor:
+    """The completion tokens the model generated: the completion mask, without tool results (TRL's `tool_mask`)."""
+    mask = output["completion_mask"]
+    return mask * output["tool_mask"] if "tool_mask" in output else mask
 
 
 class _EngineSyncs:
@@ -111,7 +120,7 @@ class AlignGRPOTrainer(GRPOTrainer):
         from align.stages.advantages import importance_weights
 
         _, cut = importance_weights(output["old_per_token_logps"], output["sampling_per_token_logps"],
-                                    output["completion_mask"], self.is_correction,
+                                    model_tokens(output), self.is_correction,
                                     self.vllm_importance_sampling_clip_max, self.vllm_importance_sampling_clip_min)
         self._metrics[mode]["sampling/is_cut_frac"].append(self.accelerator.gather(cut).mean().item())
 
@@ -123,7 +132,7 @@ class AlignGRPOTrainer(GRPOTrainer):
         trainer = output.get("old_per_token_logps")
         if sampled is not None and trainer is None:
             trainer = self._trainer_logps(output)
-        diff = check_sync(self.engine, self.state.global_step, trainer, sampled, output["completion_mask"],
+        diff = check_sync(self.engine, self.state.global_step, trainer, sampled, model_tokens(output),
                           self.rollout.sync_threshold)
         if diff is not None:
             self._metrics["train"]["sampling/sync_logp_diff"].append(diff)

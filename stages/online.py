@@ -50,6 +50,41 @@ class RewardOptions:
 
 
 @dataclass
+class ToolOptions:
+    tool: list[str] = opt(factory=list, help="Tools the model may call (repeatable): built-in name (calculator), file.py:fn, "
+                                             "package.module:fn or an align.tools entry point; a typed function with "
+                                             "an Args: docstring. Rollouts become multi-turn.")
+    environment: str | None = opt(None, "A class (file.py:Class, package.module:Class or an align.environments entry "
+                                        "point) whose public methods are tools; one instance per rollout keeps its state.")
+    max_tool_calls: int = opt(4, "Most tool-calling turns per rollout (each runs that turn's calls); the model's next "
+                                 "turn after the last is its answer.", range="[1, inf)")
+    tool_timeout: float = opt(10.0, "Seconds a tool call may take; past it the model reads a timeout error (counted in "
+                                    "tools/timeouts).", range="(0, inf)")
+
+    def enabled(self) -> bool:
+        return bool(self.tool or self.environment)
+
+    def toolset(self):
+        from align.rewards.tools import ToolSet
+
+        return ToolSet.resolve(self.tool, self.environment, self.tool_timeout)
+
+    def check(self, problems: Problems) -> None:
+        if self.enabled():
+            try:
+                self.toolset()
+            except AlignError as e:
+                problems.add(str(e))
+
+    def tools_manifest(self) -> dict | None:
+        """run.json's record of the tools (None without any)."""
+        if not self.enabled():
+            return None
+        return {"tool": self.tool, "environment": self.environment, "max_tool_calls": self.max_tool_calls,
+                "tool_timeout": self.tool_timeout}
+
+
+@dataclass
 class RolloutOptions:
     num_generations: int = opt(4, "Completions sampled per prompt (the group).", range="[1, inf)")
     max_completion_length: int = opt(256, "Maximum tokens per completion.", range="[1, inf)")

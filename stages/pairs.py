@@ -145,10 +145,11 @@ def main(cfg: PairsConfig) -> Path:
         engine = make_engine(cfg.backend, model, tokenizer, manifest, source, max_new_tokens=cfg.max_completion_length,
                              temperature=cfg.temperature, top_p=cfg.top_p, memory=cfg.vllm_memory, seed=cfg.seed)
         try:
-            _, completion_ids, texts = generate_completions(engine, model, [r["prompt"] for r in rows], num_samples=k,
-                                                            batch_size=cfg.batch_size, desc="Sampling")
+            gen = generate_completions(engine, model, [r["prompt"] for r in rows], num_samples=k,
+                                       batch_size=cfg.batch_size, desc="Sampling")
         finally:
             getattr(engine, "shutdown", engine.close)()
+        completion_ids, texts = gen.completion_ids, gen.texts
         rewards = cfg.guarded_rewards()
         scores = build_call(rows, texts, completion_ids, k).score(rewards)
         totals = weighted_total(scores, [g.reward.weight for g in rewards])

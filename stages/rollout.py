@@ -46,14 +46,15 @@ class Sampling:
     top_p: float = 1.0
 
 
-def render_prompts(tokenizer, prompts: list[Any]) -> list[list[int]]:
-    """Token ids of each prompt, chat-templated with the generation prompt when it is a conversation."""
+def render_prompts(tokenizer, prompts: list[Any], tools: list[dict] | None = None) -> list[list[int]]:
+    """Token ids of each prompt, chat-templated with the generation prompt (and the tools' schemas, when given) when
+    it is a conversation."""
     out = []
     for prompt in prompts:
         if isinstance(prompt, str):
             out.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         else:
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, tools=tools or None)
             out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
 
@@ -161,20 +162,41 @@ def close_on_train_end(engine):
     return CloseEngine()
 
 
-def trl_rollout_func(engine, seed: int | None = None):
+def trl_rollout_func(engine, seed: int | None = None, tools=None, max_tool_calls: int = 4):
     """Adapt an engine to GRPOTrainer's `rollout_func(prompts, trainer)` hook; with `seed` (hf backend) rows are
-    sampled with `row_seeds`."""
+    sampled with `row_seeds`. With `tools` (a resolved align.rewards.tools.ToolSet) each rollout is multi-turn
+    (align.stages.tool_rollout): the output adds `env_mask` (TRL's key: 1 = model token, 0 = tool result), each
+    rollout's `conversation` and `environments` (reward keywords), and the tool metrics are logged."""
 
     def rollout(prompts: list[Any], trainer) -> dict[str, Any]:
         engine.sync(trainer.model, trainer.state.global_step)
+        first = trainer.accelerator.process_index * len(prompts)
+        seeds = row_seeds(seed, trainer.state.global_step, first, len(prompts)) \
+            if seed is not None and engine.name == "hf" else None
+        if tools is not None:
+            return _multi_turn(engine, prompts, trainer, tools, max_tool_calls, seeds)
         prompt_ids = render_prompts(engine.tokenizer, prompts)
-        first = trainer.accelerator.process_index * len(prompt_ids)
-        seeded = {"seeds": row_seeds(seed, trainer.state.global_step, first, len(prompt_ids))} \
-            if seed is not None and engine.name == "hf" else {}
-        completion_ids, logprobs = engine.generate(trainer.model, prompt_ids, **seeded)
+        completion_ids, logprobs = engine.generate(trainer.model, prompt_ids, **({"seeds": seeds} if seeds else {}))
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
 
     return rollout
+
+
+def _multi_turn(engine, prompts: list[Any], trainer, tools, max_tool_calls: int,
+                seeds: list[int] | None) -> dict[str, Any]:
+    import torch
+
+    from align.stages.tool_rollout import run_conversations
+
+    out = run_conversations(engine, trainer.model, prompts, tools, max_tool_calls, engine.sampling.max_new_tokens,
+                            seeds=seeds)
+    mode = "train" if trainer.model.training else "eval"
+    counts = torch.tensor(list(out.stats.metrics().values()), device=trainer.accelerator.device)
+    for key, value in zip(out.stats.metrics(), trainer.accelerator.gather(counts.unsqueeze(0)).sum(0).tolist(),
+                          strict=True):
+        trainer._metrics[mode][key].append(value)
+    return {"prompt_ids": out.prompt_ids, "completion_ids": out.completion_ids, "logprobs": out.logprobs,
+            "env_mask": out.model_mask, "conversation": out.conversation, "environments": out.environments}
 
 
 def check_sync(engine, step: int, trainer_logps, sampler_logps, mask, threshold: float) -> float | None:

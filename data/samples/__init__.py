@@ -14,6 +14,9 @@ They are generated deterministically by this module; regenerate with `python -m 
 - `addition-train-prompts`  the 2000 problems that sft and RL train on (`addition`'s 1500 and `addition-prompts`' 500)
   as prompts with answers: on-policy preference pairs for a reward model on every training problem, never on the
   held-out ones
+- `mult-tools`, `mult-prompts`, `mult-eval`  the tools demo (recipes/tools.yaml): "What is 4821 * 37?" (a 3-4 digit
+  number times a 2-digit one), disjoint: 400 SFT traces with the calculator (`tools` column; the assistant calls
+  calculator(expression="4821 * 37"), reads the result, answers it), 300 RL prompts and 200 held-out prompts with answers
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ BUNDLED: dict[str, str] = {
     "addition-prompts": "addition_prompts.jsonl",
     "addition-eval": "addition_eval.jsonl",
     "addition-train-prompts": "addition_train_prompts.jsonl",
+    "mult-tools": "mult_tools_sft.jsonl",
+    "mult-prompts": "mult_prompts.jsonl",
+    "mult-eval": "mult_eval.jsonl",
 }
 
 
@@ -105,6 +111,32 @@ def addition_records(max_operand: int = 50, n_eval: int = 500, n_sft: int = 1500
     return conversations, prompts(rl), prompts(held), prompts(sft + rl)
 
 
+def multiplication_records(n_sft: int = 400, n_rl: int = 300, n_eval: int = 200, seed: int = 3):
+    """(tool-trace conversations, RL prompts, held-out prompts) for the tools demo: a * b, a in 100-9999, b in 10-99."""
+    from align.rewards.tools import ToolSet
+
+    rng = random.Random(seed)
+    problems: list[tuple[int, int]] = []
+    while len(problems) < n_sft + n_rl + n_eval:
+        a, b = rng.randrange(100, 10000), rng.randrange(10, 100)
+        if (a, b) not in problems:
+            problems.append((a, b))
+    schemas = ToolSet.resolve(["calculator"], None).schemas()
+
+    def trace(a: int, b: int) -> dict:
+        call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": f"{a} * {b}"}}}
+        return {"messages": [{"role": "user", "content": f"What is {a} * {b}?"},
+                             {"role": "assistant", "content": "", "tool_calls": [call]},
+                             {"role": "tool", "name": "calculator", "content": str(a * b)},
+                             {"role": "assistant", "content": str(a * b)}], "tools": schemas}
+
+    def prompts(part):
+        return [{"prompt": f"What is {a} * {b}?", "answer": str(a * b)} for a, b in part]
+
+    return ([trace(a, b) for a, b in problems[:n_sft]], prompts(problems[n_sft : n_sft + n_rl]),
+            prompts(problems[n_sft + n_rl :]))
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -117,6 +149,8 @@ def main() -> None:
         write_jsonl(SAMPLES_DIR / BUNDLED[f"{name}-eval"], held_out)
     names = ("addition", "addition-prompts", "addition-eval", "addition-train-prompts")
     for name, records in zip(names, addition_records(), strict=True):
+        write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
+    for name, records in zip(("mult-tools", "mult-prompts", "mult-eval"), multiplication_records(), strict=True):
         write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
 
 

@@ -1,0 +1,228 @@
+"""Tools and multi-turn rollouts (align.rewards.tools, align.stages.tool_rollout): the calculator, guarded tool calls
+(a tool that raises, hangs or returns garbage), environments' state per rollout, bad specs refused at validation, a
+tool called mid-rollout with its result in the next turn (masks checked token by token), and a grpo run with the
+calculator that logs the tool metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PLUGINS = Path(__file__).parent / "tool_plugins.py"
+DATA = Path(__file__).parent / "data"
+
+
+def _spec(name: str) -> str:
+    return f"{PLUGINS}:{name}"
+
+
+@pytest.fixture(scope="module")
+def tool_policy(tmp_path_factory) -> Path:
+    """A tiny model fine-tuned on four calculator traces (tests/data/tool_traces.jsonl, from the bundled mult-tools):
+    it has learnt the call format, so its rollouts call the calculator. Two heads (head_dim 64): vLLM's CPU attention
+    has no kernel for head_dim 16."""
+    import align
+    from align.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path_factory.mktemp("tools") / "base", split_digits=True, initializer_range=0.02, seed=1)
+    return align.sft(model=str(base), data=str(DATA / "tool_traces.jsonl"), adapter="full", lr=3e-3,
+                     lr_scheduler="constant_with_warmup", warmup=0.05, batch_size=4, max_length=700, max_steps=100,
+                     logging_steps=50, output=tmp_path_factory.mktemp("tools") / "sft", tensorboard=False)
+
+
+def test_calculator_is_exact_and_never_evaluates_code():
+    from align.rewards.tools import calculator
+
+    assert calculator("4821 * 37") == "178377"
+    assert calculator("7 / 2") == "3.5" and calculator("(1 + 2) ** 3 - -1") == "28" and calculator("1,234 + 1") == "1235"
+    assert calculator("__import__('os').system('true')").startswith("error: unsupported element")
+    assert calculator("2 ** 100000").startswith("error:") and calculator("1 / 0") == "error: division by zero"
+    assert calculator("12 +").startswith("error: cannot parse")
+
+
+def test_a_tool_that_raises_hangs_or_returns_garbage_becomes_an_error_message_and_is_counted():
+    from align.rewards.tools import ToolSet, ToolStats
+
+    tools = ToolSet.resolve([_spec("boom"), _spec("hang"), _spec("garbage"), _spec("double")], None, timeout=0.5)
+    rollout, stats = tools.for_rollout(), ToolStats()
+    assert rollout.call({"name": "boom", "arguments": {"x": 3}}, stats) == ("boom", "error: boom raised RuntimeError: boom 3")
+    assert rollout.call({"name": "hang", "arguments": {"x": 1}}, stats) == ("hang", "error: hang timed out after 0.5s")
+    assert rollout.call({"name": "garbage", "arguments": {"x": 1}}, stats) == \
+        ("garbage", "error: garbage returned a object, which is neither text nor JSON")
+    assert rollout.call({"name": "double", "arguments": {"x": 4}}, stats) == ("double", '{"value": 8}')
+    assert rollout.call({"name": "double", "arguments": {"y": 4}}, stats)[1].startswith("error: double raised TypeError")
+    assert rollout.call({"name": "nope", "arguments": {}}, stats)[1] == \
+        "error: unknown tool 'nope'; available: boom, double, garbage, hang"
+    assert (stats.calls, stats.errors, stats.timeouts) == (6, 4, 1)
+
+
+def test_tool_calls_are_parsed_from_the_model_text():
+    from align.rewards.tools import parse_tool_calls
+
+    text = 'x<tool_call>\n{"name": "calculator", "arguments": {"expression": "1 + 2"}}\n</tool_call><tool_call>{oops</tool_call>'
+    calls = parse_tool_calls(text)
+    assert calls[0] == {"name": "calculator", "arguments": {"expression": "1 + 2"}}
+    assert isinstance(calls[1], str) and "is not JSON" in calls[1]
+    assert parse_tool_calls("19") == []
+
+
+def test_an_environment_keeps_its_state_per_rollout():
+    from align.rewards.tools import ToolSet, ToolStats
+
+    tools = ToolSet.resolve([], _spec("Counter"))
+    first, second, stats = tools.for_rollout(), tools.for_rollout(), ToolStats()
+    assert sorted(first.tools) == ["increment"]  # public methods, reset aside
+    assert [s["function"]["name"] for s in tools.schemas()] == ["increment"]
+    assert first.call({"name": "increment", "arguments": {"by": 2}}, stats)[1] == "2"
+    assert first.call({"name": "increment", "arguments": {"by": 3}}, stats)[1] == "5"
+    assert second.call({"name": "increment", "arguments": {"by": 1}}, stats)[1] == "1"
+    assert (first.environment.count, second.environment.count) == (5, 1) and first.environment is not second.environment
+
+
+def test_bad_tool_specs_are_refused_before_any_model_loads(cli, tmp_path):
+    code, _, err = cli("grpo", "--model", tmp_path / "no-model", "--data", "mult-prompts", "--reward", "accuracy",
+                       "--tool", "calculater", "--tool", _spec("undocumented"), "--environment", _spec("boom"),
+                       "--output", tmp_path / "out")
+    assert code == 2
+    assert "Tool spec: Unknown tool 'calculater'. Did you mean 'calculator'? Available: calculator." in err
+    assert f"Tool spec '{_spec('undocumented')}': no JSON schema for 'undocumented'" in err and "`Args:` section" in err
+    assert f"Environment spec '{_spec('boom')}': making an instance raised TypeError" in err
+    assert not (tmp_path / "out").exists()
+    code, out, _ = cli("tools", "list", "--tool", "calculator")
+    assert code == 0 and "tools (--tool NAME): calculator" in out and '"name": "calculator"' in out
+
+
+def test_a_tool_is_called_mid_rollout_and_only_the_model_tokens_are_trained(tool_policy):
+    """Greedy rollouts of the calculator-tuned model: each tool result is the calculator's answer to the call, it sits
+    between two model turns, and the mask is 0 exactly on its rendered tokens and 1 on every token the model made."""
+    from align.data.prompts import load_prompts
+    from align.generate import load_target
+    from align.rewards.tools import ToolSet, calculator
+    from align.stages.rollout import Sampling, make_engine
+    from align.stages.tool_rollout import run_conversations, tool_suffix_ids
+
+    model, tok, _ = load_target(str(tool_policy))
+    rows, _ = load_prompts(str(DATA / "tool_prompts.jsonl"))
+    prompts = [r["prompt"] for r in rows]
+    engine = make_engine("hf", tok, Sampling(max_new_tokens=128, temperature=0.0))
+    out = run_conversations(engine, model, prompts, ToolSet.resolve(["calculator"], None), max_tool_calls=2,
+                            max_completion_length=128)
+    assert out.stats.calls >= 3 and out.stats.timeouts == 0
+    for ids, mask, conversation in zip(out.completion_ids, out.model_mask, out.conversation, strict=True):
+        assert len(ids) == len(mask) and mask[0] == 1 and mask[-1] == 1  # starts and ends with the model's tokens
+        tool_turns = [i for i, m in enumerate(conversation) if m["role"] == "tool"]
+        masked = [t for t, m in zip(ids, mask, strict=True) if m == 0]
+        expected = []
+        for i in tool_turns:
+            call = json.loads(conversation[i - 1]["content"].split("<tool_call>")[1].split("</tool_call>")[0])
+            assert conversation[i]["content"] == calculator(**call["arguments"])  # the tool ran on the model's call
+            assert conversation[i + 1]["role"] == "assistant"  # ... and the model went on after reading the result
+            expected += tool_suffix_ids(tok, [conversation[i]])
+        assert masked == expected  # exactly the rendered tool results are 0
+        model_text = tok.decode([t for t, m in zip(ids, mask, strict=True) if m == 1], skip_special_tokens=True)
+        assert model_text == "".join(m["content"] for m in conversation if m["role"] == "assistant")
+    rolled = [r for r in out.conversation if any(m["role"] == "tool" for m in r)]
+    assert rolled and all(r[-1]["role"] == "assistant" for r in rolled)
+
+
+def test_grpo_hands_trl_a_mask_that_is_zero_exactly_on_the_tool_results(tool_policy, tmp_path):
+    """What TRL's GRPOTrainer trains on: `tool_mask` (from the rollout's env_mask) is 0 on the rendered tool results and
+    1 on every token the model sampled; the loss mask is completion_mask × tool_mask."""
+    from align.stages.common import start_stage
+    from align.stages.grpo import GRPOConfig, build_trainer, load_prompt_data
+
+    cfg = GRPOConfig.from_kwargs(from_run=str(tool_policy), data=str(DATA / "tool_prompts.jsonl"), reward=["accuracy"],
+                                 tool=["calculator"], output=str(tmp_path / "grpo"), num_generations=4, batch_size=8,
+                                 max_completion_length=128, beta=0.0, backend="hf", tensorboard=False)
+    started = start_stage(cfg, "grpo", load_prompt_data)
+    trainer = build_trainer(cfg, started, callbacks=[])
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([row for row in started.train[:2] for _ in range(4)])
+    tok = trainer.processing_class
+    result = r"\n<\|im_start\|>user\n<tool_response>\n[^<]*\n</tool_response><\|im_end\|>\n<\|im_start\|>assistant\n"
+    called = 0
+    for ids, real, tool in zip(out["completion_ids"], out["completion_mask"], out["tool_mask"], strict=True):
+        ids, tool = ids[real.bool()].tolist(), tool[real.bool()].tolist()
+        masked = tok.decode([t for t, m in zip(ids, tool, strict=True) if m == 0])
+        assert re.fullmatch(f"({result})*", masked), masked  # nothing but rendered tool results is masked
+        turns = tok.decode([t for t, m in zip(ids, tool, strict=True) if m == 1])
+        assert "<tool_response>" not in turns  # ... and every rendered tool result is
+        called += bool(masked)
+    assert called > 0
+
+
+def test_grpo_with_the_calculator_logs_tool_metrics(cli, tool_policy, tmp_path):
+    out = tmp_path / "grpo"
+    code, _, err = cli("grpo", "--from", tool_policy, "--data", DATA / "tool_prompts.jsonl", "--reward", "accuracy",
+                       "--reward", "closeness(scale=1000000)", "--tool", "calculator", "--max-tool-calls", "2",
+                       "--num-generations", "4", "--batch-size", "8", "--max-completion-length", "128", "--max-steps", "2", "--logging-steps", "1", "--beta", "0",
+                       "--backend", "hf", "--no-tensorboard", "--output", out)
+    assert code == 0, err
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "reward" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    # sampled at temperature 1, some calls are malformed (an unknown tool name, bad JSON): counted as errors
+    assert all(m["tools/calls"] > 0 and 0 <= m["tools/errors"] <= m["tools/calls"] and m["tools/timeouts"] == 0
+               for m in steps)
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["tools"] == {"tool": ["calculator"], "environment": None, "max_tool_calls": 2, "tool_timeout": 10.0}
+
+
+def test_eval_samples_the_same_multi_turn_rollouts(cli, tool_policy, tmp_path):
+    out = tmp_path / "eval.json"
+    code, _, err = cli("eval", tool_policy, "--data", DATA / "tool_prompts.jsonl", "--tool", "calculator",
+                       "--max-new-tokens", "128", "--backend", "hf", "--output", out)
+    assert code == 0, err
+    metrics = json.loads(out.read_text())
+    assert metrics["tools/calls"] >= 0.5 and metrics["tools/timeouts"] == 0  # per completion (greedy: one each)
+    assert metrics["kl"] > 0  # to the base model, over the model's own tokens
+    from align.rewards.tools import calculator
+
+    called = [e["completion"] for e in metrics["examples"] if "<tool_response>" in e["completion"]]
+    assert called
+    for text in called:  # the completion the rewards read: the call, the calculator's result, the model's answer
+        call = json.loads(text.split("<tool_call>")[1].split("</tool_call>")[0])
+        assert f"<tool_response>\n{calculator(**call['arguments'])}\n</tool_response>" in text
+    code, _, err = cli("eval", tool_policy, "--data", "arith-prefs-eval", "--tool", "calculator")
+    assert code == 2 and "holds preference pairs, which are scored, not sampled: --tool / --environment" in err
+
+
+def test_rewards_check_scores_multi_turn_rollouts(cli, tool_policy):
+    code, out, err = cli("rewards", "check", "accuracy", "--data", DATA / "tool_prompts.jsonl", "--from", tool_policy,
+                         "--tool", "calculator", "--max-new-tokens", "128", "--num-samples", "4")
+    assert code == 0, err
+    assert "multi-turn with tools: " in out and " 0 timeouts" in out and "<tool_call>" in out
+    # rewards receive each rollout's conversation and environment, as in grpo
+    code, out, err = cli("rewards", "check", _spec("env_calls"), "--data", DATA / "tool_prompts.jsonl", "--from",
+                         tool_policy, "--environment", _spec("CountingCalculator"), "--max-new-tokens", "128",
+                         "--num-samples", "4", "--temperature", "0")
+    assert code == 0, err
+    calls, errors = map(int, re.search(r"multi-turn with tools: (\d+) tool calls, (\d+) errors", out).groups())
+    mean = float(re.search(r"env_calls \(.*?\), weight 1: mean ([\d.]+)", out).group(1))
+    assert calls > errors and mean == pytest.approx((calls - errors) / 4)  # each environment saw its rollout's calls
+    code, _, err = cli("rewards", "check", "accuracy", "--data", DATA / "tool_prompts.jsonl", "--tool", "calculator")
+    assert code == 2 and "--tool / --environment make the completions multi-turn rollouts, which need --from RUN" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_hf_and_vllm_give_the_same_conversation_greedily(tool_policy, tmp_path):
+    """Both rollout backends run the same loop: greedy rollouts with the calculator, one per backend (vLLM serving
+    the fine-tuned weights as a model directory), give the same conversations and tool counts."""
+    results = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / f"{backend}.json"
+        proc = subprocess.run(  # a separate process: vLLM's engine process needs a guarded __main__
+            [sys.executable, "-m", "align", "eval", str(Path(tool_policy) / "model"), "--data",
+             str(DATA / "tool_prompts.jsonl"), "--tool", "calculator", "--max-new-tokens", "128", "--backend", backend,
+             "--vllm-memory", "0.2", "--output", str(out)], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[backend] = json.loads(out.read_text())
+    hf, vllm = results["hf"], results["vllm"]
+    assert hf["tools/calls"] > 0 and hf["tools/calls"] == vllm["tools/calls"]
+    assert [e["completion"] for e in hf["examples"]] == [e["completion"] for e in vllm["examples"]]
