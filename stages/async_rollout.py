@@ -103,6 +103,8 @@ def sampler_copy(model):
     the pairs (live parameter, copied parameter) to snapshot."""
     frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
     sampler = copy.deepcopy(model, memo=dict(frozen))
+    for module in sampler.modules():  # a forward set on the instance (a wrapper) still calls the live module: drop it
+        module.__dict__.pop("forward", None)
     live = dict(model.named_parameters())
     pairs = [(live[name], p) for name, p in sampler.named_parameters() if id(p) not in frozen]
     for _, p in pairs:
