@@ -74,6 +74,8 @@ class AsyncOptions:
 
     def check(self, problems: Problems) -> None:
         if not self.async_rollouts:
+            if self.max_staleness != 1:
+                problems.add(f"--max-staleness {self.max_staleness} bounds --async sampling; add --async, or drop it.")
             return
         if self.resolved_backend() != "hf":
             problems.add("--async samples from a snapshot of the policy with the hf backend; the vllm engines serve "

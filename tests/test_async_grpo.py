@@ -116,3 +116,14 @@ def test_killed_async_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_pa
         assert y["reward"] == pytest.approx(x["reward"], abs=1e-6)
     assert b[2]["async/staleness_max"] == 1  # step 3 trained the batch sampled before the kill, not a new one
     assert max_adapter_difference(run, straight) <= 1e-6
+
+
+def test_async_limits_are_refused_with_every_problem(cli, tiny_model, tmp_path):
+    code, _, err = cli("grpo", "--model", tiny_model, "--output", tmp_path / "x", *ARGS[:-2], "--async", "--backend",
+                       "vllm", "--grad-accum", "2", "--is-correction", "none")
+    assert code == 2
+    assert "--async samples from a snapshot of the policy with the hf backend" in err
+    assert "--async needs one generation per optimizer step: --grad-accum 1 and --num-iterations 1, got 2 and 1." in err
+    assert "Use --is-correction auto (token_truncate) or another mode, not none." in err
+    code, _, err = cli("grpo", "--model", tiny_model, "--output", tmp_path / "y", *ARGS, "--max-staleness", "2")
+    assert code == 2 and "--max-staleness 2 bounds --async sampling; add --async, or drop it." in err
