@@ -58,6 +58,7 @@ from align.config import opt
 from align.errors import Problems
 
 EVAL_SEED_OFFSET = 7919  # held-out sampling uses its own row seeds
+HISTORY = 32  # trained steps whose versions and sampler log-probs stay inspectable (AsyncRollouts.history)
 
 
 @dataclass
@@ -144,7 +145,7 @@ class AsyncRollouts:
         self.jobs: dict[int, Job] = {}
         self.ahead: deque = deque()  # batches read ahead of the trainer, oldest first
         self.iterator = None
-        self.history: list[dict[str, Any]] = []  # per trained step: versions and sampler log-probs (tests, bench)
+        self.history: deque = deque(maxlen=HISTORY)  # the last trained steps: versions and sampler log-probs (tests)
         self.sampler = self.pairs = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="align-async-rollout")
 
@@ -209,7 +210,8 @@ class AsyncRollouts:
         metrics = trainer._metrics["train"]
         metrics["async/wait_s"].append(time.perf_counter() - started)
         metrics["async/staleness_mean"].append(float(step - job.version))
-        metrics["async/staleness_max"].append(float(step - job.version))
+        window = metrics["async/staleness_max"]  # TRL logs the mean of each list: keep one value, the window's max
+        window[:] = [max([*window, float(step - job.version)])]
         self.history.append({"step": step, "version": job.version, "logprobs": result["logprobs"],
                              "completion_ids": result["completion_ids"]})
         return self._output(job, result)
