@@ -4,6 +4,7 @@ the uninterrupted run's result."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def test_one_step_stale_batches_are_corrected_with_their_own_sampler_logprobs(ti
 
     # the batch trained at step 1 was sampled by version 0, the starting policy: its sampler log-probs are that
     # policy's (recomputed here with TRL's own scoring on a model holding the saved starting weights) ...
-    start = __import__("copy").deepcopy(trainer.model)
+    start = copy.deepcopy(trainer.model)
     with torch.no_grad():
         for name, p in start.named_parameters():
             if name in trainable:
