@@ -20,6 +20,8 @@ Options beyond TRL's GRPO (align.stages.grpo_trainer):
 - `--is-correction`: importance-sampling correction of the sampler/trainer mismatch (TIS: *_truncate, MIS: *_mask,
   per token or per sequence, weights cut at `--is-cap`); auto = TRL's sequence_mask when the sampler is vLLM on a
   GPU (bf16), none otherwise (the hf backend samples from the trained model; vLLM in fp32 on CPU agrees to ~1e-6).
+- `--async --max-staleness K`: sample the next K batches in the background from a snapshot of the policy while the
+  current one trains, correcting with the sampler's log-probs (align.stages.async_rollout).
 - `--sync-check N`: every N steps, check that the sampler serves the current adapter and agrees with the trainer
   on the sampled tokens' log-probs (mean |Δ log p| ≤ `--sync-threshold`), else stop with a clear error.
 
@@ -44,6 +46,7 @@ from typing import Literal
 from align.adapters import AdapterOptions
 from align.config import Config, opt
 from align.errors import Problems
+from align.stages.async_rollout import AsyncOptions, make_async
 from align.stages.common import as_dataset, finish_stage, launch_or_join, start_stage, trainer_arguments
 from align.stages.gold import Gold, GoldOptions
 from align.stages.online import RewardOptions, RolloutOptions, ToolOptions, load_prompt_data, make_rollout_engine
@@ -51,8 +54,8 @@ from align.stages.options import DataOptions, ModelOptions, TrainOptions
 
 
 @dataclass
-class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardOptions, GoldOptions, RolloutOptions,
-                 ToolOptions, Config):
+class GRPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, RewardOptions, GoldOptions, AsyncOptions,
+                 RolloutOptions, ToolOptions, Config):
     lr: float = opt(5e-5, "Peak learning rate.", range="(0, inf)")
     batch_size: int = opt(16, "Completions per device per step (prompts per step = this / --num-generations).", range="[1, inf)")
     beta: float = opt(0.04, "KL coefficient to the reference (the starting/parent policy); 0 disables the reference.", range="[0, inf)")
@@ -118,13 +121,16 @@ def build_trainer(cfg: GRPOConfig, started, callbacks):
         reward_weights=[g.reward.weight for g in rewards], disable_dropout=True,
     )
     engine = make_rollout_engine(cfg, policy, started.run.path)
+    background = make_async(cfg, engine)  # --async: align.stages.async_rollout
     return AlignGRPOTrainer(
         engine=engine, gold=Gold.from_config(cfg), advantage=cfg.advantage, scale_rewards=resolved["scale_rewards"],
-        is_correction=resolved["is_correction"], rollout=cfg,
+        is_correction=resolved["is_correction"], rollout=cfg, async_rollouts=background,
         model=policy.model, reward_funcs=rewards, args=args, processing_class=policy.tokenizer,
         train_dataset=as_dataset(started.train), eval_dataset=as_dataset(started.evaluation),
-        callbacks=[*callbacks, close_on_train_end(engine)], rollout_func=trl_rollout_func(engine, seed=cfg.seed if cfg.num_processes is not None else None,
-                                      tools=cfg.toolset() if cfg.enabled() else None, max_tool_calls=cfg.max_tool_calls),
+        callbacks=[*callbacks, close_on_train_end(engine)],
+        rollout_func=background.rollout if background else trl_rollout_func(
+            engine, seed=cfg.seed if cfg.num_processes is not None else None,
+            tools=cfg.toolset() if cfg.enabled() else None, max_tool_calls=cfg.max_tool_calls),
     )
 
 

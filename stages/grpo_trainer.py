@@ -19,6 +19,8 @@
   TRL reuses one batch of completions over several steps and, resumed between them, would sample that batch anew.
   The checkpoint keeps the buffered completions and TRL's micro-step counter (grpo_buffer-<process>.pt, tensors
   and plain values, loaded with weights_only=True), so the resumed run trains on the same completions.
+- `--async`: the batches of the next steps are read ahead and sampled in the background (align.stages.async_rollout);
+  three hooks hand it the trainer's batch fetch and its checkpoints.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ class _EngineSyncs:
 
 class AlignGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, engine, rollout, gold=None, advantage: str = "grpo", scale_rewards: str = "group",
-                 is_correction: str = "none", **kwargs):
+                 is_correction: str = "none", async_rollouts=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.async_rollouts = async_rollouts  # align.stages.async_rollout.AsyncRollouts under --async, else None
+        if async_rollouts is not None:
+            async_rollouts.attach(self)
         self.engine, self.rollout = engine, rollout  # rollout: the RolloutOptions (sync check)
         self.gold = gold  # align.stages.gold.Gold or None: metrics only, never in the rewards
         self.advantage, self.align_scale, self.is_correction = advantage, scale_rewards, is_correction
@@ -63,6 +68,8 @@ class AlignGRPOTrainer(GRPOTrainer):
 
     def _save_rng_state(self, output_dir: str) -> None:  # the Trainer writes trainer_state.json after this
         super()._save_rng_state(output_dir)
+        if self.async_rollouts is not None:
+            self.async_rollouts.save(output_dir, self.accelerator.process_index)
         if self._buffered_inputs is not None:
             torch.save({"step": self._step, "inputs": self._buffered_inputs}, self._buffer_file(output_dir))
 
@@ -71,6 +78,17 @@ class AlignGRPOTrainer(GRPOTrainer):
         if checkpoint is not None and os.path.isfile(self._buffer_file(checkpoint)):
             saved = torch.load(self._buffer_file(checkpoint), map_location=self.accelerator.device, weights_only=True)
             self._step, self._buffered_inputs = saved["step"], saved["inputs"]
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # before the first batch
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.async_rollouts is not None:
+            self.async_rollouts.load(resume_from_checkpoint, self.accelerator.process_index)
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        if self.async_rollouts is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = self.async_rollouts.batch_samples(self, epoch_iterator, num_batches)
+        return batches, self._get_num_items_in_batch(batches, device)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

@@ -129,7 +129,8 @@ class RolloutOptions:
         return bool(self.sync_check) and step % self.sync_check == 0
 
     def check(self, problems: Problems) -> None:
-        if self.resolved_backend() == "hf" and self.is_correction not in ("auto", "none"):
+        if self.resolved_backend() == "hf" and self.is_correction not in ("auto", "none") \
+                and not getattr(self, "async_rollouts", False):  # --async: the snapshot sampler gives log-probs
             problems.add(f"--is-correction {self.is_correction} needs the sampler's log-probs: the hf backend samples "
                          "from the trained model itself, so there is no mismatch to correct. Use --backend vllm.")
         if self.is_cap <= 0 or (self.is_min is not None and not 0 <= self.is_min < self.is_cap):

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 TIMEOUT = 1800  # a hang guard, far above any smoke's time on a loaded 2-core machine; never a verdict on speed
 
-SCRIPTS = ["adapters.py", "dpo_reference.py", "gpu_sft.py", "hash_cost.py", "packing.py", "ppo.py", "ppo_vs_trl.py",
-           "rollout.py", "sft_overhead.py", "gpu_distributed.sh"]
+SCRIPTS = ["adapters.py", "async_grpo.py", "dpo_reference.py", "gpu_sft.py", "hash_cost.py", "packing.py", "ppo.py",
+           "ppo_vs_trl.py", "rollout.py", "sft_overhead.py", "gpu_distributed.sh"]
 
 
 @functools.cache
