@@ -128,7 +128,7 @@ def sampled_logps(model, prompt_ids, completion_ids, temperature: float) -> list
     width_c = max(len(c) for c in completion_ids)
     ids = torch.full((len(prompt_ids), width_p + width_c), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
         ids[i, width_p - len(p):width_p] = torch.tensor(p)
         ids[i, width_p:width_p + len(c)] = torch.tensor(c)
         mask[i, width_p - len(p):width_p + len(c)] = 1
@@ -190,7 +190,7 @@ class AsyncRollouts:
         import torch
 
         with torch.no_grad():
-            for (_, mine), w in zip(self.pairs, weights):
+            for (_, mine), w in zip(self.pairs, weights, strict=True):
                 mine.copy_(w)
         completion_ids, _ = self.engine.generate(self.sampler, prompt_ids, seeds=seeds)
         logps = sampled_logps(self.sampler, prompt_ids, completion_ids, self.engine.sampling.temperature)

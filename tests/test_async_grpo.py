@@ -38,7 +38,7 @@ def test_staleness_zero_is_the_synchronous_run(tiny_model, tmp_path):
     _run(_grpo(tiny_model, zero, "--max-steps", "3", "--async", "--max-staleness", "0"))
     a, b = _metrics(sync), _metrics(zero)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert y["async/staleness_max"] == 0
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-6)
         assert y["reward"] == pytest.approx(x["reward"], abs=1e-6)
@@ -111,7 +111,7 @@ def test_killed_async_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_pa
     _run([*_grpo(tiny_model, run, *extra), "--resume"])
     a, b = _metrics(straight), _metrics(run)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert y["async/staleness_max"] == x["async/staleness_max"]
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-6)
         assert y["reward"] == pytest.approx(x["reward"], abs=1e-6)
