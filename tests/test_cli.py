@@ -193,7 +193,7 @@ def test_unpaired_preference_data_is_refused_by_sft(cli, tiny_model, tmp_path):
     data.write_text("".join(json.dumps({"prompt": "What is 1 + 1?", "completion": c, "label": c == "2"}) + "\n"
                             for c in ("2", "3")))
     code, _, err = cli("sft", "--model", tiny_model, "--data", data, "--output", tmp_path / "run")
-    assert code == 2 and "unpaired preference data" in err and "align dpo" in err
+    assert code == 2 and "unpaired preference data" in err and "align kto" in err
     assert not (tmp_path / "run").exists()
 
 
