@@ -385,6 +385,18 @@ def cases(T, S, R, W, mounted=False):
         ("distill-beta-without-jsd", ["distill", "--from", S, "--teacher", S, "--beta", "0.3", "--data",
                                       "arith-prompts", "-o", O("d")],
          "--beta 0.3 weighs the generalized JSD; --divergence reverse_kl has no β"),
+        ("distill-teacher-not-found", ["distill", "--from", S, "--teacher", "no-such-teacher", "--data",
+                                       "arith-prompts", "-o", O("d")],
+         "Cannot load model config 'no-such-teacher'"),
+        ("grpo-tool-typo", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--tool",
+                            "calculater", "-o", O("d")],
+         "Unknown tool 'calculater'. Did you mean 'calculator'?"),
+        ("grpo-async-tools", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--tool",
+                              "calculator", "--async", "-o", O("d")],
+         "--async samples single-turn rollouts"),
+        ("grpo-staleness-without-async", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy",
+                                          "--max-staleness", "3", "-o", O("d")],
+         "--max-staleness 3 bounds --async sampling"),
     ]
 
 
