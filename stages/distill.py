@@ -204,9 +204,9 @@ def main(cfg: DistillConfig) -> Path:
     """Run on-policy distillation as configured; returns the run directory."""
     if (workers_run := launch_or_join(cfg, "distill", load_prompt_data)) is not None:
         return workers_run  # --num-processes: the launched processes trained
-    if not (Path(cfg.teacher) / "run.json").is_file():
-        from align.models import check_causal
+    from align.models import check_causal, check_model_path
 
+    if cfg.teacher and not Path(cfg.teacher).exists() and check_model_path(cfg.teacher, "--teacher") is None:
         check_causal(cfg.teacher, cfg.trust_remote_code)  # a hub id that cannot be fetched fails before the run dir
     started = start_stage(cfg, "distill", load_prompt_data)
     teacher = str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).is_dir() else cfg.teacher
