@@ -23,16 +23,6 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # set before anyt
 
 DATA = Path(__file__).parent / "data"
 
-# The longest test files first (from `pytest --durations=40`, 2026-12-01, the quiet 2-core VM): with one
-# file per worker (--dist loadfile) a long file that happens to start last runs alone at the end.
-SLOW_FIRST = ("test_vllm.py", "test_bench.py", "test_resume.py", "test_distributed.py", "test_integrity.py",
-              "test_tools.py", "test_async_grpo.py", "test_trackers.py", "test_export.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: each file keeps its order
-
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
