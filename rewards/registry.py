@@ -210,14 +210,22 @@ def resolve_reward(spec: str) -> Reward:
     return Reward(obj, weight, spec, settings or {}, name)
 
 
-def resolve_rewards(specs: list[str]) -> list[Reward]:
-    """Resolve every spec and name each reward (deduplicated); all problems are reported together."""
-    rewards, problems = [], []
+def resolve_each(specs: list[str], resolve, problems: list[str]) -> list:
+    """`resolve(spec)` for every spec; each AlignError's message goes to `problems`, so all are reported together
+    (rewards here, tools and environments in align.rewards.tools)."""
+    resolved = []
     for spec in specs:
         try:
-            rewards.append(resolve_reward(spec))
+            resolved.append(resolve(spec))
         except AlignError as e:
             problems.append(str(e))
+    return resolved
+
+
+def resolve_rewards(specs: list[str]) -> list[Reward]:
+    """Resolve every spec and name each reward (deduplicated); all problems are reported together."""
+    problems: list[str] = []
+    rewards = resolve_each(specs, resolve_reward, problems)
     if problems:
         raise AlignError("Invalid reward spec(s):", problems)
     seen: dict[str, int] = {}

@@ -37,7 +37,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from align.errors import AlignError
-from align.rewards.registry import load_named
+from align.rewards.registry import load_named, resolve_each
 
 TOOL_GROUP = "align.tools"
 ENVIRONMENT_GROUP = "align.environments"
@@ -150,17 +150,9 @@ class ToolSet:
     @classmethod
     def resolve(cls, tool_specs: list[str], environment: str | None, timeout: float = 10.0) -> ToolSet:
         """Resolve every spec; all problems are reported together."""
-        tools, problems, factory = [], [], None
-        for spec in tool_specs:
-            try:
-                tools.append(resolve_tool(spec))
-            except AlignError as e:
-                problems.append(str(e))
-        if environment:
-            try:
-                factory = resolve_environment(environment)
-            except AlignError as e:
-                problems.append(str(e))
+        problems: list[str] = []
+        tools = resolve_each(tool_specs, resolve_tool, problems)
+        factory = next(iter(resolve_each([environment] if environment else [], resolve_environment, problems)), None)
         names = [t.__name__ for t in tools]
         if factory is not None and not problems:
             names += list(environment_tools(factory()))
