@@ -57,7 +57,6 @@ import logging
 import math
 import os
 import pickle
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -75,6 +74,7 @@ from align.stages.gold import GoldOptions
 from align.stages.online import RewardOptions, RolloutOptions, load_prompt_data, make_rollout_engine
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
 from align.stages.ppo_batch import Batch, completion_logprobs, padded_rows
+from align.stages.rng import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -538,31 +538,6 @@ class PPO:
 
 def checkpoint_step(checkpoint: Path | None) -> int | None:
     return int(checkpoint.name.split("-")[-1]) if checkpoint is not None else None
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch (and CUDA) RNG states as tensors and plain values, so state.pt loads with
-    torch.load(weights_only=True)."""
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def main(cfg: PPOConfig) -> Path:
