@@ -45,6 +45,11 @@ class Problems:
     def extend(self, messages: Iterable[str]) -> None:
         self.items.extend(messages)
 
+    def add_error(self, error: Exception) -> None:
+        """An error raised by a check: its own list of problems if it has one (each already names what it is about;
+        its headline would be a bullet above them), else its message."""
+        self.extend(getattr(error, "problems", None) or [str(error)])
+
     def __bool__(self) -> bool:
         return bool(self.items)
 

@@ -297,7 +297,7 @@ def check_file_output(cfg, problems) -> None:
         try:
             check_not_source(cfg.output, command_inputs(cfg), file_output=True)
         except AlignError as e:
-            problems.add(str(e))
+            problems.add_error(e)
 
 
 def command_inputs(cfg) -> dict[str, str]:

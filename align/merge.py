@@ -42,7 +42,7 @@ class MergeConfig(RemoteCodeOption, Config):
         try:
             check_not_source(self.output, command_inputs(self))
         except AlignError as e:
-            problems.add(str(e))
+            problems.add_error(e)
             return
         if (problem := output_path_problem(self.output)) is not None:
             problems.add(problem)

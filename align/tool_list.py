@@ -23,7 +23,7 @@ class ToolsListConfig(Config):
             try:
                 ToolSet.resolve(self.tool, self.environment)
             except AlignError as e:
-                problems.add(str(e))
+                problems.add_error(e)
 
 
 def main(cfg: ToolsListConfig) -> str:

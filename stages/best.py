@@ -85,7 +85,7 @@ def check(spec: str | None, cfg, problems: Problems, known: list[str] | None = N
     try:
         metric, _ = parse(spec)
     except AlignError as e:
-        problems.add(str(e))
+        problems.add_error(e)
         return
     if not getattr(cfg, "eval_data", None) and not getattr(cfg, "eval_split", 0):
         problems.add(f"--keep-best {spec}: compares held-out metrics, and this run has no held-out data. Add "

@@ -234,7 +234,7 @@ def open_run(cfg, problems: Problems) -> Run | None:
 
         return Run.open(cfg.output, resume=cfg.resume, overwrite=cfg.overwrite, inputs=command_inputs(cfg))
     except AlignError as e:
-        problems.add(str(e))
+        problems.add_error(e)
         return None
 
 
@@ -243,7 +243,7 @@ def collect(problems: Problems, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except AlignError as e:
-        problems.add(str(e))
+        problems.add_error(e)
         return None
 
 

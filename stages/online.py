@@ -30,7 +30,7 @@ class RewardOptions:
             try:
                 resolve_rewards(self.reward_specs())
             except Exception as e:  # AlignError listing every bad spec
-                problems.add(str(e))
+                problems.add_error(e)
 
     def reward_specs(self) -> list[str]:
         return [*self.reward, *([self.reward_model] if self.reward_model else [])]
@@ -74,7 +74,7 @@ class ToolOptions:
             try:
                 self.toolset()
             except AlignError as e:
-                problems.add(str(e))
+                problems.add_error(e)
 
     def tools_manifest(self) -> dict | None:
         """run.json's record of the tools (None without any)."""

@@ -78,6 +78,7 @@ def test_bad_grpo_config_is_refused_with_every_problem(cli, sft_parent, tmp_path
     assert code == 2
     assert "Unknown reward 'acuracy'. Did you mean 'accuracy'?" in err
     assert "--batch-size 8 must be a multiple of --num-generations 3" in err
+    assert "Invalid reward spec" not in err  # the spec problems are bullets of their own, not under a bullet heading
     code, _, err = cli("grpo", "--from", sft_parent, "--data", "arith-prompts", "--output", tmp_path / "x")
     assert code == 2 and "Give at least one reward" in err
     assert not (tmp_path / "x").exists()
