@@ -29,7 +29,7 @@ from typing import Any
 
 RewardFn = Callable[..., list[float | None]]
 # a number as people write it: "-3", "19.5", "1,234", "$1,234.50", "12%" (the sign may precede a currency symbol)
-NUMBER = re.compile(r"(-?)[$€£]?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
+NUMBER = re.compile(r"([-\u2212]?)[$€£]?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
@@ -41,8 +41,9 @@ def completion_text(completion: Any) -> str:
 
 
 def numbers(text: str) -> list[float]:
-    """Every number in `text`, read the way people write them ("1,234" = 1234, "$1,234.50" = 1234.5, "12%" = 12)."""
-    return [float(sign + digits.replace(",", "")) for sign, digits in NUMBER.findall(text)]
+    """Every number in `text`, read the way people write them ("1,234" = 1234, "$1,234.50" = 1234.5, "12%" = 12,
+    "−3" with the typographic minus = -3)."""
+    return [float(("-" if sign else "") + digits.replace(",", "")) for sign, digits in NUMBER.findall(text)]
 
 
 def final_answer(text: str) -> str:

@@ -40,6 +40,7 @@ def test_accuracy_reads_numbers_as_people_write_them():
               answer=["#### 1,234", "1234.5", "12", "-3", "3", "1234"])
     assert got == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]  # "1,2,3" is a list ending in 3; "1 234" is two numbers
     assert accuracy()(["q"], ["1,234"], answer=["1234"]) == [1.0]
+    assert accuracy()(["q", "q"], ["\u22123", "-$5"], answer=["-3", "-5"]) == [1.0, 1.0]  # typographic minus, sign before $
     assert closeness(scale=10)(["q"], ["$1,230"], answer=["1,234"]) == [pytest.approx(0.6)]
 
 
