@@ -40,6 +40,7 @@ from typing import Any, Literal
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
 from align.io import output_file_problem
+from align.models import target_problem
 from align.stages.online import ToolOptions
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ class EvalConfig(RemoteCodeOption, ToolOptions, Config):
         check_file_output(self, problems)
         if not self.target:
             problems.add("Give a run or model to evaluate: align eval RUN --data D.")
-        elif self.target.startswith((".", "/")) and not Path(self.target).is_dir():
-            problems.add(f"{self.target}: no such directory.")
+        elif problem := target_problem(self.target):
+            problems.add(problem)
         if not self.data:
             problems.add("--data is required: held-out prompts (with answers) or preference pairs.")
         if self.output and (problem := output_file_problem(self.output)) is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import Problems
+from align.models import target_problem
 
 
 @dataclass
@@ -24,8 +25,8 @@ class GenerateConfig(RemoteCodeOption, Config):
     def check(self, problems: Problems) -> None:
         if not self.target:
             problems.add("Give a run or model directory: align generate RUN --prompt '...'.")
-        elif self.target.startswith((".", "/")) and not Path(self.target).is_dir():
-            problems.add(f"{self.target}: no such directory.")
+        elif problem := target_problem(self.target):
+            problems.add(problem)
         if not self.prompt:
             problems.add("--prompt is required.")
         if self.max_new_tokens <= 0:

@@ -44,14 +44,52 @@ def resolve_dtype(dtype: str = "auto"):
     return getattr(torch, dtype)
 
 
+def missing_directory(name: str) -> str | None:
+    """"NAME: no such directory." (with a did-you-mean among its parent's directories) when `name` can only be a
+    local path — hub ids are `name` or `org/name`, so a leading ./ / ~ or a deeper path is one — and is not a
+    directory; else None (a directory, or a possible hub id: fetching it says whether it exists)."""
+    path = Path(name).expanduser()
+    if path.is_dir() or not (path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1):
+        return None
+    return f"{name}: no such directory." + (f" Did you mean '{near}'?" if (near := _nearest_path(name)) else "")
+
+
+def target_problem(name: str) -> str | None:
+    """What is wrong with a RUN|MODEL argument (align eval, align generate) that can be told without loading it:
+    a missing directory, or one that holds neither a run (run.json) nor a model (config.json) — e.g. a pipeline's
+    output, whose stages are then named."""
+    if missing := missing_directory(name):
+        return missing
+    path = Path(name).expanduser()
+    if not path.is_dir() or (path / "run.json").is_file() or (path / "config.json").is_file():
+        return None
+    runs = sorted(str(Path(name) / p.name) for p in path.iterdir() if (p / "run.json").is_file())
+    hint = f" It holds runs; give one of them: {', '.join(runs)}." if runs else ""
+    return f"{name}: neither a run directory (no run.json) nor a model directory (no config.json).{hint}"
+
+
+def _nearest_path(name: str) -> str | None:
+    """`name` with its first missing component replaced by the closest existing directory name, if that exists."""
+    import difflib
+
+    parts = Path(name).parts
+    for i, part in enumerate(parts):
+        parent = Path(*parts[:i]) if i else Path(".")
+        if not (parent / part).is_dir():
+            siblings = [p.name for p in parent.expanduser().iterdir() if p.is_dir()] if parent.expanduser().is_dir() else []
+            close = difflib.get_close_matches(part, siblings, n=1, cutoff=0.6)
+            guess = Path(*parts[:i], close[0], *parts[i + 1:]) if close else None
+            return str(guess) if guess is not None and guess.expanduser().is_dir() else None
+    return None
+
+
 def check_model_path(model: str | None, flag: str = "--model") -> str | None:
     """A problem message if `model` names a local path that is not a model directory, else None."""
     if not model:
         return f"{flag} is required: a local model directory or a hub id."
     path = Path(model)
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if looks_local and not path.is_dir():
-        return f"{flag} {model}: no such directory. Pass a model directory (with config.json) or a hub id."
+    if missing := missing_directory(model):
+        return f"{flag} {missing} Pass a model directory (with config.json) or a hub id."
     if path.is_dir() and not (path / "config.json").is_file():
         hint = " It looks like a run directory: use --from." if (path / "run.json").is_file() else ""
         return f"{flag} {model}: not a model directory (no config.json).{hint}"
