@@ -9,7 +9,7 @@ Supported adapters: lora, qlora, rslora (vLLM serves LoRA only). A QLoRA policy 
 full-precision base (vLLM on CPU does not run bitsandbytes); the small sampler/trainer mismatch this makes is
 what TRL's importance-sampling correction (on by default) accounts for, using the sampled tokens' log-probs
 that this engine returns. A base with merged parent adapters (`--handoff merge`) is materialised once into
-RUN/.rollout/base. Full fine-tuning is not served by this backend (use --backend hf).
+RUN/.rollout/base (by process 0, for every process). Full fine-tuning is not served by this backend (use --backend hf).
 
 On CPU, `memory` is the fraction of host RAM given to vLLM's KV cache (0.2-0.3 works on 24 GiB); scripts that
 use this backend need the `if __name__ == "__main__":` guard (vLLM starts an engine process).
@@ -58,13 +58,11 @@ def rollout_dir(run_dir: str | Path) -> Path:
 
 
 def remove_rollout_dir(directory: Path) -> None:
-    """Remove this process's adapter folder, and RUN/.rollout once every process's folder is gone."""
+    """Remove this process's adapter folder, and RUN/.rollout (with a shared materialised base) once no process's
+    folder is left: the last process out removes it, whatever the order."""
     shutil.rmtree(directory, ignore_errors=True)
-    if directory.name.startswith("process-"):
-        try:
-            directory.parent.rmdir()
-        except OSError:  # another process's folder is still there: the last one out removes it
-            pass
+    if directory.name.startswith("process-") and not any(directory.parent.glob("process-*")):
+        shutil.rmtree(directory.parent, ignore_errors=True)
 
 
 def _local_placement() -> dict[str, str]:
@@ -143,12 +141,14 @@ class VLLMEngine:
         if not merged_adapters:
             return Path(base_model)
         from align.handoff import materialize_base
+        from align.launch import is_main_process, wait_for_everyone
 
-        target = self.dir / "base"
-        if not (target / "config.json").is_file():
+        target = Path(self.dir).parent / "base" if self.dir.name.startswith("process-") else self.dir / "base"
+        if is_main_process() and not (target / "config.json").is_file():  # one copy, written by process 0
             model = materialize_base(base_model, merged_adapters, quantize_4bit=False)
             model.save_pretrained(target)
             self.tokenizer.save_pretrained(target)
+        wait_for_everyone()
         return target
 
     def sync(self, model, step: int) -> None:
