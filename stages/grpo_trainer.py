@@ -77,7 +77,9 @@ class AlignGRPOTrainer(GRPOTrainer):
     def _load_rng_state(self, checkpoint: str | None) -> None:  # called once, where the resumed run continues
         super()._load_rng_state(checkpoint)
         if checkpoint is not None and os.path.isfile(self._buffer_file(checkpoint)):
-            saved = torch.load(self._buffer_file(checkpoint), map_location=self.accelerator.device, weights_only=True)
+            device = self.accelerator.device  # launched on CPU it is cpu:0, which torch.load cannot map to
+            saved = torch.load(self._buffer_file(checkpoint), map_location="cpu" if device.type == "cpu" else device,
+                               weights_only=True)
             self._step, self._buffered_inputs = saved["step"], saved["inputs"]
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # before the first batch
