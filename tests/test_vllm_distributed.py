@@ -179,9 +179,3 @@ def test_the_sync_check_is_agreed_across_processes(case, expected):
     else:
         assert outcome[0] == outcome[1] and outcome[0][0] == "error" and expected in outcome[0][1]
 
-
-def test_colocated_engines_must_fit_in_the_host_memory_together(cli, sft_run, tmp_path):
-    code, _, err = cli("grpo", "--from", sft_run, "--data", "arith-prompts", "--reward", "closeness", "-o",
-                       tmp_path / "x", "--backend", "vllm", "--num-processes", "2", "--vllm-memory", "0.5")
-    assert code == 2 and not (tmp_path / "x").exists()
-    assert "--vllm-memory 0.5 with 2 processes" in err and "(100% in all). Lower --vllm-memory to 0.40" in err
