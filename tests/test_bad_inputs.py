@@ -212,6 +212,8 @@ def cases(T, S, R, W, mounted=False):
          "--is-correction token_mask needs the sampler's log-probs"),
         ("grpo-sync-hf", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--backend", "hf", "--sync-check", "2", "-o", O("d")],
          '--sync-check compares the vllm sampler with the trainer'),
+        ("grpo-vllm-memory", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--backend", "vllm", "--num-processes", "2", "--vllm-memory", "0.5", "-o", O("d")],
+         "--vllm-memory 0.5 with 2 processes: on CPU every process's vLLM engine takes that fraction of the host RAM"),
         ("grpo-temperature", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--temperature", "-1", "-o", O("d")],
          '--temperature'),
         ("ppo-no-reward", ["ppo", "--from", S, "--data", "arith-prompts", "-o", O("e")],
