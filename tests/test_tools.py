@@ -299,7 +299,7 @@ def test_hf_and_vllm_give_the_same_conversation_greedily(tool_policy, tmp_path):
 
 def test_the_calculator_makes_the_difference_after_a_short_sft(cli, tmp_path):
     """The tools demo (recipes/tools.yaml) in CI size: full sft of a random tiny model on 3000 calculator traces of
-    the demo's task ("What is 4898 * 85?", 6-digit products) for 320 steps of 2 packed rows, then greedy held-out
+    the demo's task ("What is 4898 * 85?", 6-digit products) for 420 steps of 2 packed rows, then greedy held-out
     eval on 50 other problems. With the calculator the model copies the numbers into its call and the result into its
     answer; offered no tools, the same model still writes a call that nobody answers (it never learnt to multiply)."""
     import align
@@ -312,7 +312,7 @@ def test_the_calculator_makes_the_difference_after_a_short_sft(cli, tmp_path):
     base = build_tiny_model(tmp_path / "base", split_digits=True, num_heads=8, initializer_range=0.02, seed=1)
     run = align.sft(model=str(base), data=str(tmp_path / "traces.jsonl"), adapter="full", lr=3e-3,
                     lr_scheduler="constant_with_warmup", warmup=0.05, weight_decay=0.1, batch_size=2, max_length=1024,
-                    max_steps=320, logging_steps=40, output=tmp_path / "sft", tensorboard=False)
+                    max_steps=420, logging_steps=60, output=tmp_path / "sft", tensorboard=False)
     metrics = {}
     for name, flags in (("with", ["--tool", "calculator", "--max-new-tokens", "128"]), ("without", ["--max-new-tokens", "8"])):
         code, _, err = cli("eval", run, "--data", tmp_path / "held_out.jsonl", "--backend", "hf", "--batch-size", "50",

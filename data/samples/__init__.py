@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 import random
-from importlib import resources
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 SAMPLES_DIR = Path(str(resources.files(__name__)))  # package data of align.data.samples (data/samples/ in the repo)
