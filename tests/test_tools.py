@@ -24,7 +24,7 @@ def _spec(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def tool_policy(tmp_path_factory) -> Path:
-    """A tiny model fine-tuned on four calculator traces (tests/data/tool_traces.jsonl, from the bundled mult-tools):
+    """A tiny model fine-tuned on four calculator traces (tests/data/tool_traces.jsonl, 3-4-digit × 2-digit):
     it has learnt the call format, so its rollouts call the calculator. Two heads (head_dim 64): vLLM's CPU attention
     has no kernel for head_dim 16."""
     import align

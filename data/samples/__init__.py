@@ -15,9 +15,9 @@ They are generated deterministically by this module; regenerate with `python -m 
   as prompts with answers: on-policy preference pairs for a reward model on every training problem, never on the
   held-out ones
 - `mult-tools`, `mult-direct`, `mult-prompts`, `mult-eval`  the tools demo (recipes/tools.yaml): "What is 4821 * 37?"
-  (a 4-digit number times a 2-digit one). `mult-tools`: 6000 SFT traces with the calculator (`tools` column; the
+  (a 4-digit number times a 2-digit one, the product 6 digits long). `mult-tools`: 6000 SFT traces with the calculator (`tools` column; the
   assistant calls calculator(expression="4821 * 37"), reads the result, answers it); `mult-direct`: the same 6000
-  problems answered directly (no tool), to train the comparison model; both generated when loaded (4 MB as files).
+  problems answered directly (no tool), to train the comparison model; both generated when loaded (4.9 MB as files).
   `mult-prompts`: 300 RL prompts and `mult-eval`: 200 held-out prompts, with answers; the three problem sets disjoint
 """
 
