@@ -11,8 +11,8 @@ Prompt data (a `prompt` / `messages` / `question` column; an answer column enabl
     reward              mean weighted total Σ w·r
     completion_length   mean completion tokens (EOS included; the model's own tokens with tools)
     tools/calls, tools/errors, tools/timeouts   with --tool / --environment: per completion (multi-turn rollouts,
-                        align.stages.tool_rollout, as grpo samples them; the rewards and accuracy read the whole
-                        conversation after the prompt, the KL covers the model's tokens only)
+                        align.stages.tool_rollout, as grpo samples them; the rewards read the whole conversation
+                        after the prompt, accuracy the model's last turn, the KL covers the model's tokens only)
     kl                  mean over completions of Σ_t KL(π(·|x,y<t) ‖ π_ref(·|x,y<t)): the exact per-token KL over the
                         vocabulary, summed along the completion, to --reference (default: the run's parent policy —
                         its parent run, or its base model for a first stage); 0 means "same distribution"

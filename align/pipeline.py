@@ -31,7 +31,8 @@ inside one of its inputs is refused at planning.
 
 After every policy stage (and for the base, before the first) the `eval` block runs `align eval` (align.evaluation —
 the same code as the command) on held-out data, with the KL to the stage's parent; rm stages are evaluated on
-their own `eval_data` pairs. A stage with `gate: {metric: M, min_delta: X}` must reach parent's M + X, else the
+their own `eval_data` pairs. With tools in the block (`tool`/`environment`), `without_tools: true` evaluates each
+policy a second time on the same prompts with no tools offered (the table's "acc. without tools"). A stage with `gate: {metric: M, min_delta: X}` must reach parent's M + X, else the
 pipeline stops with exit code 3 (GATE_EXIT) before the stages after it spend compute. DIR/pipeline.json holds the
 resolved pipeline, each stage's status, run directory, lineage, final metrics and held-out metrics.
 
@@ -56,6 +57,8 @@ from align.io import read_json
 from align.pipeline_checks import (
     EVAL_KEYS,
     STAGE_KEYS,
+    TOOL_KEYS,
+    WITHOUT_TOOLS,
     default_problems,
     eval_problems,
     gate_problems,
@@ -415,7 +418,11 @@ def evaluate_stage(evaluation: dict[str, Any], target: str, kind: str, cfg=None)
         return evaluate(_eval_config(evaluation, target, eval_data)) if eval_data else None
     if kind == "pairs" or not evaluation.get("data"):
         return None
-    return evaluate(_eval_config(evaluation, target))
+    metrics = evaluate(_eval_config(evaluation, target))
+    if evaluation.get(WITHOUT_TOOLS):  # the same policy on the same prompts with no tools offered, beside it
+        metrics[WITHOUT_TOOLS] = evaluate(_eval_config({k: v for k, v in evaluation.items() if k not in TOOL_KEYS},
+                                                       target))
+    return metrics
 
 
 class Pipeline:
@@ -534,19 +541,26 @@ TABLE_METRICS = ("accuracy", "reward", "kl", "preference_accuracy")
 
 
 def table_rows(base_eval: dict[str, Any] | None, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = [{"stage": "base", "kind": "-", "from": "-", **{m: (base_eval or {}).get(m) for m in TABLE_METRICS}}]
-    for s in stages:
-        rows.append({"stage": s["name"], "kind": s["kind"], "from": s.get("from", "-"),
-                     **{m: (s.get("eval") or {}).get(m) for m in TABLE_METRICS}})
+    def metrics(evaluation: dict[str, Any] | None) -> dict[str, Any]:
+        evaluation = evaluation or {}
+        out = {m: evaluation.get(m) for m in TABLE_METRICS}
+        if WITHOUT_TOOLS in evaluation:  # eval: {without_tools: true}: the accuracy with no tools offered
+            out["accuracy_without_tools"] = (evaluation[WITHOUT_TOOLS] or {}).get("accuracy")
+        return out
+
+    rows = [{"stage": "base", "kind": "-", "from": "-", **metrics(base_eval)}]
+    rows += [{"stage": s["name"], "kind": s["kind"], "from": s.get("from", "-"), **metrics(s.get("eval"))}
+             for s in stages]
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cells = [["stage", "kind", "from", "held-out acc", "mean reward", "KL to parent", "pref. acc"]]
+    columns = [*TABLE_METRICS, *(["accuracy_without_tools"] if any("accuracy_without_tools" in r for r in rows) else [])]
+    cells = [["stage", "kind", "from", "held-out acc", "mean reward", "KL to parent", "pref. acc", "acc. without tools"]
+             [: 3 + len(columns)]]
     for r in rows:
         cells.append([r["stage"], r["kind"], r["from"]] + [
-            "-" if r[m] is None else (f"{100 * r[m]:.1f}%" if m in ("accuracy", "preference_accuracy") else f"{r[m]:.3f}")
-            for m in TABLE_METRICS])
+            "-" if r.get(m) is None else (f"{100 * r[m]:.1f}%" if "accuracy" in m else f"{r[m]:.3f}") for m in columns])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
 

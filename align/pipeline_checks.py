@@ -17,6 +17,9 @@ STAGE_KEYS = {"name", "kind", "from", "gate"}  # a stage entry's keys that are n
 EVAL_KEYS = {"data", "split", "answer_column", "reward", "reward_model", "max_samples", "max_new_tokens",
              "batch_size", "num_samples", "temperature", "top_p", "backend", "vllm_memory", "tool", "environment",
              "max_tool_calls", "tool_timeout"}
+TOOL_KEYS = ("tool", "environment", "max_tool_calls", "tool_timeout")
+# the eval block's own key (not an `align eval` option): with tools, each policy is evaluated a second time without them
+WITHOUT_TOOLS = "without_tools"
 
 
 RESERVED_NAMES = {"report", "pipeline.json"}  # DIR/report/ is the pipeline's report, DIR/pipeline.json its summary
@@ -58,10 +61,17 @@ def eval_problems(evaluation: dict[str, Any], model: Any, where: str, problems: 
 
     if not evaluation:
         return None
+    allowed = EVAL_KEYS | {WITHOUT_TOOLS}
     for key in evaluation:
-        if key not in EVAL_KEYS:
-            problems.add(f"{where}: eval: unknown key '{key}'.{did_you_mean(key, EVAL_KEYS)} Allowed: "
-                         f"{', '.join(sorted(EVAL_KEYS))}.")
+        if key not in allowed:
+            problems.add(f"{where}: eval: unknown key '{key}'.{did_you_mean(key, allowed)} Allowed: "
+                         f"{', '.join(sorted(allowed))}.")
+    if WITHOUT_TOOLS in evaluation:
+        if not isinstance(evaluation[WITHOUT_TOOLS], bool):
+            problems.add(f"{where}: eval: without_tools must be true or false, got {evaluation[WITHOUT_TOOLS]!r}.")
+        elif evaluation[WITHOUT_TOOLS] and not (evaluation.get("tool") or evaluation.get("environment")):
+            problems.add(f"{where}: eval: without_tools: true evaluates each policy a second time without the eval "
+                         "block's tools, but it names none; set tool (or environment), or drop without_tools.")
     options = {"backend": "hf", **{k: v for k, v in evaluation.items() if k in EVAL_KEYS}}
     try:
         cfg = EvalConfig.from_kwargs(source=f"{where}: eval", **options, target=str(model or "pipeline"))
@@ -118,7 +128,7 @@ def gate_problems(gate: Any, kind: str, evaluation: dict[str, Any], metrics: set
 def offline_hub_id(spec: str | None) -> bool:
     """A dataset spec that names a hub dataset while the hub is offline (it cannot be validated now)."""
     from align.data.loading import hub_offline, looks_like_path
-    from align.data.samples import bundled_path
+    from align.data.samples import is_bundled
 
     return bool(spec) and hub_offline() and not Path(spec).exists() and not looks_like_path(spec) \
-        and bundled_path(spec) is None
+        and not is_bundled(spec)

@@ -483,14 +483,17 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
                           "-"])
     rows = data.get("table", [])
     header = ["stage", "kind", "from", "held-out accuracy", "mean reward", "KL to parent", "preference accuracy"]
+    metrics = ["accuracy", "reward", "kl", "preference_accuracy"]
+    if any("accuracy_without_tools" in r for r in rows):  # eval: {without_tools: true}
+        header, metrics = [*header, "accuracy without tools"], [*metrics, "accuracy_without_tools"]
+
     def cell(row: dict[str, Any], metric: str) -> str:
         value = row.get(metric)
         if value is None:
             return "-"
-        return f"{100 * value:.1f}%" if metric in ("accuracy", "preference_accuracy") else f"{value:.3f}"
+        return f"{100 * value:.1f}%" if "accuracy" in metric else f"{value:.3f}"
 
-    table = _md_table(header, [[r["stage"], r["kind"], r["from"]] + [
-        cell(r, m) for m in ("accuracy", "reward", "kl", "preference_accuracy")] for r in rows])
+    table = _md_table(header, [[r["stage"], r["kind"], r["from"]] + [cell(r, m) for m in metrics] for r in rows])
     evaluation = data.get("eval") or {}
     sections = [
         ("Held-out metrics, base → each stage", table + f"\n\nHeld-out data: {evaluation.get('data', '-')} "

@@ -21,16 +21,24 @@ from align.config import Config, opt
 from align.errors import Problems
 from align.io import output_path_problem
 
-# ChatML; with tools, Qwen2.5's form: the function schemas in the system turn, each call as <tool_call>{"name": ...,
-# "arguments": {...}}</tool_call> in the assistant turn, each result as <tool_response>...</tool_response> in a user turn
+# ChatML; with tools, Qwen2.5's form for the calls and results: each call as <tool_call>{"name": ..., "arguments":
+# {...}}</tool_call> in the assistant turn, each result as <tool_response>...</tool_response> in a user turn. The tools
+# themselves are rendered compactly in the system turn, one line each: `name(param: type, ...): description` (real
+# templates print the whole JSON schema: the calculator's system turn takes 60 tokens here, 492 in Qwen2.5's form)
 CHAT_TEMPLATE = (
     "{%- if tools %}"
     "{{- '<|im_start|>system\\n' }}"
     "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
-    "{{- '# Tools\\n\\nYou may call functions. Their signatures are within <tools></tools>:\\n<tools>' }}"
-    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
-    "{{- '\\n</tools>\\n\\nFor each call, return a JSON object within <tool_call></tool_call>:\\n<tool_call>\\n"
-    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{{- '# Tools' }}"
+    "{%- for tool in tools %}"
+    "{%- set fn = tool['function'] if tool['function'] is defined else tool %}"
+    "{{- '\\n' + fn['name'] + '(' }}"
+    "{%- for name, param in (fn.get('parameters') or {}).get('properties', {}).items() %}"
+    "{{- (', ' if not loop.first else '') + name + ': ' + (param.get('type') or 'any') | string }}"
+    "{%- endfor %}"
+    "{{- ')' + (': ' + fn['description'] if fn.get('description') else '') }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
     "{%- if tools and loop.first and message['role'] == 'system' %}"

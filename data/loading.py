@@ -1,7 +1,7 @@
 """Reading datasets into plain records, with the location of each record for error messages.
 
 Accepted sources (tried in this order):
-- a bundled sample name (`arith`, see align.data.samples)
+- a bundled sample name (`arith`, see align.data.samples; a few are generated when loaded, deterministically)
 - a local file: .jsonl/.ndjson (one object per line), .json (an array of objects, an object of equal-length
   lists, or an object with one key holding such an array), .csv (header row), .parquet
 - a local directory written by `datasets.Dataset.save_to_disk` (or a DatasetDict: see `Split`)
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.data.samples import BUNDLED, bundled_path
+from align.data.samples import BUNDLED, GENERATED, bundled_path
 from align.errors import AlignError
 from align.io import read_text
 from align.runs import sha256_path
@@ -91,6 +91,9 @@ def load_records(spec: str, split: str | Split | None = None) -> Records:
     """Load the dataset named by `spec` (see module docstring); AlignError on any problem. `split`: a split name
     (or None: train) or a Split."""
     split = split if isinstance(split, Split) else Split(split)
+    if spec in GENERATED:
+        split.refuse(spec, "a bundled dataset")
+        return _generated(spec)
     bundled = bundled_path(spec)
     path = Path(spec).expanduser() if bundled is None else bundled
     if path.exists():
@@ -102,6 +105,16 @@ def load_records(spec: str, split: str | Split | None = None) -> Records:
     if not records.rows:
         raise AlignError(f"{records.source}: the dataset is empty. Add examples or point --data at another file.")
     return records
+
+
+def _generated(name: str) -> Records:
+    """A bundled dataset generated when loaded; its sha256 is that of its rows as JSON lines (as a file would hold)."""
+    import hashlib
+
+    rows = GENERATED[name]()
+    digest = hashlib.sha256("".join(json.dumps(r) + "\n" for r in rows).encode()).hexdigest()
+    return Records(name, rows, [f"{name} row {i + 1}" for i in range(len(rows))], sha256=digest,
+                   extra={"generated": "align.data.samples"})
 
 
 def _load_local(path: Path, split: Split) -> Records:
@@ -210,7 +223,7 @@ def hub_offline() -> bool:
 
 
 def _load_hub(spec: str, split: Split) -> Records:
-    hint = f"Bundled samples: {', '.join(BUNDLED)}."
+    hint = f"Bundled samples: {', '.join([*BUNDLED, *GENERATED])}."
     if hub_offline():
         raise AlignError(f"Dataset '{spec}' is not a local file or directory, and the hub is offline "
                          f"(HF_HUB_OFFLINE is set). Pass a local file. {hint}")

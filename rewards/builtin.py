@@ -9,9 +9,12 @@ function with the reward protocol `fn(prompts, completions, **columns) -> list[f
         mode "exact" the stripped text; mode "math" compares mathematically with math-verify (LaTeX, \\boxed{},
         fractions, sets: "\\boxed{\\frac{3}{4}}" matches "0.75"; `pip install 'align[math]'`), for GSM8K/MATH-style
         data — the answer tags are not needed there: math-verify finds the final answer itself.
+        In a multi-turn rollout with tools (the `conversation` keyword), the final answer is read from the model's
+        last turn only, never from a tool's result: a model that calls the calculator and then says nothing scores 0.
     closeness(column="answer", scale=10.0)
         Partial credit for numeric answers: max(0, 1 − |answer − reference| / scale) on the last number of the
-        completion's final answer; 0 when it has no number, None when the sample has no reference.
+        completion's final answer (with tools, of the model's last turn, as accuracy); 0 when it has no number, None
+        when the sample has no reference.
     format(pattern=r"^<think>.*?</think>\\s*<answer>.*?</answer>$")
         1.0 if the completion matches the regular expression (DOTALL, whole completion), else 0.0.
     length(max_length=256, cache=64)
@@ -92,6 +95,11 @@ def _math_accuracy(column: str) -> RewardFn:
     return _per_sample(column, matches, "accuracy_reward")
 
 
+def last_turn(conversation: list[dict[str, Any]]) -> str:
+    """The content of the model's last turn in a multi-turn rollout ("" if it has none)."""
+    return next((m.get("content") or "" for m in reversed(conversation) if m.get("role") == "assistant"), "")
+
+
 def _per_sample(column: str, matches: Callable[[Any, Any], float | None], name: str) -> RewardFn:
     """A reward function applying `matches(completion, reference)` with the `column` value of each sample."""
 
@@ -102,6 +110,9 @@ def _per_sample(column: str, matches: Callable[[Any, Any], float | None], name: 
             raise KeyError(f"{name.removesuffix('_reward')} needs a '{column}' column in the data (its columns: "
                            f"{', '.join(data_columns(columns)) or 'none besides the prompt'}); set "
                            f"{name.removesuffix('_reward')}(column=...) to use another")
+        conversations = columns.get("conversation")  # multi-turn rollouts with tools: the answer is the model's
+        if conversations is not None:  # last turn, never a tool's result (calling the calculator is not answering)
+            completions = [last_turn(conv) for conv in conversations]
         return [matches(c, ref) for c, ref in zip(completions, columns[column], strict=True)]
 
     reward.__name__ = name

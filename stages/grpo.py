@@ -31,8 +31,9 @@ Options beyond TRL's GRPO (align.stages.grpo_trainer):
 Tools (`--tool SPEC`, `--environment SPEC`, align.rewards.tools): rollouts become multi-turn (align.stages.tool_rollout):
 the model's `<tool_call>` JSON is run, guarded (`--tool-timeout`), its result appended as a `tool` message, and the
 model answers or calls again, up to `--max-tool-calls` turns. The loss covers the model's tokens only (tool results
-are masked through TRL's `env_mask`); rewards see the whole conversation. Logged: `tools/calls`, `tools/errors`,
-`tools/timeouts` (per generation batch).
+are masked through TRL's `env_mask`); rewards see the whole conversation (the built-in accuracy and closeness read
+the model's last turn, never a tool's result). Logged: `tools/calls`, `tools/errors`, `tools/timeouts` (per
+generation batch).
 
 `--batch-size` counts completions per device per step: prompts per step = batch size / num generations.
 Logged: reward (total, and per function `rewards/<name>/mean`), reward std, KL, completion length, clip ratios,

@@ -24,7 +24,7 @@ def _spec(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def tool_policy(tmp_path_factory) -> Path:
-    """A tiny model fine-tuned on four calculator traces (tests/data/tool_traces.jsonl, from the bundled mult-tools):
+    """A tiny model fine-tuned on four calculator traces (tests/data/tool_traces.jsonl, 3-4-digit × 2-digit):
     it has learnt the call format, so its rollouts call the calculator. Two heads (head_dim 64): vLLM's CPU attention
     has no kernel for head_dim 16."""
     import align
@@ -96,6 +96,75 @@ def test_bad_tool_specs_are_refused_before_any_model_loads(cli, tmp_path):
     assert not (tmp_path / "out").exists()
     code, out, _ = cli("tools", "list", "--tool", "calculator")
     assert code == 0 and "tools (--tool NAME): calculator" in out and '"name": "calculator"' in out
+
+
+def test_accuracy_reads_the_model_last_turn_never_a_tool_result():
+    from align.rewards.builtin import accuracy, closeness
+
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "4898 * 85"}}\n</tool_call>'
+    answered = [{"role": "assistant", "content": call}, {"role": "tool", "name": "calculator", "content": "416330"},
+                {"role": "assistant", "content": "416330"}]
+    silent = [*answered[:2], {"role": "assistant", "content": ""}]  # called, then said nothing
+    texts = [f"{call}\n416330\n416330", f"{call}\n416330\n"]  # what `completions` holds: tool results included
+    columns = {"answer": ["416330", "416330"], "conversation": [answered, silent]}
+    assert accuracy()(["q", "q"], texts, **columns) == [1.0, 0.0]
+    assert closeness(scale=10)(["q", "q"], texts, **columns) == [1.0, 0.0]
+    assert accuracy()(["q"], ["416330"], answer=["416330"]) == [1.0]  # single-turn: the completion itself
+
+
+def test_the_tiny_template_renders_tools_in_one_line_each_and_calls_qwen_style(tmp_path):
+    from align.rewards.tools import ToolSet
+    from align.tiny import build_tokenizer
+
+    tok = build_tokenizer(split_digits=True)
+    tools = ToolSet.resolve(["calculator", _spec("double")], None).schemas()
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2 * 3"}}}
+    messages = [{"role": "user", "content": "What is 2 * 3?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": "calculator", "content": "6"}, {"role": "assistant", "content": "6"}]
+    text = tok.apply_chat_template(messages, tools=tools, tokenize=False)
+    system = text.split("<|im_end|>")[0]
+    assert system == ("<|im_start|>system\n# Tools\ncalculator(expression: string): Evaluate an arithmetic expression "
+                      "exactly.\ndouble(x: integer): Twice x, as a JSON object.")
+    assert '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2 * 3"}}\n</tool_call>' in text
+    assert "<|im_start|>user\n<tool_response>\n6\n</tool_response><|im_end|>" in text
+    assert tok.apply_chat_template(messages[:1], tokenize=False) == "<|im_start|>user\nWhat is 2 * 3?<|im_end|>\n"
+
+
+def test_the_demo_data_is_generated_the_same_every_time_and_disjoint_from_the_held_out_set():
+    from align.data.loading import load_records
+
+    traces, direct = load_records("mult-tools"), load_records("mult-direct")
+    assert len(traces) == len(direct) == 6000 and traces.sha256 == load_records("mult-tools").sha256
+    assert traces.path is None and traces.describe()["generated"] == "align.data.samples"
+    questions = [r["messages"][0]["content"] for r in traces.rows]
+    assert questions == [r["messages"][0]["content"] for r in direct.rows]  # the same problems, with and without tool
+    first = traces.rows[0]["messages"]
+    a, b = map(int, re.findall(r"\d+", questions[0]))
+    assert first[1]["tool_calls"][0]["function"]["arguments"] == {"expression": f"{a} * {b}"}
+    assert first[2]["content"] == first[3]["content"] == direct.rows[0]["messages"][1]["content"] == str(a * b)
+    held = {r["prompt"] for r in load_records("mult-eval").rows} | {r["prompt"] for r in load_records("mult-prompts").rows}
+    assert len(held) == 500 and not held & set(questions)
+    with pytest.raises(Exception, match="--split test: mult-tools is a bundled dataset with no splits"):
+        load_records("mult-tools", "test")
+
+
+def test_pipeline_eval_without_tools_needs_tools_and_adds_a_column(cli, tmp_path):
+    from align.pipeline import format_table, table_rows
+
+    path = tmp_path / "p.yaml"
+    path.write_text(f"model: {tmp_path}\noutput: {tmp_path / 'out'}\neval: {{data: mult-eval, without_tools: yes}}\n"
+                    "stages:\n  - {name: sft, kind: sft, data: mult-tools}\n")
+    code, _, err = cli("run", path, "--dry-run")
+    assert code == 2 and "eval: without_tools: true evaluates each policy a second time without the eval block's " \
+        "tools, but it names none; set tool (or environment), or drop without_tools." in err
+    rows = table_rows({"accuracy": 0.0, "without_tools": {"accuracy": 0.0}},
+                      [{"name": "sft", "kind": "sft", "from": "base", "eval": {"accuracy": 0.93, "without_tools":
+                                                                               {"accuracy": 0.01}}}])
+    assert rows[1]["accuracy_without_tools"] == 0.01
+    table = format_table(rows).splitlines()
+    assert table[0].split()[-3:] == ["acc.", "without", "tools"] and table[2].split()[3] == "93.0%"
+    assert table[2].split()[-1] == "1.0%"
+    assert "without tools" not in format_table(table_rows({"accuracy": 0.5}, []))  # no such column otherwise
 
 
 def test_a_tool_is_called_mid_rollout_and_only_the_model_tokens_are_trained(tool_policy):
@@ -226,3 +295,30 @@ def test_hf_and_vllm_give_the_same_conversation_greedily(tool_policy, tmp_path):
     hf, vllm = results["hf"], results["vllm"]
     assert hf["tools/calls"] > 0 and hf["tools/calls"] == vllm["tools/calls"]
     assert [e["completion"] for e in hf["examples"]] == [e["completion"] for e in vllm["examples"]]
+
+
+def test_the_calculator_makes_the_difference_after_a_short_sft(cli, tmp_path):
+    """The tools demo (recipes/tools.yaml) in CI size: full sft of a random tiny model on 3000 calculator traces of
+    the demo's task ("What is 4898 * 85?", 6-digit products) for 420 steps of 2 packed rows, then greedy held-out
+    eval on 50 other problems. With the calculator the model copies the numbers into its call and the result into its
+    answer; offered no tools, the same model still writes a call that nobody answers (it never learnt to multiply)."""
+    import align
+    from align.data.samples import multiplication_records, write_jsonl
+    from align.tiny import build_tiny_model
+
+    traces, _, _, held_out = multiplication_records(n_sft=3000, n_rl=0, n_eval=50, seed=11)
+    write_jsonl(tmp_path / "traces.jsonl", traces)
+    write_jsonl(tmp_path / "held_out.jsonl", held_out)
+    base = build_tiny_model(tmp_path / "base", split_digits=True, num_heads=8, initializer_range=0.02, seed=1)
+    run = align.sft(model=str(base), data=str(tmp_path / "traces.jsonl"), adapter="full", lr=3e-3,
+                    lr_scheduler="constant_with_warmup", warmup=0.05, weight_decay=0.1, batch_size=2, max_length=1024,
+                    max_steps=420, logging_steps=60, output=tmp_path / "sft", tensorboard=False)
+    metrics = {}
+    for name, flags in (("with", ["--tool", "calculator", "--max-new-tokens", "128"]), ("without", ["--max-new-tokens", "8"])):
+        code, _, err = cli("eval", run, "--data", tmp_path / "held_out.jsonl", "--backend", "hf", "--batch-size", "50",
+                           *flags, "--output", tmp_path / f"{name}.json")
+        assert code == 0, err
+        metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    accuracy = {name: m["accuracy"] for name, m in metrics.items()}
+    assert metrics["with"]["tools/calls"] == 1.0 and metrics["with"]["tools/errors"] == 0
+    assert accuracy["with"] >= 0.5 and accuracy["without"] == 0.0, (accuracy, metrics["with"]["examples"])

@@ -14,15 +14,18 @@ They are generated deterministically by this module; regenerate with `python -m 
 - `addition-train-prompts`  the 2000 problems that sft and RL train on (`addition`'s 1500 and `addition-prompts`' 500)
   as prompts with answers: on-policy preference pairs for a reward model on every training problem, never on the
   held-out ones
-- `mult-tools`, `mult-prompts`, `mult-eval`  the tools demo (recipes/tools.yaml): "What is 4821 * 37?" (a 3-4 digit
-  number times a 2-digit one), disjoint: 400 SFT traces with the calculator (`tools` column; the assistant calls
-  calculator(expression="4821 * 37"), reads the result, answers it), 300 RL prompts and 200 held-out prompts with answers
+- `mult-tools`, `mult-direct`, `mult-prompts`, `mult-eval`  the tools demo (recipes/tools.yaml): "What is 4821 * 37?"
+  (a 4-digit number times a 2-digit one, the product 6 digits long). `mult-tools`: 6000 SFT traces with the calculator (`tools` column; the
+  assistant calls calculator(expression="4821 * 37"), reads the result, answers it); `mult-direct`: the same 6000
+  problems answered directly (no tool), to train the comparison model; both generated when loaded (4.9 MB as files).
+  `mult-prompts`: 300 RL prompts and `mult-eval`: 200 held-out prompts, with answers; the three problem sets disjoint
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -38,7 +41,6 @@ BUNDLED: dict[str, str] = {
     "addition-prompts": "addition_prompts.jsonl",
     "addition-eval": "addition_eval.jsonl",
     "addition-train-prompts": "addition_train_prompts.jsonl",
-    "mult-tools": "mult_tools_sft.jsonl",
     "mult-prompts": "mult_prompts.jsonl",
     "mult-eval": "mult_eval.jsonl",
 }
@@ -111,16 +113,36 @@ def addition_records(max_operand: int = 50, n_eval: int = 500, n_sft: int = 1500
     return conversations, prompts(rl), prompts(held), prompts(sft + rl)
 
 
-def multiplication_records(n_sft: int = 400, n_rl: int = 300, n_eval: int = 200, seed: int = 3):
-    """(tool-trace conversations, RL prompts, held-out prompts) for the tools demo: a * b, a in 100-9999, b in 10-99."""
+def multiplication_problems(n: int, seed: int = 3, digits: tuple[int, int, int] = (4, 2, 6)) -> list[tuple[int, int]]:
+    """`n` distinct (a, b) with a of digits[0] digits, b of digits[1] digits and a * b of digits[2] digits, in a fixed
+    seeded order. One length per number keeps every copy (question -> call, result -> answer) at a fixed distance."""
+    rng = random.Random(seed)
+    (lo_a, hi_a), (lo_b, hi_b), (lo_p, hi_p) = ((10 ** (d - 1), 10**d) for d in digits)
+    seen: set[tuple[int, int]] = set()
+    out = []
+    while len(out) < n:
+        pair = (rng.randrange(lo_a, hi_a), rng.randrange(lo_b, hi_b))
+        if pair not in seen and lo_p <= pair[0] * pair[1] < hi_p:
+            seen.add(pair)
+            out.append(pair)
+    return out
+
+
+MULT_EVAL, MULT_RL, MULT_SFT = 200, 300, 6000  # the tools demo's splits: held-out first, so they never change
+
+
+def multiplication_records(n_sft: int = MULT_SFT, n_rl: int = MULT_RL, n_eval: int = MULT_EVAL, seed: int = 3,
+                           digits: tuple[int, int, int] = (4, 2, 6)):
+    """(tool traces, direct conversations, RL prompts, held-out prompts) for the tools demo: a * b with a 4-digit a,
+    a 2-digit b and a 6-digit product (`digits`, as in `multiplication_problems`). The held-out problems come first in
+    the seeded order, then the RL prompts, then the SFT problems, so the splits are disjoint and the held-out set stays
+    the same whatever `n_sft` is. The traces and the direct conversations are the same problems: with the calculator
+    (the assistant calls calculator(expression="4821 * 37"), reads the result, answers it; a `tools` column) and
+    answered directly ("4821 * 37" -> "178377")."""
     from align.rewards.tools import ToolSet
 
-    rng = random.Random(seed)
-    problems: list[tuple[int, int]] = []
-    while len(problems) < n_sft + n_rl + n_eval:
-        a, b = rng.randrange(100, 10000), rng.randrange(10, 100)
-        if (a, b) not in problems:
-            problems.append((a, b))
+    problems = multiplication_problems(n_eval + n_rl + n_sft, seed, digits)
+    held, rl, sft = problems[:n_eval], problems[n_eval : n_eval + n_rl], problems[n_eval + n_rl :]
     schemas = ToolSet.resolve(["calculator"], None).schemas()
 
     def trace(a: int, b: int) -> dict:
@@ -130,11 +152,26 @@ def multiplication_records(n_sft: int = 400, n_rl: int = 300, n_eval: int = 200,
                              {"role": "tool", "name": "calculator", "content": str(a * b)},
                              {"role": "assistant", "content": str(a * b)}], "tools": schemas}
 
+    def direct(a: int, b: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"What is {a} * {b}?"},
+                             {"role": "assistant", "content": str(a * b)}]}
+
     def prompts(part):
         return [{"prompt": f"What is {a} * {b}?", "answer": str(a * b)} for a, b in part]
 
-    return ([trace(a, b) for a, b in problems[:n_sft]], prompts(problems[n_sft : n_sft + n_rl]),
-            prompts(problems[n_sft + n_rl :]))
+    return [trace(a, b) for a, b in sft], [direct(a, b) for a, b in sft], prompts(rl), prompts(held)
+
+
+# Generated when loaded, not stored (too large to ship as files): name -> rows. Deterministic: the same rows every time
+GENERATED: dict[str, Callable[[], list[dict]]] = {
+    "mult-tools": lambda: multiplication_records()[0],
+    "mult-direct": lambda: multiplication_records()[1],
+}
+
+
+def is_bundled(name: str) -> bool:
+    """`name` is a bundled sample dataset (a file here, or generated when loaded)."""
+    return name in BUNDLED or name in GENERATED
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -150,7 +187,7 @@ def main() -> None:
     names = ("addition", "addition-prompts", "addition-eval", "addition-train-prompts")
     for name, records in zip(names, addition_records(), strict=True):
         write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
-    for name, records in zip(("mult-tools", "mult-prompts", "mult-eval"), multiplication_records(), strict=True):
+    for name, records in zip(("mult-prompts", "mult-eval"), multiplication_records(n_sft=0)[2:], strict=True):
         write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
 
 
