@@ -5,8 +5,8 @@
     python bench/demo_seeds.py --seeds 3 4 --out runs/s34
     python bench/demo_seeds.py --smoke                  # tiny steps, one seed: checks that every stage ran
 
-For every stage the table shows its held-out metric on each seed (policies: accuracy on the recipe's `eval` data,
-greedy exact match; reward models: preference accuracy on their `eval_data` pairs), the mean, the range (min–max)
+For every stage the table shows its held-out metric on each seed (policies: on the recipe's `eval` data, greedy,
+task accuracy when it has answers, else the mean of its eval rewards — the demo's: the `positive` verifier; reward models: preference accuracy on their `eval_data` pairs), the mean, the range (min–max)
 and the change over the stage's parent (mean and range); policy stages also show the KL to their parent. Then the
 wall time of each seed's `align run` (base build excluded). The per-seed pipeline.json files stay under --out and a
 summary is written to OUT/summary.json. Rerunning with the same --out skips completed stages (align run's own
@@ -89,6 +89,12 @@ def _spread(values: list[float | None], digits: int = 1) -> str:
     return f"{statistics.fmean(known):.{digits}f} ({min(known):.{digits}f}–{max(known):.{digits}f})"
 
 
+def gold(row: dict[str, Any]) -> float | None:
+    """A policy's held-out metric: task accuracy when the eval data has answers, else the eval block's mean reward
+    (the demo's: the `positive` verifier)."""
+    return row.get("accuracy") if row.get("accuracy") is not None else row.get("reward")
+
+
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per stage: the held-out metric per seed (in %), its change over the parent, and the KL to the parent."""
     stages: dict[str, dict[str, Any]] = {}
@@ -97,9 +103,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         for name, row in rows.items():
             entry = stages.setdefault(name, {"stage": name, "kind": row["kind"], "from": row["from"], "metric": [],
                                              "delta": [], "kl": []})
-            metric = "preference_accuracy" if row["kind"] == "rm" else "accuracy"
-            value = row.get(metric)
-            parent = rows.get(row["from"], {}).get("accuracy") if row["kind"] not in ("rm", "-") else None
+            value = row.get("preference_accuracy") if row["kind"] == "rm" else gold(row)
+            parent = gold(rows[row["from"]]) if row["kind"] not in ("rm", "-") and row["from"] in rows else None
             entry["metric"].append(value)
             entry["delta"].append(None if value is None or parent is None else value - parent)
             entry["kl"].append(row.get("kl"))

@@ -14,6 +14,13 @@ They are generated deterministically by this module; regenerate with `python -m 
 - `addition-train-prompts`  the 2000 problems that sft and RL train on (`addition`'s 1500 and `addition-prompts`' 500)
   as prompts with answers: on-policy preference pairs for a reward model on every training problem, never on the
   held-out ones
+- `reviews`, `reviews-prompts`, `reviews-eval`  the RLHF task (recipes/demo.yaml, recipes/rlhf.yaml), where judging is
+  easier than producing: "Write a review of the kettle." -> "The kettle is solid and reliable." (80 products, 5 ways to
+  ask). Each product has its own share p of positive adjectives in the SFT reviews (0.3-0.9, spread evenly over the
+  products), and 1 review in 10 names another product (off topic), so the sft policy writes a positive, on-topic
+  review for some prompts and not others. The 400 (phrasing, product) prompts are split disjointly: 250 train
+  prompts (2500 SFT reviews, 10 each; the same 250 as RL prompts with a `product` column) and 150 held-out prompts
+  with a `product` column that no stage trains on. The gold verifier is the built-in reward `positive`
 - `mult-tools`, `mult-prompts`, `mult-eval`  the tools demo (recipes/tools.yaml): "What is 4821 * 37?" (a 3-4 digit
   number times a 2-digit one), disjoint: 400 SFT traces with the calculator (`tools` column; the assistant calls
   calculator(expression="4821 * 37"), reads the result, answers it), 300 RL prompts and 200 held-out prompts with answers
@@ -38,6 +45,9 @@ BUNDLED: dict[str, str] = {
     "addition-prompts": "addition_prompts.jsonl",
     "addition-eval": "addition_eval.jsonl",
     "addition-train-prompts": "addition_train_prompts.jsonl",
+    "reviews": "reviews_sft.jsonl",
+    "reviews-prompts": "reviews_prompts.jsonl",
+    "reviews-eval": "reviews_eval.jsonl",
     "mult-tools": "mult_tools_sft.jsonl",
     "mult-prompts": "mult_prompts.jsonl",
     "mult-eval": "mult_eval.jsonl",
@@ -111,6 +121,49 @@ def addition_records(max_operand: int = 50, n_eval: int = 500, n_sft: int = 1500
     return conversations, prompts(rl), prompts(held), prompts(sft + rl)
 
 
+REVIEW_PRODUCTS = (
+    "kettle toaster lamp chair desk phone camera blender backpack umbrella jacket scarf mug teapot "
+    "blanket pillow mattress sofa bookshelf printer monitor keyboard mouse headset speaker radio clock watch wallet "
+    "bicycle helmet tent lantern stove fridge freezer oven microwave dishwasher vacuum iron heater fan router tablet "
+    "laptop charger cable drill hammer ladder shovel rake hose grill skillet wok knife spoon fork plate bowl glass "
+    "bottle thermos candle mirror rug curtain towel soap shampoo razor brush comb teacup saucepan scooter stapler notebook"
+).split()
+REVIEW_PROMPTS = ("Write a review of the {}.", "Review the {}.", "What do you think of the {}?", "How is the {}?",
+                  "Tell me about the {}.")
+
+
+def review_records(n_eval: int = 150, per_prompt: int = 10, off_topic: float = 0.1, seed: int = 4):
+    """(sft conversations, RL prompts, held-out prompts) of the reviews task: "The <product> is <adj> and <adj>.",
+    each adjective positive with the product's own probability p (0.3-0.9 spread evenly over the products); the
+    adjectives are the `positive` verifier's lexicon."""
+    from align.rewards.builtin import NEGATIVE_WORDS, POSITIVE_WORDS
+
+    rng = random.Random(seed)
+    products = list(REVIEW_PRODUCTS)
+    shares = [0.3 + 0.6 * i / (len(products) - 1) for i in range(len(products))]
+    rng.shuffle(shares)
+    share = dict(zip(products, shares, strict=True))
+    prompts = [(template, product) for product in products for template in REVIEW_PROMPTS]
+    rng.shuffle(prompts)
+    held, train = prompts[:n_eval], prompts[n_eval:]
+
+    def review(product: str) -> str:
+        named = rng.choice([p for p in products if p != product]) if rng.random() < off_topic else product
+        first, second = (POSITIVE_WORDS if rng.random() < share[product] else NEGATIVE_WORDS for _ in "ab")
+        word = rng.choice(first)
+        return f"The {named} is {word} and {rng.choice([w for w in second if w != word])}."
+
+    conversations = [{"messages": [{"role": "user", "content": template.format(product)},
+                                   {"role": "assistant", "content": review(product)}]}
+                     for template, product in train for _ in range(per_prompt)]
+    rng.shuffle(conversations)
+
+    def rows(part):
+        return [{"prompt": template.format(product), "product": product} for template, product in part]
+
+    return conversations, rows(train), rows(held)
+
+
 def multiplication_records(n_sft: int = 400, n_rl: int = 300, n_eval: int = 200, seed: int = 3):
     """(tool-trace conversations, RL prompts, held-out prompts) for the tools demo: a * b, a in 100-9999, b in 10-99."""
     from align.rewards.tools import ToolSet
@@ -149,6 +202,8 @@ def main() -> None:
         write_jsonl(SAMPLES_DIR / BUNDLED[f"{name}-eval"], held_out)
     names = ("addition", "addition-prompts", "addition-eval", "addition-train-prompts")
     for name, records in zip(names, addition_records(), strict=True):
+        write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
+    for name, records in zip(("reviews", "reviews-prompts", "reviews-eval"), review_records(), strict=True):
         write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
     for name, records in zip(("mult-tools", "mult-prompts", "mult-eval"), multiplication_records(), strict=True):
         write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
