@@ -35,10 +35,10 @@ their own `eval_data` pairs. A stage with `gate: {metric: M, min_delta: X}` must
 pipeline stops with exit code 3 (GATE_EXIT) before the stages after it spend compute. DIR/pipeline.json holds the
 resolved pipeline, each stage's status, run directory, lineage, final metrics and held-out metrics.
 
-A ppo/grpo stage trained on a reward model gets the eval block's rewards and accuracy as gold metrics
-(`gold_reward`, align.stages.gold) unless it names its own. A stage with `keep_best: METRIC` hands its best held-out
-step's policy to the next stage (it is the run's adapter) and pipeline.json records it as the stage's
-`best: {metric, mode, step, value}`.
+A ppo/grpo stage trained on a reward model gets the eval block's rewards and (when its data has an answer column)
+accuracy as gold metrics (`gold_reward`, align.stages.gold) unless it names its own. A stage with `keep_best: METRIC`
+hands its best held-out step's policy to the next stage (it is the run's adapter) and pipeline.json records it as the
+stage's `best: {metric, mode, step, value}`.
 """
 
 from __future__ import annotations

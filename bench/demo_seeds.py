@@ -6,16 +6,18 @@
     python bench/demo_seeds.py --smoke                  # tiny steps, one seed: checks that every stage ran
 
 For every stage the table shows its held-out metric on each seed (policies: on the recipe's `eval` data, greedy,
-task accuracy when it has answers, else the mean of its eval rewards — the demo's: the `positive` verifier; reward models: preference accuracy on their `eval_data` pairs), the mean, the range (min–max)
-and the change over the stage's parent (mean and range); policy stages also show the KL to their parent. Then the
-wall time of each seed's `align run` (base build excluded). The per-seed pipeline.json files stay under --out and a
-summary is written to OUT/summary.json. Rerunning with the same --out skips completed stages (align run's own
-rule) and reports the first run's wall time, so seeds run in separate processes can be tabled together afterwards.
+task accuracy when it has answers, else the mean of its eval rewards — the demo's: the `positive` verifier; reward
+models: preference accuracy on their `eval_data` pairs), the mean, the range (min–max) and the change over the
+stage's parent (mean and range); policy stages also show the KL to their parent. Then the wall time of each seed's
+`align run` (base build excluded). The per-seed pipeline.json files stay under --out and a summary is written to
+OUT/summary.json. Rerunning with the same --out skips completed stages (align run's own rule) and reports the first
+run's wall time, so seeds run in separate processes can be tabled together afterwards.
 
 The base options are README command 1's (`--split-digits --num-heads 8 --initializer-range 0.02`). `--smoke` keeps
 the recipe's stages but trains each for a couple of steps on a few prompts (sft a few dozen, so that its completions
 have the task's form), scores pairs stages that use `accuracy` alone (recipes/addition.yaml) with `closeness` (a
-barely trained policy is never right, and pairs need different scores) and evaluates on 16 prompts: a check that the script and every stage work, not a measurement.
+barely trained policy is never right, and pairs need different scores) and evaluates on 16 prompts: a check that the
+script and every stage work, not a measurement.
 """
 
 from __future__ import annotations

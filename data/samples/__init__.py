@@ -126,7 +126,8 @@ REVIEW_PRODUCTS = (
     "blanket pillow mattress sofa bookshelf printer monitor keyboard mouse headset speaker radio clock watch wallet "
     "bicycle helmet tent lantern stove fridge freezer oven microwave dishwasher vacuum iron heater fan router tablet "
     "laptop charger cable drill hammer ladder shovel rake hose grill skillet wok knife spoon fork plate bowl glass "
-    "bottle thermos candle mirror rug curtain towel soap shampoo razor brush comb teacup saucepan scooter stapler notebook"
+    "bottle thermos candle mirror rug curtain towel soap shampoo razor brush comb teacup saucepan scooter stapler "
+    "notebook"
 ).split()
 REVIEW_PROMPTS = ("Write a review of the {}.", "Review the {}.", "What do you think of the {}?", "How is the {}?",
                   "Tell me about the {}.")
