@@ -15,9 +15,9 @@ run's wall time, so seeds run in separate processes can be tabled together after
 
 The base options are README command 1's (`--split-digits --num-heads 8 --initializer-range 0.02`). `--smoke` keeps
 the recipe's stages but trains each for a couple of steps on a few prompts (sft a few dozen, so that its completions
-have the task's form), scores pairs stages that use `accuracy` alone (recipes/addition.yaml) with `closeness` (a
-barely trained policy is never right, and pairs need different scores) and evaluates on 16 prompts: a check that the
-script and every stage work, not a measurement.
+have the task's form), scores the pairs stages with a graded reward (`closeness` where the recipe's is `accuracy`,
+else `length`: a barely trained policy is never right, nor positive and on topic, and pairs need different scores)
+and evaluates on 16 prompts: a check that the script and every stage work, not a measurement.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def smoke_spec(spec: dict[str, Any]) -> dict[str, Any]:
     for stage in spec["stages"]:
         kind = stage["kind"]
         if kind == "pairs":
-            stage["max_prompts"] = 16
-            if stage.get("reward") == ["accuracy"]:  # addition: a barely trained policy is never exactly right
-                stage["reward"] = ["closeness(scale=10)"]
+            # a barely trained policy is never right (nor positive and on topic): a graded reward makes pairs
+            dense = "closeness(scale=10)" if stage.get("reward") == ["accuracy"] else "length(max_length=32, cache=32)"
+            stage.update(max_prompts=16, reward=[dense])
         else:
             stage["max_steps"] = SMOKE_STEPS.get(kind, 2)
         if kind in ("grpo", "ppo"):
