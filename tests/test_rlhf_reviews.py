@@ -51,3 +51,16 @@ def test_ppo_on_the_reward_model_alone_raises_held_out_gold(pipeline):
     assert manifest["config"]["reward"] == [] and manifest["config"]["gold_reward"] == ["positive"]
     records = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert any("gold/positive/mean" in r for r in records)  # logged beside the proxy, never its reward
+
+
+def test_reviews_data_is_the_generator_output_and_held_out_prompts_are_kept_apart():
+    from align.data.samples import bundled_path, review_records
+
+    records = review_records()
+    for name, rows in zip(("reviews", "reviews-prompts", "reviews-eval"), records, strict=True):
+        assert bundled_path(name).read_text() == "".join(json.dumps(r) + "\n" for r in rows), name
+    sft, prompts, held = records
+    trained = {c["messages"][0]["content"] for c in sft} | {r["prompt"] for r in prompts}
+    assert len(held) == 150 and not trained & {r["prompt"] for r in held}
+    unseen = {r["product"] for r in held} - {r["product"] for r in prompts}
+    assert unseen == {"rake"}  # all other held-out prompts ask in a new phrasing about a product seen in training
