@@ -20,7 +20,8 @@ They are generated deterministically by this module; regenerate with `python -m 
   products), and 1 review in 10 names another product (off topic), so the sft policy writes a positive, on-topic
   review for some prompts and not others. The 400 (phrasing, product) prompts are split disjointly: 250 train
   prompts (2500 SFT reviews, 10 each; the same 250 as RL prompts with a `product` column) and 150 held-out prompts
-  with a `product` column that no stage trains on (all 5 of one product, the rake, among them). The gold verifier is the built-in reward `positive`
+  with a `product` column that no stage trains on (all 5 of one product, the rake, among them). The gold verifier
+  is the built-in reward `positive`
 - `mult-tools`, `mult-prompts`, `mult-eval`  the tools demo (recipes/tools.yaml): "What is 4821 * 37?" (a 3-4 digit
   number times a 2-digit one), disjoint: 400 SFT traces with the calculator (`tools` column; the assistant calls
   calculator(expression="4821 * 37"), reads the result, answers it), 300 RL prompts and 200 held-out prompts with answers
