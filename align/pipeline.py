@@ -36,10 +36,10 @@ policy a second time on the same prompts with no tools offered (the table's "acc
 pipeline stops with exit code 3 (GATE_EXIT) before the stages after it spend compute. DIR/pipeline.json holds the
 resolved pipeline, each stage's status, run directory, lineage, final metrics and held-out metrics.
 
-A ppo/grpo stage trained on a reward model gets the eval block's rewards and accuracy as gold metrics
-(`gold_reward`, align.stages.gold) unless it names its own. A stage with `keep_best: METRIC` hands its best held-out
-step's policy to the next stage (it is the run's adapter) and pipeline.json records it as the stage's
-`best: {metric, mode, step, value}`.
+A ppo/grpo stage trained on a reward model gets the eval block's rewards and (when its data has an answer column)
+accuracy as gold metrics (`gold_reward`, align.stages.gold) unless it names its own. A stage with `keep_best: METRIC`
+hands its best held-out step's policy to the next stage (it is the run's adapter) and pipeline.json records it as the
+stage's `best: {metric, mode, step, value}`.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
             options["reward"] = [r[0] for r in resolved]
             refs.update(r[1] for r in resolved if r[1])
         if "gold_reward" in fields and "gold_reward" not in options and _uses_reward_model(options, refs, names):
-            options["gold_reward"] = default_gold(evaluation, options.get("reward") or [])
+            options["gold_reward"] = default_gold(evaluation, options.get("reward") or [], eval_metrics)
         for ref in refs - {parent}:
             if ref not in seen:
                 problems.add(f"{label}: '{ref}' refers to a stage that comes later; reorder the stages.")
@@ -272,14 +272,15 @@ def _uses_reward_model(options: dict[str, Any], refs: set[str], names: dict[str,
     return bool(options.get("reward_model")) or any(names.get(ref) == "rm" for ref in refs)
 
 
-def default_gold(evaluation: dict[str, Any], proxies: list[str]) -> list[str]:
+def default_gold(evaluation: dict[str, Any], proxies: list[str], metrics: set[str] | None = None) -> list[str]:
     """An RL stage on a reward model measures what the eval block measures, as gold metrics (align.stages.gold): its
-    rewards and, when it has an answer column, accuracy — those the stage does not already train on."""
+    rewards and, when its data has an answer column (`metrics`, the eval block's metrics, has accuracy; unknown:
+    assumed), accuracy — those the stage does not already train on."""
     if not evaluation.get("data"):
         return []
     column = evaluation.get("answer_column", "answer")
     accuracy = "accuracy" if column == "answer" else f"accuracy(column={column!r})"
-    specs = [*(evaluation.get("reward") or []), accuracy]
+    specs = [*(evaluation.get("reward") or []), *([accuracy] if metrics is None or "accuracy" in metrics else [])]
     return [s for s in dict.fromkeys(str(s) for s in specs) if s not in proxies]
 
 

@@ -5,17 +5,19 @@
     python bench/demo_seeds.py --seeds 3 4 --out runs/s34
     python bench/demo_seeds.py --smoke                  # tiny steps, one seed: checks that every stage ran
 
-For every stage the table shows its held-out metric on each seed (policies: accuracy on the recipe's `eval` data,
-greedy exact match; reward models: preference accuracy on their `eval_data` pairs), the mean, the range (min–max)
-and the change over the stage's parent (mean and range); policy stages also show the KL to their parent. Then the
-wall time of each seed's `align run` (base build excluded). The per-seed pipeline.json files stay under --out and a
-summary is written to OUT/summary.json. Rerunning with the same --out skips completed stages (align run's own
-rule) and reports the first run's wall time, so seeds run in separate processes can be tabled together afterwards.
+For every stage the table shows its held-out metric on each seed (policies: on the recipe's `eval` data, greedy,
+task accuracy when it has answers, else the mean of its eval rewards — the demo's: the `positive` verifier; reward
+models: preference accuracy on their `eval_data` pairs), the mean, the range (min–max) and the change over the
+stage's parent (mean and range); policy stages also show the KL to their parent. Then the wall time of each seed's
+`align run` (base build excluded). The per-seed pipeline.json files stay under --out and a summary is written to
+OUT/summary.json. Rerunning with the same --out skips completed stages (align run's own rule) and reports the first
+run's wall time, so seeds run in separate processes can be tabled together afterwards.
 
 The base options are README command 1's (`--split-digits --num-heads 8 --initializer-range 0.02`). `--smoke` keeps
 the recipe's stages but trains each for a couple of steps on a few prompts (sft a few dozen, so that its completions
-are numbers), scores the pairs stages with `closeness` (an untrained policy is never right, and pairs need
-different scores) and evaluates on 16 prompts: a check that the script and every stage work, not a measurement.
+have the task's form), scores the pairs stages with a graded reward (`closeness` where the recipe's is `accuracy`,
+else `length`: a barely trained policy is never right, nor positive and on topic, and pairs need different scores)
+and evaluates on 16 prompts: a check that the script and every stage work, not a measurement.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def smoke_spec(spec: dict[str, Any]) -> dict[str, Any]:
     for stage in spec["stages"]:
         kind = stage["kind"]
         if kind == "pairs":
-            stage.update(max_prompts=16, reward=["closeness(scale=10)"])
+            # a barely trained policy is never right (nor positive and on topic): a graded reward makes pairs
+            dense = "closeness(scale=10)" if stage.get("reward") == ["accuracy"] else "length(max_length=32, cache=32)"
+            stage.update(max_prompts=16, reward=[dense])
         else:
             stage["max_steps"] = SMOKE_STEPS.get(kind, 2)
         if kind in ("grpo", "ppo"):
@@ -89,6 +93,12 @@ def _spread(values: list[float | None], digits: int = 1) -> str:
     return f"{statistics.fmean(known):.{digits}f} ({min(known):.{digits}f}–{max(known):.{digits}f})"
 
 
+def gold(row: dict[str, Any]) -> float | None:
+    """A policy's held-out metric: task accuracy when the eval data has answers, else the eval block's mean reward
+    (the demo's: the `positive` verifier)."""
+    return row.get("accuracy") if row.get("accuracy") is not None else row.get("reward")
+
+
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per stage: the held-out metric per seed (in %), its change over the parent, and the KL to the parent."""
     stages: dict[str, dict[str, Any]] = {}
@@ -97,9 +107,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         for name, row in rows.items():
             entry = stages.setdefault(name, {"stage": name, "kind": row["kind"], "from": row["from"], "metric": [],
                                              "delta": [], "kl": []})
-            metric = "preference_accuracy" if row["kind"] == "rm" else "accuracy"
-            value = row.get(metric)
-            parent = rows.get(row["from"], {}).get("accuracy") if row["kind"] not in ("rm", "-") else None
+            value = row.get("preference_accuracy") if row["kind"] == "rm" else gold(row)
+            parent = gold(rows[row["from"]]) if row["kind"] not in ("rm", "-") and row["from"] in rows else None
             entry["metric"].append(value)
             entry["delta"].append(None if value is None or parent is None else value - parent)
             entry["kl"].append(row.get("kl"))

@@ -20,6 +20,12 @@ function with the reward protocol `fn(prompts, completions, **columns) -> list[f
     length(max_length=256, cache=64)
         DAPO's soft overlong punishment on the completion's length L in tokens (words if no token ids):
         0 if L <= max_length - cache; (max_length - cache - L) / cache in the cache zone; -1 beyond max_length.
+    positive(column="product")
+        The gold verifier of the bundled `reviews` task (a labeller's rule, written down): 1.0 if the review is on
+        topic — it names the `column` value as a word ("kettle", not "kettlebell") — and positive — more words of
+        POSITIVE_WORDS ("good reliable solid pleasant") than of NEGATIVE_WORDS ("bad noisy awful useless"),
+        case-insensitive; else 0.0 (an empty review is 0.0). None
+        when the sample has no product. The task's SFT reviews use exactly these words (align.data.samples).
 
 Specs pick them by name, with settings and a weight: `accuracy`, `format(pattern="^\\d+$")@0.5`, `length(max_length=32)`.
 """
@@ -144,6 +150,22 @@ def format(pattern: str = r"^<think>.*?</think>\s*<answer>.*?</answer>$") -> Rew
     return format_reward
 
 
+POSITIVE_WORDS = ("good", "reliable", "solid", "pleasant")
+NEGATIVE_WORDS = ("bad", "noisy", "awful", "useless")
+
+
+def positive(column: str = "product") -> RewardFn:
+    def judge(completion: Any, product: Any) -> float | None:
+        if product is None or not str(product).strip():
+            return None
+        words = re.findall(r"[a-z]+", completion_text(completion).lower())
+        on_topic = str(product).strip().lower() in words
+        score = sum(w in POSITIVE_WORDS for w in words) - sum(w in NEGATIVE_WORDS for w in words)
+        return float(on_topic and score > 0)
+
+    return _per_sample(column, judge, "positive_reward")
+
+
 def length(max_length: int = 256, cache: int = 64) -> RewardFn:
     if not 0 < cache <= max_length:
         raise ValueError(f"length: need 0 < cache <= max_length, got cache={cache}, max_length={max_length}")
@@ -164,4 +186,4 @@ def length(max_length: int = 256, cache: int = 64) -> RewardFn:
 
 
 BUILTINS: dict[str, Callable[..., RewardFn]] = {"accuracy": accuracy, "closeness": closeness, "format": format,
-                                                "length": length}
+                                                "length": length, "positive": positive}

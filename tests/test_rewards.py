@@ -12,7 +12,7 @@ import pytest
 
 from align.errors import AlignError
 from align.rewards import GuardedReward, RewardError, resolve_rewards, weighted_total
-from align.rewards.builtin import accuracy, closeness, format, length
+from align.rewards.builtin import accuracy, closeness, format, length, positive
 
 PROMPTS = ["What is 1 + 1?", "What is 2 + 2?", "What is 3 + 3?"]
 COMPLETIONS = ["2", "The answer is <answer>4</answer>", "boom"]
@@ -32,6 +32,26 @@ def test_builtin_accuracy_format_and_length():
     assert format()(PROMPTS[:1], messages) == [1.0] and format()(PROMPTS[:1], ["4"]) == [0.0]
     ids = [[0] * 4, [0] * 7, [0] * 9]
     assert length(max_length=8, cache=4)(PROMPTS, ["", "", ""], completion_ids=ids) == [0.0, -0.75, -1.0]
+
+
+def test_positive_judges_reviews_on_topic_and_by_the_lexicon():
+    """The reviews task's gold verifier on hand-written reviews of a kettle."""
+    reviews = [
+        "The kettle is solid and reliable.",  # positive, on topic
+        "The kettle is bad and noisy.",  # negative
+        "The KETTLE is good, but awful and useless.",  # more negative words than positive (case ignored)
+        "The toaster is solid and reliable.",  # positive, off topic
+        "The kettlebell is solid and reliable.",  # "kettle" only inside another word: off topic
+        "The kettle is solid and bad.",  # a tie: not positive
+        "",  # empty
+        "Kettle: pleasant!",  # positive words need no template
+    ]
+    assert positive()(["Review the kettle."] * len(reviews), reviews, product=["kettle"] * len(reviews)) == \
+        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert positive()(["q"], ["The kettle is good."], product=[None]) == [None]  # no product: not applicable
+    assert positive(column="item")(["q"], ["The mug is solid."], item=["mug"]) == [1.0]
+    with pytest.raises(KeyError, match="positive needs a 'product' column"):
+        positive()(["q"], ["The mug is solid."], answer=["mug"])
 
 
 def test_accuracy_reads_numbers_as_people_write_them():
@@ -76,7 +96,7 @@ def test_entry_point_registered_by_another_package(tmp_path, monkeypatch):
         "def shouty(prompts, completions, **kw):\n    return [float(c.isupper()) for c in completions]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert score("shouty@2", ["HI", "hi", "OK"]) == [1.0, 0.0, 1.0]
-    with pytest.raises(AlignError, match="Available: accuracy, closeness, format, length, shouty"):
+    with pytest.raises(AlignError, match="Available: accuracy, closeness, format, length, positive, shouty"):
         resolve_rewards(["shoty"])
 
 

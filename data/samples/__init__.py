@@ -8,12 +8,20 @@ They are generated deterministically by this module; regenerate with `python -m 
   hedged ("Maybe 41?"): learnable by a tiny model from the form alone (1000 pairs)
 - `arith-prefs-eval`  held-out preference pairs (200)
 - `arith-prompts`  prompts with an `answer` column, for online RL (GRPO/PPO) (500; `-eval`: 100)
-- `addition`, `addition-prompts`, `addition-eval`  the demo pipeline's task (recipes/demo.yaml): every "a + b" with
+- `addition`, `addition-prompts`, `addition-eval`  the addition demo (recipes/addition.yaml): every "a + b" with
   a, b in 0-49 (2500 problems), shuffled once and split three ways, disjoint: 1500 SFT conversations, 500 RL prompts
   with answers (pairs, grpo, ppo), and 500 held-out prompts with answers that no stage trains on
 - `addition-train-prompts`  the 2000 problems that sft and RL train on (`addition`'s 1500 and `addition-prompts`' 500)
   as prompts with answers: on-policy preference pairs for a reward model on every training problem, never on the
   held-out ones
+- `reviews`, `reviews-prompts`, `reviews-eval`  the RLHF task (recipes/demo.yaml, recipes/rlhf.yaml), where judging is
+  easier than producing: "Write a review of the kettle." -> "The kettle is solid and reliable." (80 products, 5 ways to
+  ask). Each product has its own share p of positive adjectives in the SFT reviews (0.3-0.9, spread evenly over the
+  products), and 1 review in 10 names another product (off topic), so the sft policy writes a positive, on-topic
+  review for some prompts and not others. The 400 (phrasing, product) prompts are split disjointly: 250 train
+  prompts (2500 SFT reviews, 10 each; the same 250 as RL prompts with a `product` column) and 150 held-out prompts
+  with a `product` column that no stage trains on (all 5 of one product, the rake, among them). The gold verifier
+  is the built-in reward `positive`
 - `mult-tools`, `mult-direct`, `mult-prompts`, `mult-eval`  the tools demo (recipes/tools.yaml): "What is 4821 * 37?"
   (a 4-digit number times a 2-digit one, the product 6 digits long). `mult-tools`: 6000 SFT traces with the calculator (`tools` column; the
   assistant calls calculator(expression="4821 * 37"), reads the result, answers it); `mult-direct`: the same 6000
@@ -41,6 +49,9 @@ BUNDLED: dict[str, str] = {
     "addition-prompts": "addition_prompts.jsonl",
     "addition-eval": "addition_eval.jsonl",
     "addition-train-prompts": "addition_train_prompts.jsonl",
+    "reviews": "reviews_sft.jsonl",
+    "reviews-prompts": "reviews_prompts.jsonl",
+    "reviews-eval": "reviews_eval.jsonl",
     "mult-prompts": "mult_prompts.jsonl",
     "mult-eval": "mult_eval.jsonl",
 }
@@ -111,6 +122,50 @@ def addition_records(max_operand: int = 50, n_eval: int = 500, n_sft: int = 1500
     conversations = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
                                    {"role": "assistant", "content": str(a + b)}]} for a, b in sft]
     return conversations, prompts(rl), prompts(held), prompts(sft + rl)
+
+
+REVIEW_PRODUCTS = (
+    "kettle toaster lamp chair desk phone camera blender backpack umbrella jacket scarf mug teapot "
+    "blanket pillow mattress sofa bookshelf printer monitor keyboard mouse headset speaker radio clock watch wallet "
+    "bicycle helmet tent lantern stove fridge freezer oven microwave dishwasher vacuum iron heater fan router tablet "
+    "laptop charger cable drill hammer ladder shovel rake hose grill skillet wok knife spoon fork plate bowl glass "
+    "bottle thermos candle mirror rug curtain towel soap shampoo razor brush comb teacup saucepan scooter stapler "
+    "notebook"
+).split()
+REVIEW_PROMPTS = ("Write a review of the {}.", "Review the {}.", "What do you think of the {}?", "How is the {}?",
+                  "Tell me about the {}.")
+
+
+def review_records(n_eval: int = 150, per_prompt: int = 10, off_topic: float = 0.1, seed: int = 4):
+    """(sft conversations, RL prompts, held-out prompts) of the reviews task: "The <product> is <adj> and <adj>.",
+    each adjective positive with the product's own probability p (0.3-0.9 spread evenly over the products); the
+    adjectives are the `positive` verifier's lexicon."""
+    from align.rewards.builtin import NEGATIVE_WORDS, POSITIVE_WORDS
+
+    rng = random.Random(seed)
+    products = list(REVIEW_PRODUCTS)
+    shares = [0.3 + 0.6 * i / (len(products) - 1) for i in range(len(products))]
+    rng.shuffle(shares)
+    share = dict(zip(products, shares, strict=True))
+    prompts = [(template, product) for product in products for template in REVIEW_PROMPTS]
+    rng.shuffle(prompts)
+    held, train = prompts[:n_eval], prompts[n_eval:]
+
+    def review(product: str) -> str:
+        named = rng.choice([p for p in products if p != product]) if rng.random() < off_topic else product
+        first, second = (POSITIVE_WORDS if rng.random() < share[product] else NEGATIVE_WORDS for _ in "ab")
+        word = rng.choice(first)
+        return f"The {named} is {word} and {rng.choice([w for w in second if w != word])}."
+
+    conversations = [{"messages": [{"role": "user", "content": template.format(product)},
+                                   {"role": "assistant", "content": review(product)}]}
+                     for template, product in train for _ in range(per_prompt)]
+    rng.shuffle(conversations)
+
+    def rows(part):
+        return [{"prompt": template.format(product), "product": product} for template, product in part]
+
+    return conversations, rows(train), rows(held)
 
 
 def multiplication_problems(n: int, seed: int = 3, digits: tuple[int, int, int] = (4, 2, 6)) -> list[tuple[int, int]]:
@@ -186,6 +241,8 @@ def main() -> None:
         write_jsonl(SAMPLES_DIR / BUNDLED[f"{name}-eval"], held_out)
     names = ("addition", "addition-prompts", "addition-eval", "addition-train-prompts")
     for name, records in zip(names, addition_records(), strict=True):
+        write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
+    for name, records in zip(("reviews", "reviews-prompts", "reviews-eval"), review_records(), strict=True):
         write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
     for name, records in zip(("mult-prompts", "mult-eval"), multiplication_records(n_sft=0)[2:], strict=True):
         write_jsonl(SAMPLES_DIR / BUNDLED[name], records)
