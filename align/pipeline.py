@@ -30,11 +30,12 @@ to the end, each stage takes its run directory's lock while it runs, and a stage
 inside one of its inputs is refused at planning.
 
 After every policy stage (and for the base, before the first) the `eval` block runs `align eval` (align.evaluation —
-the same code as the command) on held-out data, with the KL to the stage's parent; rm stages are evaluated on
-their own `eval_data` pairs. With tools in the block (`tool`/`environment`), `without_tools: true` evaluates each
-policy a second time on the same prompts with no tools offered (the table's "acc. without tools"). A stage with `gate: {metric: M, min_delta: X}` must reach parent's M + X, else the
-pipeline stops with exit code 3 (GATE_EXIT) before the stages after it spend compute. DIR/pipeline.json holds the
-resolved pipeline, each stage's status, run directory, lineage, final metrics and held-out metrics.
+the same code as the command) on held-out data, with the KL to the stage's parent; rm stages are evaluated on their
+own `eval_data` pairs. With tools in the block (`tool`/`environment`), `without_tools: true` evaluates each policy a
+second time on the same prompts with no tools offered (the table's "acc. without tools"). A stage with `gate:
+{metric: M, min_delta: X}` must reach parent's M + X, else the pipeline stops with exit code 3 (GATE_EXIT) before
+the stages after it spend compute. DIR/pipeline.json holds the resolved pipeline, each stage's status, run
+directory, lineage, final metrics and held-out metrics.
 
 A ppo/grpo stage trained on a reward model gets the eval block's rewards and (when its data has an answer column)
 accuracy as gold metrics (`gold_reward`, align.stages.gold) unless it names its own. A stage with `keep_best: METRIC`
