@@ -1,5 +1,6 @@
 """Test helpers: recompute a model's loss on examples exactly as SFT defines it (assistant tokens only); stop a
-training subprocess at a step of the test's choosing and kill or signal it there; compare adapters."""
+training subprocess at a step of the test's choosing and kill or signal it there; run the same command line in the
+test's own process; compare adapters."""
 
 from __future__ import annotations
 
@@ -75,6 +76,17 @@ def _paused(cmd: list[str], run: Path, step: int, timeout: float = 300) -> tuple
             raise AssertionError(f"step {step} never reached in {timeout} s")
         time.sleep(0.02)
     return proc, marker
+
+
+def run_in_process(cmd: list[str]) -> None:
+    """Run a `[python, -m, align, ARGS...]` command line in this process (`align.cli.main(ARGS)`) and check that it
+    succeeds. For the runs of a kill/resume test that need no process of their own (the uninterrupted run, the
+    resumed one): each is a fresh stage with the same options and seed, without a Python start-up (importing torch,
+    transformers and TRL costs more than a tiny run's training)."""
+    from align.cli import main
+
+    assert cmd[1:3] == ["-m", "align"], cmd
+    assert main(cmd[3:]) == 0, f"align {' '.join(cmd[3:])} failed (its error is in the captured stderr)"
 
 
 def max_adapter_difference(a: Path, b: Path) -> float:

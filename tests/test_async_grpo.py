@@ -1,18 +1,17 @@
 """`align grpo --async`: K = 0 is the synchronous run; with K = 1 every batch is at most one step old and its
 importance weights come from the log-probs of the snapshot that sampled it; a run killed at a checkpoint resumes to
-the uninterrupted run's result."""
+the uninterrupted run's result. Every run but the killed one runs in the test's process (helpers.run_in_process)."""
 
 from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import kill_at_checkpoint, max_adapter_difference
+from helpers import kill_at_checkpoint, max_adapter_difference, run_in_process
 
 ARGS = ["--data", "arith-prompts", "--reward", "closeness(scale=50)", "--num-generations", "4", "--batch-size", "8",
         "--max-completion-length", "6", "--backend", "hf", "--no-tensorboard", "--logging-steps", "1", "--lr", "3e-3",
@@ -27,15 +26,11 @@ def _grpo(tiny_model, run: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "align", "grpo", "--model", tiny_model, "--output", str(run), *ARGS, *extra]
 
 
-def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_staleness_zero_is_the_synchronous_run(tiny_model, tmp_path):
     sync, zero = tmp_path / "sync", tmp_path / "k0"
-    _run(_grpo(tiny_model, sync, "--max-steps", "3", "--num-processes", "1"))  # 1 process: seeded rows, as --async
-    _run(_grpo(tiny_model, zero, "--max-steps", "3", "--async", "--max-staleness", "0"))
+    # --num-processes 1: seeded rows, as --async
+    run_in_process(_grpo(tiny_model, sync, "--max-steps", "3", "--num-processes", "1"))
+    run_in_process(_grpo(tiny_model, zero, "--max-steps", "3", "--async", "--max-staleness", "0"))
     a, b = _metrics(sync), _metrics(zero)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
     for x, y in zip(a, b, strict=True):
@@ -105,10 +100,10 @@ def test_one_step_stale_batches_are_corrected_with_their_own_sampler_logprobs(ti
 def test_killed_async_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_path):
     extra = ["--max-steps", "5", "--save-steps", "2", "--async", "--max-staleness", "1"]
     straight, run = tmp_path / "straight", tmp_path / "killed"
-    _run(_grpo(tiny_model, straight, *extra))
+    run_in_process(_grpo(tiny_model, straight, *extra))
     kill_at_checkpoint(_grpo(tiny_model, run, *extra), run, 2, lost=1)  # step 3 is lost
     assert (run / "checkpoints" / "checkpoint-2" / "async_rollouts-0.pt").is_file()
-    _run([*_grpo(tiny_model, run, *extra), "--resume"])
+    run_in_process([*_grpo(tiny_model, run, *extra), "--resume"])
     a, b = _metrics(straight), _metrics(run)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
     for x, y in zip(a, b, strict=True):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import _paused, kill_at_checkpoint, max_adapter_difference
+from helpers import _paused, kill_at_checkpoint, max_adapter_difference, run_in_process
 
 import align
 from align import integrity
@@ -225,13 +225,12 @@ STEPS = ["--max-steps", "4", "--save-steps", "1"]
 @pytest.fixture(scope="module")
 def straight(tiny_model, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("straight") / "sft"
-    done = subprocess.run(sft_command(tiny_model, run, *STEPS), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_in_process(sft_command(tiny_model, run, *STEPS))  # only the killed runs need processes of their own
     return run
 
 
 @pytest.mark.parametrize("damage", ["optimizer.pt removed", "adapter truncated"])
-def test_resume_falls_back_to_the_previous_sealed_checkpoint(tiny_model, straight, tmp_path, damage):
+def test_resume_falls_back_to_the_previous_sealed_checkpoint(tiny_model, straight, tmp_path, cli, damage):
     run = tmp_path / "sft"
     command = sft_command(tiny_model, run, *STEPS)
     kill_at_checkpoint(command, run, 2)  # checkpoint-1 and checkpoint-2 sealed, then kill -9
@@ -245,10 +244,10 @@ def test_resume_falls_back_to_the_previous_sealed_checkpoint(tiny_model, straigh
         # with the previous one broken too, nothing verifies: --resume refuses and names both
         saved = (previous / "adapter_model.safetensors").read_bytes()
         flip_byte(previous / "adapter_model.safetensors")
-        refused = subprocess.run([*command, "--resume"], capture_output=True, text=True)
-        assert refused.returncode == 2, refused.stderr[-3000:]
-        assert f"--resume: no checkpoint in {run / 'checkpoints'} verifies" in refused.stderr
-        assert str(broken) in refused.stderr and str(previous / "adapter_model.safetensors") in refused.stderr
+        code, _, refused = cli(*command[3:], "--resume")
+        assert code == 2, refused[-3000:]
+        assert f"--resume: no checkpoint in {run / 'checkpoints'} verifies" in refused
+        assert str(broken) in refused and str(previous / "adapter_model.safetensors") in refused
         (previous / "adapter_model.safetensors").write_bytes(saved)
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -130,7 +129,7 @@ def test_rerun_skips_and_change_is_refused_then_forced(finished, cli, tmp_path):
     assert actions == {"sft": "rerun", "pairs": "rerun", "dpo": "rerun"}, out
 
 
-def test_interrupted_stage_resumes(tiny_model, tmp_path):
+def test_interrupted_stage_resumes(cli, tiny_model, tmp_path):
     out = tmp_path / "out"
     spec = pipeline_spec(tiny_model, out, save_steps=2)
     spec["stages"] = spec["stages"][:1]
@@ -138,10 +137,10 @@ def test_interrupted_stage_resumes(tiny_model, tmp_path):
     path = tmp_path / "pipe.yaml"
     path.write_text(yaml.safe_dump(spec))
     kill_at_checkpoint([sys.executable, "-m", "align", "run", str(path)], out / "sft", 2)
-    plan = subprocess.run([sys.executable, "-m", "align", "run", str(path), "--dry-run"], capture_output=True, text=True)
-    assert "resume" in plan.stdout, plan.stdout + plan.stderr
-    done = subprocess.run([sys.executable, "-m", "align", "run", str(path)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    code, plan, err = cli("run", path, "--dry-run")  # the plan and the rerun need no process of their own
+    assert code == 0 and "resume" in plan, plan + err
+    code, _, err = cli("run", path)
+    assert code == 0, err[-2000:]
     manifest = json.loads((out / "sft" / "run.json").read_text())
     assert manifest["status"] == "completed" and len(manifest["resumed_at"]) == 1
     steps = [m["step"] for m in map(json.loads, (out / "sft" / "metrics.jsonl").read_text().splitlines()) if "loss" in m]

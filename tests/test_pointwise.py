@@ -256,11 +256,10 @@ def _arith_labels(path: Path, n: int) -> Path:
 
 
 def test_two_head_rm_from_a_parent_resumes_exactly_and_loads_in_plain_peft(sft_run, runs):
-    import subprocess
     import sys
 
     import torch
-    from helpers import kill_at_checkpoint, max_adapter_difference
+    from helpers import kill_at_checkpoint, max_adapter_difference, run_in_process
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForSequenceClassification
 
@@ -272,11 +271,9 @@ def test_two_head_rm_from_a_parent_resumes_exactly_and_loads_in_plain_peft(sft_r
                 "1", "--batch-size", "8", "--no-tensorboard"]
 
     straight, run = runs / "two-straight", runs / "two-resumed"
-    done = subprocess.run(command(straight), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    kill_at_checkpoint(command(run), run, 3, lost=2)
-    resumed = subprocess.run([*command(run), "--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_in_process(command(straight))
+    kill_at_checkpoint(command(run), run, 3, lost=2)  # only the killed run needs a process of its own
+    run_in_process([*command(run), "--resume"])
     manifest = _manifest(run)
     assert manifest["status"] == "completed" and manifest["num_labels"] == 2 and manifest["merged_adapters"]
     assert max_adapter_difference(run, straight) <= 1e-5

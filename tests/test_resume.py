@@ -4,18 +4,20 @@ checkpoint of that step and exits 143 / 130), then `--resume` — the final adap
 checkpoint-3 falls inside a batch (the buffered completions are restored); distill samples its completions again
 after resuming, from the restored RNG state; kto's rows are shuffled once with --seed, the same order again on resuming
 (kto, orpo and simpo read pairs from the same bundled file). ppo's own loop is tested the same way in
-test_ppo.py."""
+test_ppo.py.
+
+Only the run that is killed or signalled is a process of its own; the uninterrupted runs and the resumed ones run in
+the test's process (helpers.run_in_process), which spares a Python start-up per run."""
 
 from __future__ import annotations
 
 import json
 import re
 import signal
-import subprocess
 import sys
 
 import pytest
-from helpers import kill_at_checkpoint, max_adapter_difference, signal_after_step
+from helpers import kill_at_checkpoint, max_adapter_difference, run_in_process, signal_after_step
 
 STEPS = 8
 STAGES = {
@@ -52,8 +54,7 @@ def straight(command, tmp_path_factory):
     def get(stage: str):
         if stage not in runs:
             run = tmp_path_factory.mktemp("straight") / stage
-            done = subprocess.run(command(stage, run), capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr[-3000:]
+            run_in_process(command(stage, run))
             runs[stage] = run
         return runs[stage]
 
@@ -61,8 +62,7 @@ def straight(command, tmp_path_factory):
 
 
 def resume_and_compare(command, stage: str, run, straight_run) -> None:
-    resumed = subprocess.run([*command(stage, run), "--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_in_process([*command(stage, run), "--resume"])
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["status"] == "completed" and len(manifest["resumed_at"]) == 1
     steps = [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
