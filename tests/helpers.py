@@ -15,6 +15,10 @@ import torch
 
 from align.data.chat import encode_example
 
+# How long a test waits for a subprocess before calling it hung: a guard against hangs, never a verdict on speed, so
+# it is generous enough for a 2-core machine loaded by other jobs (a 4-step vLLM run took over 15 min at load 14).
+HANG_S = float(os.environ.get("ALIGN_TEST_HANG_S", 3600))
+
 
 def completion_loss(model, tokenizer, examples: list[dict]) -> float:
     """Mean NLL over assistant tokens of `examples`, in one padded batch."""
@@ -51,7 +55,7 @@ def signal_after_step(cmd: list[str], run: Path, step: int, sig: int) -> tuple[i
     proc, marker = _paused(cmd, run, step)
     try:
         os.kill(proc.pid, sig)
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=HANG_S)
     finally:
         if proc.poll() is None:
             proc.kill()

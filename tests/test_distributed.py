@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HANG_S
 
 STEPS = 3
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -82,7 +83,7 @@ def test_two_processes_match_one_with_the_same_global_batch(cli, start, tmp_path
     code, _, err = cli(*command(stage, start(stage), tmp_path / "one", batch, 1))
     assert code == 0, err[-3000:]
     proc = subprocess.run([sys.executable, "-m", "align", *command(stage, start(stage), tmp_path / "two", batch // 2, 2)],
-                          env=ENV, capture_output=True, text=True, timeout=600)
+                          env=ENV, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines().count(str(tmp_path / "two")) == 1, "the run directory printed once"
     assert_finished_once(tmp_path / "one", 1)
@@ -97,7 +98,7 @@ def test_accelerate_launch_runs_align_as_a_module(start, tmp_path):
     out = tmp_path / "run"
     args = command("sft", start("sft"), out, 4, 2)
     args = args[: args.index("--num-processes")] + args[args.index("--num-processes") + 2 :]
-    proc = subprocess.run([*ACCELERATE, *args], env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*ACCELERATE, *args], env=ENV, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_finished_once(out, 2)  # the launcher's process count is recorded
     curves(out, ["loss"])
@@ -112,7 +113,7 @@ def test_a_user_error_in_the_workers_is_printed_once_and_every_process_exits_2(t
     args = ["sft", "--model", tiny_model, "--data", "arith", "-o", str(tmp_path / "run"), *mistake]
     argv = [*ACCELERATE, *args] if launcher == "accelerate" else \
         [sys.executable, "-m", "align", *args, "--num-processes", "2"]
-    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == (2 if launcher == "align" else 1), proc.stderr[-3000:]  # torchrun exits 1
     assert proc.stderr.count("align sft: error:") == 1, proc.stderr[-3000:]
     assert message in proc.stderr
@@ -145,7 +146,7 @@ def test_a_users_multi_cpu_accelerate_config_runs_its_processes(start, tmp_path)
     args = command("sft", start("sft"), out, 4, 2)
     args = args[: args.index("--num-processes")] + args[args.index("--num-processes") + 2 :]
     proc = subprocess.run([sys.executable, "-m", "align", *args, "--accelerate-config", str(config)], env=ENV,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_finished_once(out, 2)
 
@@ -160,7 +161,7 @@ def test_accelerate_launch_asked_for_two_processes_never_trains_one_silently(tin
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "align", "sft", "--model",
                            tiny_model, "--data", "arith", "-o", str(out), "--max-steps", "1"], env=ENV,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode != 0
     assert "`accelerate launch` was asked for 2 processes but started one" in proc.stderr, proc.stderr[-3000:]
     assert "--multi_gpu" in proc.stderr and not out.exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import HANG_S
 
 PROMPT = [{"role": "user", "content": "What is 12 + 7?"}]
 ANSWER = [{"role": "assistant", "content": "19"}]
@@ -138,7 +139,7 @@ if __name__ == "__main__":
     out = llm.generate([text], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
     print("VLLM:" + repr(out))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-3000:]
     served = eval(done.stdout.split("VLLM:")[-1].strip())
     assert served.strip() == expected.strip().splitlines()[-1].strip()

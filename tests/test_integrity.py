@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import _paused, kill_at_checkpoint, max_adapter_difference, run_in_process
+from helpers import HANG_S, _paused, kill_at_checkpoint, max_adapter_difference, run_in_process
 
 import align
 from align import integrity
@@ -54,7 +54,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_kill_9_frees_the_lock(
     first, marker = _paused(sft_command(tiny_model, run, "--max-steps", "2"), run, 0)  # waits before its first step
     try:
         second = subprocess.run(sft_command(tiny_model, run, "--max-steps", "2", "--overwrite"), capture_output=True,
-                                text=True, timeout=600)
+                                text=True, timeout=HANG_S)
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"--output {run} is being written by another align process (pid {first.pid}" in second.stderr
         assert "align sft" in second.stderr and "Traceback" not in second.stderr

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import HANG_S
 
 from align.errors import AlignError
 from align.rewards import GuardedReward, RewardError, resolve_rewards, weighted_total
@@ -132,7 +133,7 @@ def test_a_hung_reward_does_not_hang_the_process():
     """The timeout fault ends the command at once: the hung call's thread does not keep the process alive."""
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "align", "rewards", "check", "reward_plugins:hangs", "--data", "arith",
-                           "--timeout", "1"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+                           "--timeout", "1"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 2 and "'hangs' timed out after 1.0s" in done.stdout + done.stderr
     assert time.monotonic() - start < 120, "the process waited for the hung reward (it sleeps 600 s)"
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HANG_S
 
 PLUGINS = Path(__file__).parent / "tool_plugins.py"
 DATA = Path(__file__).parent / "data"
@@ -289,7 +290,7 @@ def test_hf_and_vllm_give_the_same_conversation_greedily(tool_policy, tmp_path):
         proc = subprocess.run(  # a separate process: vLLM's engine process needs a guarded __main__
             [sys.executable, "-m", "align", "eval", str(Path(tool_policy) / "model"), "--data",
              str(DATA / "tool_prompts.jsonl"), "--tool", "calculator", "--max-new-tokens", "128", "--backend", backend,
-             "--vllm-memory", "0.2", "--output", str(out)], capture_output=True, text=True, timeout=900)
+             "--vllm-memory", "0.2", "--output", str(out)], capture_output=True, text=True, timeout=HANG_S)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[backend] = json.loads(out.read_text())
     hf, vllm = results["hf"], results["vllm"]

@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from helpers import HANG_S
 
 pytest.importorskip("wandb")
 pytest.importorskip("trackio")
@@ -45,7 +46,7 @@ def logged(tiny_model, sft_run, tmp_path_factory):
         run = root / stage
         done = subprocess.run([sys.executable, "-m", "align", stage, *args, "-o", str(run), "--max-steps", "3",
                                "--batch-size", "4", "--logging-steps", "1", "--report-to", "tensorboard", "wandb",
-                               "trackio", "mlflow"], env=env, capture_output=True, text=True, timeout=900)
+                               "trackio", "mlflow"], env=env, capture_output=True, text=True, timeout=HANG_S)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[stage] = run
     return root, runs

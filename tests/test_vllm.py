@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HANG_S
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 HERE = Path(__file__).parent
@@ -22,7 +23,7 @@ def test_grpo_with_the_vllm_backend(sft_run, tmp_path):
          "closeness(scale=50)", "--output", str(out), "--max-steps", "3", "--batch-size", "8", "--num-generations", "4",
          "--max-completion-length", "6", "--logging-steps", "1", "--backend", "vllm", "--vllm-memory", "0.2",
          "--beta", "0.1", "--no-tensorboard", "--is-correction", "token_truncate", "--sync-check", "1"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=HANG_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -43,7 +44,7 @@ def test_ppo_with_the_vllm_backend(sft_run, tmp_path):
          "closeness(scale=50)", "--output", str(out), "--max-steps", "3", "--batch-size", "8",
          "--max-completion-length", "6", "--backend", "vllm", "--vllm-memory", "0.2", "--kl-coef", "0.2",
          "--no-tensorboard", "--sync-check", "1", "--is-correction", "token_truncate"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=HANG_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -68,7 +69,7 @@ def test_sync_check_stops_a_run_whose_sampler_serves_a_stale_adapter(sft_run, tm
          "--reward", "closeness(scale=50)", "--output", str(out), "--max-steps", "4", "--batch-size", "8",
          "--num-generations", "4", "--max-completion-length", "6", "--backend", "vllm", "--vllm-memory", "0.2",
          "--lr", "2e-2", "--beta", "0", "--sync-check", "1", "--sync-threshold", "0.01", "--no-tensorboard"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=HANG_S,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Sync check at step" in proc.stderr and message in proc.stderr
@@ -78,7 +79,7 @@ def test_sync_check_stops_a_run_whose_sampler_serves_a_stale_adapter(sft_run, tm
 
 def test_vllm_logprobs_agree_with_the_trainer(sft_run, tmp_path):
     proc = subprocess.run([sys.executable, str(HERE / "vllm_logprobs.py"), str(sft_run), str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print("vLLM vs trainer log-prob difference:", result)
@@ -123,7 +124,7 @@ def test_grpo_and_ppo_against_a_separately_started_vllm_server(sft_run, tmp_path
              "closeness(scale=50)", "--output", str(out), "--max-steps", "2", "--batch-size", "8",
              "--num-generations", "4", "--max-completion-length", "6", "--logging-steps", "1", "--beta", "0.1",
              "--vllm-server", f"http://127.0.0.1:{port}", "--no-tensorboard"],
-            capture_output=True, text=True, timeout=900,
+            capture_output=True, text=True, timeout=HANG_S,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in m]
@@ -137,7 +138,7 @@ def test_grpo_and_ppo_against_a_separately_started_vllm_server(sft_run, tmp_path
              "closeness(scale=50)", "--output", str(out), "--max-steps", "2", "--batch-size", "8",
              "--max-completion-length", "6", "--handoff", "continue", "--vllm-server", f"http://127.0.0.1:{port}",
              "--no-tensorboard"],
-            capture_output=True, text=True, timeout=900,
+            capture_output=True, text=True, timeout=HANG_S,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         steps = list(map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
@@ -193,7 +194,7 @@ def test_eval_with_the_vllm_backend_matches_hf(cli, sft_run, tmp_path):
             code, _, err = cli(*args)
             assert code == 0, err[-3000:]
         else:
-            proc = subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, timeout=900)
+            proc = subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, timeout=HANG_S)
             assert proc.returncode == 0, proc.stderr[-3000:]
         results[backend] = json.loads(out.read_text())
     assert results["vllm"]["accuracy"] == results["hf"]["accuracy"]

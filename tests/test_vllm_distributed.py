@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import _paused, max_adapter_difference
+from helpers import HANG_S, _paused, max_adapter_difference
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -53,7 +53,7 @@ def command(stage: str, sft_run: Path, out: Path, processes: int, steps: int, *s
 
 
 def train(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=ENV)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -118,10 +118,10 @@ def test_two_processes_share_one_server_and_resume_after_it_died(sft_run, tmp_pa
     train(command("grpo", sft_run, reference, 1, 3, "--backend", "vllm", "--vllm-memory", "0.05"))
     server = start_server(base, port)
     try:
-        proc, marker = _paused(command("grpo", sft_run, run, 2, 3, *url), run, 2, timeout=900)
+        proc, marker = _paused(command("grpo", sft_run, run, 2, 3, *url), run, 2, timeout=HANG_S)
         stop_server(server)  # dies after the checkpoint of step 2, before step 3 loads its adapter
         marker.unlink()
-        _, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=HANG_S)
         assert proc.returncode == 2, err[-3000:]
         assert err.count("Cannot reach the vLLM server") == 1 and "--resume" in err  # printed once, by process 0
         assert json.loads((run / "run.json").read_text())["status"] == "failed"
