@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError, Problems, did_you_mean
+from align.models import has_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -163,17 +164,11 @@ def launch_arguments(cfg) -> list[str]:
     n = requested_processes(cfg)
     args = ["--num_processes", str(n), "--num_machines", "1", "--main_process_port", "0"]
     if cfg.accelerate_config is not None and not (distributed_type(cfg.accelerate_config) == "MULTI_CPU"
-                                                  and not _has_gpu()):
+                                                  and not has_cuda()):
         return ["--config_file", str(config_path(cfg.accelerate_config)), *args]
     # MULTI_CPU on a machine without GPUs: accelerate's launcher would start one process; torchrun over gloo runs N
     # no config: DDP over N processes (torchrun; gloo on CPU, nccl on GPUs), precision left to align
     return [*args, "--mixed_precision", "no", "--dynamo_backend", "no", *(["--multi_gpu"] if n > 1 else [])]
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def stage_arguments(cfg, stage: str, scratch: Path) -> list[str]:

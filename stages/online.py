@@ -8,6 +8,7 @@ from typing import Literal
 
 from align.config import opt
 from align.errors import AlignError, Problems
+from align.models import has_cuda
 from align.stages.common import load_train_eval
 
 
@@ -147,7 +148,7 @@ class RolloutOptions:
             problems.add(f"--sync-check must be >= 0 and --sync-threshold > 0, got {self.sync_check} and "
                          f"{self.sync_threshold}.")
         engines = self.process_count() if self.resolved_backend() == "vllm" and not self.vllm_server else 1
-        if engines > 1 and self.vllm_memory * engines > 0.8 and not _has_gpu():
+        if engines > 1 and self.vllm_memory * engines > 0.8 and not has_cuda():
             problems.add(f"--vllm-memory {self.vllm_memory} with {engines} processes: on CPU every process's vLLM engine "
                          f"takes that fraction of the host RAM ({self.vllm_memory * engines:.0%} in all). Lower "
                          f"--vllm-memory to {0.8 / engines:.2f} or less, or share one --vllm-server.")
@@ -159,12 +160,6 @@ class RolloutOptions:
             problems.add(f"--top-p must be in (0, 1], got {self.top_p}.")
         if self.max_completion_length <= 0:
             problems.add(f"--max-completion-length must be positive, got {self.max_completion_length}.")
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def load_prompt_data(cfg):
