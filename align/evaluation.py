@@ -287,11 +287,12 @@ def evaluate_prompts(model, tokenizer, manifest, rows: list[dict[str, Any]], cfg
     return metrics
 
 
-def _pair_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[list[int], list[int]]:
+def _pair_ids(tokenizer, prompt: list[dict], answer: list[dict], tools: list[dict] | None = None):
+    """(prompt ids, answer ids) as the chat template renders them (with the pair's tools, when it has a column)."""
     from align.stages.rollout import render_prompts
 
-    (prompt_ids,) = render_prompts(tokenizer, [prompt])
-    full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+    (prompt_ids,) = render_prompts(tokenizer, [prompt], tools=tools)
+    full = tokenizer.apply_chat_template(prompt + answer, tokenize=False, tools=tools or None)
     ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     if ids[: len(prompt_ids)] != prompt_ids:
         raise AlignError("The chat template does not render the prompt as a prefix of the conversation; cannot "
@@ -312,7 +313,7 @@ def evaluate_pairs(model, tokenizer, manifest, pairs: list[dict[str, Any]], cfg:
         pad = tokenizer.pad_token_id
 
         def implicit(side: str) -> list[float]:
-            ids = [_pair_ids(tokenizer, p["prompt"], p[side]) for p in pairs]
+            ids = [_pair_ids(tokenizer, p["prompt"], p[side], p.get("tools")) for p in pairs]
             ps, cs = [i[0] for i in ids], [i[1] for i in ids]
             logp = sequence_logprobs(model, ps, cs, pad, cfg.batch_size)
             if reference is None:

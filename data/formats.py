@@ -107,14 +107,18 @@ def _turn(value: Any, field: str, role: str) -> list[dict]:
     return _messages(value, field) if isinstance(value, list) else [{"role": role, "content": _string(value, field)}]
 
 
-def _from_messages(row: dict) -> dict:
-    example = {"messages": _messages(row["messages"], "messages")}
+def with_tools(example: dict, row: dict) -> dict:
+    """`example` plus the row's `tools` column (JSON function schemas the chat template renders), when it has one."""
     if row.get("tools") is not None:
         tools = _json_value(row["tools"], "tools", list)
         if not all(isinstance(t, dict) for t in tools):
             raise RecordError("field 'tools' must be a list of JSON function schemas (objects)")
         example["tools"] = tools
     return example
+
+
+def _from_messages(row: dict) -> dict:
+    return with_tools({"messages": _messages(row["messages"], "messages")}, row)
 
 
 def _from_sharegpt(row: dict) -> dict:

@@ -119,8 +119,8 @@ def inspect(cfg: InspectConfig) -> str:
         lines.append(f"\ncharacters per example: {_stats([_characters(ex) for ex in examples])}")
         if cfg.model is not None:
             tokenizer = _tokenizer_for(cfg.model)
-            texts = [ex["text"] if "text" in ex else tokenizer.apply_chat_template(_conversation(ex), tokenize=False)
-                     for ex in examples]
+            texts = [ex["text"] if "text" in ex else tokenizer.apply_chat_template(
+                _conversation(ex), tools=ex.get("tools"), tokenize=False) for ex in examples]
             lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
             what = {"prompts": "prompt", "unpaired feedback": "prompt + completion",
                     "labelled rows": "text or prompt + completion"}.get(kind, "prompt + longer answer")

@@ -7,6 +7,9 @@ Accepted inputs:
   becomes a user message; string answers become assistant messages)
 - implicit: `chosen`, `rejected` — two full conversations; their longest common prefix is the prompt
 - optional `margin` (a number): how much better chosen is (used by the reward model's margin loss)
+- optional `tools` (JSON function schemas, as in sft's messages format): chosen / rejected may then be tool-calling
+  conversations (assistant `tool_calls`, `tool` messages, the final answer — what `align pairs --tool` writes); the
+  chat template renders the tools in the system turn, as TRL's trainers do
 Column renames (`--columns prompt=question chosen=good rejected=bad`) and `--system-prompt` work as for SFT.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align.data.formats import RecordError, _messages, _string, _turn, convert_rows, parse_column_map
+from align.data.formats import RecordError, _messages, _string, _turn, convert_rows, parse_column_map, with_tools
 from align.data.loading import Records, load_records
 from align.errors import AlignError
 
@@ -56,7 +59,7 @@ def normalize_pair(row: dict[str, Any], system_prompt: str | None = None) -> dic
         if isinstance(row["margin"], bool) or not isinstance(row["margin"], (int, float)):
             raise RecordError(f"field 'margin' must be a number, got {row['margin']!r:.40}")
         out["margin"] = float(row["margin"])
-    return out
+    return with_tools(out, row)
 
 
 def normalize_preferences(records: Records, columns=(), system_prompt: str | None = None) -> list[dict[str, Any]]:

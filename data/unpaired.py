@@ -9,6 +9,8 @@ Accepted inputs:
   a boolean (true = desirable); in a CSV file, where every value is text, the words true / false
 - paired (prompt/chosen/rejected or implicit-prompt chosen/rejected, as `align dpo` reads them,
   align.data.preference): each pair becomes two rows, chosen -> label true, rejected -> label false
+An optional `tools` column (JSON function schemas) travels with each row: completions may be tool-calling
+conversations (what `align pairs --unpaired --tool` writes).
 Column renames (`--columns label=thumbs_up completion=response`) and `--system-prompt` work as for the other readers.
 Raises AlignError naming file:line and field for a missing or non-boolean label, a missing prompt or completion,
 and for data where every label is the same (nothing to contrast; say which).
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align.data.formats import RecordError, _turn, convert_rows, parse_column_map
+from align.data.formats import RecordError, _turn, convert_rows, parse_column_map, with_tools
 from align.data.loading import Records, load_records
 from align.errors import AlignError
 
@@ -49,13 +51,13 @@ def normalize_feedback(row: dict[str, Any], system_prompt: str | None = None) ->
         raise RecordError("'completion' must end with an assistant message")
     if system_prompt and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system_prompt}, *prompt]
-    return {"prompt": prompt, "completion": completion, "label": _label(row["label"])}
+    return with_tools({"prompt": prompt, "completion": completion, "label": _label(row["label"])}, row)
 
 
 def unpair(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Preference pairs (align.data.preference's form) as unpaired rows: chosen -> true, rejected -> false, in order."""
-    return [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
-            for p in pairs for key in ("chosen", "rejected")]
+    return [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen",
+             **({"tools": p["tools"]} if "tools" in p else {})} for p in pairs for key in ("chosen", "rejected")]
 
 
 def normalize_unpaired(records: Records, columns=(), system_prompt: str | None = None) -> list[dict[str, Any]]:

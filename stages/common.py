@@ -220,9 +220,39 @@ def adapt_trainer(trainer, policy, cfg) -> None:
 
 
 def as_dataset(rows: list | None):
+    """A datasets.Dataset of `rows` for a TRL trainer. Preference and unpaired rows with a `tools` column (tool-calling
+    conversations, e.g. from `align pairs --tool`) go in with `tools` as a JSON string, which TRL's DPO, KTO and
+    Reward trainers parse back per row; Arrow would otherwise merge every row's schemas into one struct. Tool-call
+    arguments stay structs: rows whose calls take different argument names would come back with each other's names
+    (as nulls) and render differently, so those are refused."""
     import datasets
 
-    return datasets.Dataset.from_list(rows) if rows is not None else None
+    if rows is None:
+        return None
+    if not any("tools" in r and ("chosen" in r or "completion" in r) for r in rows):
+        return datasets.Dataset.from_list(rows)
+    import json
+
+    encoded = [{**r, "tools": json.dumps(r["tools"])} if "tools" in r else r for r in rows]
+    fix = ("so the chat template would render other tokens than the data holds. Train on rows that call tools with "
+           "the same argument names and types, or split the data by tool.")
+    try:
+        dataset = datasets.Dataset.from_list(encoded)
+    except (TypeError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError: one argument, several types
+        raise AlignError(f"The rows' tool calls do not fit one datasets table ({e}), {fix}") from None
+    for i, (row, back) in enumerate(zip(encoded, dataset, strict=True)):
+        if _without_none(back) != _without_none(row):
+            raise AlignError(f"Row {i + 1}: its tool calls do not pass through a datasets table unchanged (rows whose "
+                             f"tool calls take different argument names get each other's names as nulls), {fix}")
+    return dataset
+
+
+def _without_none(value):
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 def open_run(cfg, problems: Problems) -> Run | None:

@@ -71,11 +71,48 @@ class ToolOptions:
         return ToolSet.resolve(self.tool, self.environment, self.tool_timeout)
 
     def check(self, problems: Problems) -> None:
-        if self.enabled():
-            try:
-                self.toolset()
-            except AlignError as e:
-                problems.add_error(e)
+        from align.config import user_set
+
+        if not self.enabled():
+            for name in ("max_tool_calls", "tool_timeout"):
+                if user_set(self, name):
+                    flag = "--" + name.replace("_", "-")
+                    problems.add(f"{flag} {getattr(self, name)} applies to multi-turn rollouts with tools; add --tool "
+                                 f"SPEC or --environment SPEC, or drop {flag}.")
+            return
+        try:
+            toolset = self.toolset()
+        except AlignError as e:
+            problems.add_error(e)
+            return
+        if (tokenizer := self._policy_tokenizer()) is not None:
+            from align.stages.tool_rollout import template_problem
+
+            if problem := template_problem(tokenizer, toolset.schemas()):
+                problems.add(f"--tool / --environment: the tokenizer of {self._policy_source()}: {problem}")
+
+    def _policy_source(self) -> str | None:
+        """The run or model the rollouts sample from (each command names it its own way)."""
+        return next((getattr(self, n) for n in ("from_run", "target", "model") if getattr(self, n, None)), None)
+
+    def _policy_tokenizer(self):
+        """The sampling policy's tokenizer, or None when it cannot be loaded here (the other checks say why)."""
+        from pathlib import Path
+
+        from align.models import load_tokenizer
+
+        source = self._policy_source()
+        if source is None:
+            return None
+        path = Path(str(source))
+        if (path / "run.json").is_file():  # a run: its saved tokenizer
+            path = path / ("model" if (path / "model").is_dir() else "adapter")
+        elif not path.is_dir():
+            return None  # a hub id (checked where the model loads) or a missing directory
+        try:
+            return load_tokenizer(str(path), getattr(self, "trust_remote_code", False))
+        except (AlignError, OSError, ValueError):
+            return None
 
     def tools_manifest(self) -> dict | None:
         """run.json's record of the tools (None without any)."""

@@ -8,14 +8,26 @@ pairs are the policy's own outputs, so DPO from that policy starts on-distributi
 them learns to tell its right answers from its wrong ones.
 
 Writes RUN/pairs.jsonl ({"prompt": messages, "chosen": [assistant], "rejected": [assistant], "margin", plus the
-prompt data's other columns}) and RUN/run.json (stage "pairs"; metrics: prompts, pairs, the fractions of groups
-whose completions all scored the same). `align dpo --data RUN/pairs.jsonl`, or a stage name in `align run`.
+prompt data's other columns; with tools also "tools", and chosen/rejected are conversations, below) and
+RUN/run.json (stage "pairs"; metrics: prompts, pairs, the fractions of groups whose completions all scored the
+same). `align dpo --data RUN/pairs.jsonl`, or a stage name in `align run`.
 
 `--unpaired` writes unpaired feedback for `align kto` instead: one row per distinct completion of each prompt,
 {"prompt", "completion": [assistant], "label": total score >= --desirable-score, "score", plus the other columns}.
 Unlike pairs, a group whose completions all scored the same still gives rows (all desirable or all undesirable).
 
-Raises AlignError (exit 2) for config, data, parent and reward-spec problems, all at once, before sampling.
+With tools (`--tool SPEC`, `--environment SPEC`, `--max-tool-calls`, `--tool-timeout`; align.rewards.tools), each
+completion is a multi-turn rollout sampled exactly as grpo and eval sample it (align.stages.tool_rollout: the model's
+calls are run, their results appended as `tool` messages, until it answers), and the rewards score the whole
+conversation as in grpo (`completions`: the decoded turns and tool results; `conversation`, `environments` keywords;
+accuracy reads the model's last turn). chosen / rejected (or completion) are then those conversations in the data form
+dpo, kto and rm read: assistant turns with `tool_calls` (align.stages.tool_rollout.as_messages), `tool` messages, the
+final answer; each row gets the `tools` column (the tools' JSON schemas) so the chat template renders the same system
+turn the rollouts saw. run.json records the tools and the tool-call counts (tools/calls, errors, timeouts per
+completion).
+
+Raises AlignError (exit 2) for config, data, parent, reward- and tool-spec problems (and a chat template that does
+not render tools), all at once, before sampling.
 """
 
 from __future__ import annotations
@@ -29,13 +41,13 @@ from typing import Any, ClassVar, Literal
 from align.config import Config, RemoteCodeOption, opt
 from align.errors import AlignError, Problems
 from align.io import output_path_problem
-from align.stages.online import RewardOptions, load_prompt_data
+from align.stages.online import RewardOptions, ToolOptions, load_prompt_data
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PairsConfig(RemoteCodeOption, RewardOptions, Config):
+class PairsConfig(RemoteCodeOption, RewardOptions, ToolOptions, Config):
     model: str | None = opt(None, "Sample from this model (a directory or hub id) instead of a run.")
     from_run: str | None = opt(None, "Sample from this finished run's policy.", aliases=["--from"])
     data: str | None = opt(None, "Prompts (a prompt/messages/question column; other columns go to the rewards).")
@@ -89,38 +101,45 @@ class PairsConfig(RemoteCodeOption, RewardOptions, Config):
                 problems.add(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
 
 
+def _answers(texts: list[str], answers: list[list[dict[str, Any]]] | None) -> list[list[dict[str, Any]]]:
+    """Each completion as messages: `answers` (multi-turn conversations), or one assistant message per text."""
+    return answers if answers is not None else [[{"role": "assistant", "content": t}] for t in texts]
+
+
 def make_pairs(rows: list[dict[str, Any]], texts: list[str], totals: list[float], k: int,
-               per_prompt: int = 1) -> list[dict[str, Any]]:
+               per_prompt: int = 1, answers: list[list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """Up to `per_prompt` pairs per prompt group of `k` scored completions: a best completion against distinct
-    lower-scoring texts, the lowest-scoring first; groups whose scores are all equal give none."""
+    lower-scoring texts, the lowest-scoring first; groups whose scores are all equal give none. `answers`: each
+    completion's messages when it is a conversation (with tools), written as chosen / rejected instead of its text."""
+    answers = _answers(texts, answers)
     pairs = []
     for i, row in enumerate(rows):
-        group = list(zip(texts[i * k : (i + 1) * k], totals[i * k : (i + 1) * k], strict=True))
+        group = [(texts[j], totals[j], answers[j]) for j in range(i * k, (i + 1) * k)]
         best = max(group, key=lambda g: g[1])
         seen: set[str] = {best[0]}
-        for text, score in sorted(group, key=lambda g: g[1]):
+        for text, score, answer in sorted(group, key=lambda g: g[1]):
             if len(seen) > per_prompt or score >= best[1]:
                 break
             if text in seen:
                 continue
             seen.add(text)
-            pairs.append({**row, "chosen": [{"role": "assistant", "content": best[0]}],
-                          "rejected": [{"role": "assistant", "content": text}], "margin": best[1] - score})
+            pairs.append({**row, "chosen": best[2], "rejected": answer, "margin": best[1] - score})
     return pairs
 
 
 def make_feedback(rows: list[dict[str, Any]], texts: list[str], totals: list[float], k: int,
-                  desirable_score: float) -> list[dict[str, Any]]:
+                  desirable_score: float, answers: list[list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """One unpaired row per distinct completion of each prompt group of `k` scored completions, labelled
-    desirable when its total score is at least `desirable_score` (the first of identical texts counts)."""
+    desirable when its total score is at least `desirable_score` (the first of identical texts counts); `answers`
+    as in make_pairs."""
+    answers = _answers(texts, answers)
     out = []
     for i, row in enumerate(rows):
         seen: set[str] = set()
-        for text, score in zip(texts[i * k : (i + 1) * k], totals[i * k : (i + 1) * k], strict=True):
-            if text not in seen:
-                seen.add(text)
-                out.append({**row, "completion": [{"role": "assistant", "content": text}],
-                            "label": score >= desirable_score, "score": score})
+        for j in range(i * k, (i + 1) * k):
+            if texts[j] not in seen:
+                seen.add(texts[j])
+                out.append({**row, "completion": answers[j], "label": totals[j] >= desirable_score, "score": totals[j]})
     return out
 
 
@@ -131,6 +150,7 @@ def main(cfg: PairsConfig) -> Path:
     from align.rewards import weighted_total
     from align.rewards.call import build_call
     from align.stages.common import seed_everything, start_run, validate_stage
+    from align.stages.tool_rollout import as_messages
 
     run, data = validate_stage(cfg, "pairs", load_prompt_data)
     start_run(run, cfg)
@@ -138,7 +158,8 @@ def main(cfg: PairsConfig) -> Path:
     rows = rows[: cfg.max_prompts] if cfg.max_prompts else rows
     source = cfg.from_run or cfg.model
     with run.lifecycle(stage="pairs", task="pairs", config=cfg.to_dict(), datasets=datasets, seed=cfg.seed,
-                       parent=str(Path(cfg.from_run).resolve()) if cfg.from_run else None, rewards=cfg.reward_manifest()):
+                       parent=str(Path(cfg.from_run).resolve()) if cfg.from_run else None, rewards=cfg.reward_manifest(),
+                       tools=cfg.tools_manifest()):
         model, tokenizer, manifest = load_target(source, cfg.trust_remote_code)
         seed_everything(cfg.seed)
         k = cfg.num_generations
@@ -146,17 +167,22 @@ def main(cfg: PairsConfig) -> Path:
                              temperature=cfg.temperature, top_p=cfg.top_p, memory=cfg.vllm_memory, seed=cfg.seed)
         try:
             gen = generate_completions(engine, model, [r["prompt"] for r in rows], num_samples=k,
-                                       batch_size=cfg.batch_size, desc="Sampling")
+                                       batch_size=cfg.batch_size, desc="Sampling", tools=cfg)
         finally:
             getattr(engine, "shutdown", engine.close)()
         completion_ids, texts = gen.completion_ids, gen.texts
         rewards = cfg.guarded_rewards()
-        scores = build_call(rows, texts, completion_ids, k).score(rewards)
+        scores = build_call(rows, texts, completion_ids, k, per_completion=gen.reward_keywords()).score(rewards)
         totals = weighted_total(scores, [g.reward.weight for g in rewards])
+        answers = None
+        if cfg.enabled():  # the conversations, in the data form; the tools column renders the same system turn
+            schemas = cfg.toolset().schemas()
+            answers = [as_messages(tokenizer, c, schemas) for c in gen.conversation]
+            rows = [{**r, "tools": schemas} for r in rows]
         if cfg.unpaired:
-            pairs = make_feedback(rows, texts, totals, k, cfg.desirable_score)
+            pairs = make_feedback(rows, texts, totals, k, cfg.desirable_score, answers)
         else:
-            pairs = make_pairs(rows, texts, totals, k, cfg.pairs_per_prompt)
+            pairs = make_pairs(rows, texts, totals, k, cfg.pairs_per_prompt, answers)
         if not pairs:
             raise AlignError(f"align pairs: every group of {k} completions scored the same, so no pair could be "
                              "formed. Raise --temperature or --num-generations, or use a denser reward.")
@@ -165,7 +191,8 @@ def main(cfg: PairsConfig) -> Path:
                    **({"desirable": sum(p["label"] for p in pairs)} if cfg.unpaired else {}),
                    "mean_reward": sum(totals) / len(totals),
                    "groups_all_best": sum(min(g) == max(g) == max(totals) for g in groups) / len(groups),
-                   "groups_all_same": sum(min(g) == max(g) for g in groups) / len(groups)}
+                   "groups_all_same": sum(min(g) == max(g) for g in groups) / len(groups),
+                   **({name: v / len(texts) for name, v in gen.stats.metrics().items()} if gen.stats else {})}
         tmp = run.path / ".pairs.jsonl.partial"
         tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         tmp.replace(run.path / "pairs.jsonl")

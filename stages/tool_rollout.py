@@ -14,6 +14,9 @@ What a rollout returns, per row (`Conversations`):
   environment instance: rewards receive them as the `conversation` and `environments` keywords. The `completions`
   rewards receive are the decoded completion_ids, tool results included: the whole conversation after the prompt.
 
+`as_messages` turns a rollout's conversation into the data form sft / dpo / kto / rm read (assistant `tool_calls`,
+`tool` messages; `align pairs` writes it); `template_problem` refuses a chat template that does not show the tools.
+
 Borrowed from TRL 1.16's GRPOTrainer (`_tool_call_loop`, `_get_tool_suffix_ids`): the token-level concatenation
 prompt + completion + tool suffix (no re-tokenisation of what the model generated), the suffix computed as the
 difference of two chat-template renderings trimmed at the last EOS, and dropping a tool result that would push the
@@ -63,6 +66,50 @@ def tool_suffix_ids(tokenizer, tool_messages: list[dict[str, Any]]) -> list[int]
         raise ValueError("The chat template renders an assistant turn differently when tool results follow it; "
                          "multi-turn rollouts need a template where the conversation so far is a prefix.")
     return full[len(prefix):]
+
+
+def template_problem(tokenizer, schemas: list[dict[str, Any]]) -> str | None:
+    """Why multi-turn rollouts cannot run with this tokenizer, or None: its chat template must show the tools to the
+    model (a template that ignores `tools=`, like align's plain-text fallback for tokenizers without one, would
+    offer tools the model never sees)."""
+    probe = [{"role": "user", "content": "x"}]
+    shown = tokenizer.apply_chat_template(probe, tools=schemas, tokenize=False, add_generation_prompt=True)
+    if shown == tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True):
+        return ("its chat template does not render tools (the prompt is the same with and without them), so the "
+                "model would never see the tools it is offered. Use a model whose chat template takes `tools` "
+                "(e.g. Qwen2.5's, or `align tiny-model`'s), or drop --tool / --environment.")
+    return None
+
+
+def as_messages(tokenizer, conversation: list[dict[str, Any]], schemas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A rollout's conversation in the data form sft, dpo, kto and rm read (align.data.formats): an assistant turn
+    whose `<tool_call>` blocks all parse becomes {"role": "assistant", "content": its text before the calls,
+    "tool_calls": [{"type": "function", "function": {"name", "arguments"}}]} when the chat template renders that
+    form exactly as the model wrote the turn; any other turn (no call, a malformed call, or text the template would
+    render differently) stays as the model wrote it. `tool` messages are kept as they are."""
+    out = []
+    for message in conversation:
+        structured = _with_tool_calls(message) if message["role"] == "assistant" else None
+        if structured is not None and _render_turn(tokenizer, structured, schemas) == \
+                _render_turn(tokenizer, message, schemas):
+            message = structured
+        out.append(dict(message))
+    return out
+
+
+def _with_tool_calls(message: dict[str, Any]) -> dict[str, Any] | None:
+    text = message["content"]
+    calls = parse_tool_calls(text)
+    if not calls or any(isinstance(c, str) or not isinstance(c.get("arguments", {}), dict) for c in calls):
+        return None
+    content = text[: text.index("<tool_call>")]
+    return {"role": "assistant", "content": content[:-1] if content.endswith("\n") else content,
+            "tool_calls": [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+                           for c in calls]}
+
+
+def _render_turn(tokenizer, message: dict[str, Any], schemas: list[dict[str, Any]]) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": "x"}, message], tools=schemas, tokenize=False)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
