@@ -38,12 +38,26 @@ class ORPOConfig(TrainOptions, DataOptions, AdapterOptions, ModelOptions, Config
                       range="(0, inf)")
 
 
+def load_reference_free_data(cfg):
+    """Preference pairs for orpo / simpo, refusing tool-calling pairs (a `tools` column): TRL's experimental ORPO and
+    CPO trainers apply the chat template without a row's tools, so the model would be trained on a system turn it
+    never sees when it samples with them."""
+    from align.errors import AlignError
+
+    train, evaluation, datasets = load_preference_data(cfg)
+    for rows, spec in ((train, cfg.data), (evaluation or [], getattr(cfg, "eval_data", None) or cfg.data)):
+        if any("tools" in r for r in rows):
+            raise AlignError(f"{spec}: these pairs carry a `tools` column (tool-calling conversations), which TRL's "
+                             "ORPO/CPO trainers do not render; train on them with align dpo (or kto, rm).")
+    return train, evaluation, datasets
+
+
 def train_reference_free(cfg, stage: str, trainer_class, trl_config_class, **loss_args) -> Path:
     """The lifecycle of a reference-free preference stage (orpo, simpo): preference pairs, one TRL trainer, no
     frozen reference. `loss_args` go to the TRL config."""
-    if (workers_run := launch_or_join(cfg, stage, load_preference_data)) is not None:
+    if (workers_run := launch_or_join(cfg, stage, load_reference_free_data)) is not None:
         return workers_run  # --num-processes: the launched processes trained
-    started = start_stage(cfg, stage, load_preference_data)
+    started = start_stage(cfg, stage, load_reference_free_data)
     args = trl_config_class(**trainer_arguments(cfg, started.run, started.evaluation is not None),
                             max_length=cfg.max_length, remove_unused_columns=False, **loss_args)
     return finish_stage(

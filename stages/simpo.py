@@ -25,9 +25,8 @@ from pathlib import Path
 
 from align.adapters import AdapterOptions
 from align.config import Config, opt
-from align.stages.dpo import load_preference_data  # noqa: F401 - the data loader stages.KINDS names
 from align.stages.options import DataOptions, ModelOptions, TrainOptions
-from align.stages.orpo import train_reference_free
+from align.stages.orpo import load_reference_free_data, train_reference_free  # noqa: F401 - the loader KINDS names
 
 
 @dataclass
