@@ -323,3 +323,161 @@ def test_the_calculator_makes_the_difference_after_a_short_sft(cli, tmp_path):
     accuracy = {name: m["accuracy"] for name, m in metrics.items()}
     assert metrics["with"]["tools/calls"] == 1.0 and metrics["with"]["tools/errors"] == 0
     assert accuracy["with"] >= 0.5 and accuracy["without"] == 0.0, (accuracy, metrics["with"]["examples"])
+
+
+# -- align pairs with tools ---------------------------------------------------------------------------------------
+PAIRS_REWARDS = ("--reward", "accuracy", "--reward", "closeness(scale=1000000)")
+
+
+def _sample_pairs(cli, policy, out, *flags):
+    code, _, err = cli("pairs", "--from", policy, "--data", DATA / "tool_prompts.jsonl", *PAIRS_REWARDS, "--tool",
+                       "calculator", "--max-tool-calls", "2", "--num-generations", "8", "--max-completion-length", "128",
+                       "--backend", "hf", "--seed", "1", *flags, "--output", out)
+    assert code == 0, err
+    return [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tool_pairs(tool_policy, tmp_path_factory) -> Path:
+    """`align pairs --tool calculator` on the calculator-tuned model (temperature 1, 8 rollouts per prompt)."""
+    from align.cli import main
+
+    out = tmp_path_factory.mktemp("pairs") / "pairs"
+    code = main(["pairs", "--from", str(tool_policy), "--data", str(DATA / "tool_prompts.jsonl"), *PAIRS_REWARDS,
+                 "--tool", "calculator", "--max-tool-calls", "2", "--num-generations", "8", "--max-completion-length",
+                 "128", "--backend", "hf", "--seed", "1", "--output", str(out)])
+    assert code == 0
+    return out
+
+
+def _score(row: dict, side: str) -> float:
+    """The pairs run's rewards (accuracy + closeness), recomputed on a written conversation: both read the model's
+    last turn of the conversation, never a tool's result."""
+    from align.rewards.builtin import accuracy, closeness
+
+    columns = {"answer": [row["answer"]], "conversation": [row[side]]}
+    return sum(fn(["q"], [""], **columns)[0] for fn in (accuracy(), closeness(scale=1000000)))
+
+
+def _check_tool_turns(conversation: list[dict]) -> int:
+    """Every tool message is the calculator's output for the call of the assistant turn before it; returns how many."""
+    from align.rewards.tools import calculator
+
+    results = [i for i, m in enumerate(conversation) if m["role"] == "tool"]
+    for i in results:
+        call = conversation[i - 1]
+        assert call["role"] == "assistant" and call["content"] == "" and len(call["tool_calls"]) == 1
+        function = call["tool_calls"][0]["function"]
+        assert function["name"] == "calculator" and conversation[i]["name"] == "calculator"
+        assert conversation[i]["content"] == calculator(**function["arguments"])
+    assert conversation[-1]["role"] == "assistant"  # every rollout ends with the model's turn
+    return len(results)
+
+
+def test_pairs_with_the_calculator_write_the_conversations_and_their_rescored_margins(tool_pairs):
+    from align.rewards.tools import ToolSet
+
+    rows = [json.loads(line) for line in (tool_pairs / "pairs.jsonl").read_text().splitlines()]
+    assert rows
+    schemas = ToolSet.resolve(["calculator"], None).schemas()
+    called = 0
+    for row in rows:
+        assert row["tools"] == schemas  # the chat template renders the system turn the rollouts saw
+        assert row["margin"] == pytest.approx(_score(row, "chosen") - _score(row, "rejected"), abs=1e-9)
+        assert row["margin"] > 0 and row["chosen"] != row["rejected"]
+        called += _check_tool_turns(row["chosen"]) + _check_tool_turns(row["rejected"])
+    full = [r["chosen"] for r in rows if [m["role"] for m in r["chosen"]] == ["assistant", "tool", "assistant"]]
+    assert full and called >= len(full)  # the call, the calculator's result and the final answer
+    manifest = json.loads((tool_pairs / "run.json").read_text())
+    assert manifest["tools"]["tool"] == ["calculator"] and manifest["metrics"]["tools/calls"] > 0
+    assert manifest["metrics"]["tools/timeouts"] == 0
+
+
+def test_dpo_on_tool_pairs_starts_at_ln2_and_counts_only_the_model_tokens(cli, tool_policy, tool_pairs, tmp_path):
+    """The seam pairs -> dpo: DPO from the policy that sampled the pairs starts at ln 2 (policy = reference), and its
+    log-probs leave out the rendered tool results (which the model never chose)."""
+    import math
+
+    from align.generate import load_target
+    from align.stages.dpo import model_token_masks
+
+    out = tmp_path / "dpo"
+    code, _, err = cli("dpo", "--from", tool_policy, "--data", tool_pairs / "pairs.jsonl", "--max-steps", "2",
+                       "--batch-size", "2", "--logging-steps", "1", "--no-tensorboard", "--output", out)
+    assert code == 0, err
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-5), first
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    # the mask, token by token, on a pair with a tool result (tokenized as TRL's DPOTrainer does)
+    _, tok, _ = load_target(str(tool_policy))
+    row = next(json.loads(line) for line in (tool_pairs / "pairs.jsonl").read_text().splitlines()
+               if any(m["role"] == "tool" for m in json.loads(line)["chosen"]))
+
+    def ids(messages, **kw):
+        return tok(tok.apply_chat_template(messages, tools=row["tools"], tokenize=False, **kw),
+                   add_special_tokens=False)["input_ids"]
+
+    prompt = ids(row["prompt"], add_generation_prompt=True)
+    example = {**row, "tools": json.dumps(row["tools"]), "prompt_ids": prompt,
+               **{f"{s}_ids": ids(row["prompt"] + row[s])[len(prompt):] for s in ("chosen", "rejected")}}
+    mask, chosen = model_token_masks(example, tok)["chosen_model_mask"], example["chosen_ids"]
+    result = row["chosen"][1]["content"]
+    assert tok.decode([t for t, m in zip(chosen, mask, strict=True) if m == 0]) == \
+        f"<|im_start|>user\n<tool_response>\n{result}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    kept = tok.decode([t for t, m in zip(chosen, mask, strict=True) if m == 1])
+    assert "<tool_call>" in kept and kept.endswith(f"</tool_call><|im_end|>\n{row['chosen'][2]['content']}<|im_end|>\n")
+
+
+def test_pairs_unpaired_with_tools_label_each_conversation_by_its_rescored_reward(cli, tool_policy, tool_pairs, tmp_path):
+    rows = _sample_pairs(cli, tool_policy, tmp_path / "kto-data", "--unpaired")
+    assert len(rows) >= 4 and {r["label"] for r in rows} == {True, False}
+    for row in rows:
+        assert row["score"] == pytest.approx(_score(row, "completion"), abs=1e-9)
+        assert row["label"] == (row["score"] >= 0.5)
+        _check_tool_turns(row["completion"])
+    assert any(_check_tool_turns(r["completion"]) for r in rows)
+    # both files are read as the stages that take them read them, tools column included
+    code, out, err = cli("data", "inspect", tmp_path / "kto-data" / "pairs.jsonl", "--model", tool_policy)
+    assert code == 0 and "kto (as unpaired feedback)" in out, err
+    code, out, err = cli("data", "inspect", tool_pairs / "pairs.jsonl", "--num-examples", "10")
+    assert code == 0 and "dpo, orpo, simpo, rm" in out and '"tool_calls"' in out, err
+    code, _, err = cli("orpo", "--from", tool_policy, "--data", tool_pairs / "pairs.jsonl", "--output", tmp_path / "o")
+    assert code == 2 and "these pairs carry a `tools` column (tool-calling conversations), which TRL's ORPO/CPO " \
+        "trainers do not render; train on them with align dpo (or kto, rm)." in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_pairs_refuses_bad_tools_before_sampling(cli, tmp_path):
+    from align.tiny import build_tiny_model
+
+    common = ("--data", DATA / "tool_prompts.jsonl", "--reward", "accuracy")
+    code, _, err = cli("pairs", "--model", tmp_path / "no-model", *common, "--tool", "calculater", "--output",
+                       tmp_path / "out")
+    assert code == 2 and "Tool spec: Unknown tool 'calculater'. Did you mean 'calculator'? Available: calculator." in err
+    code, _, err = cli("pairs", "--model", tmp_path / "no-model", *common, "--max-tool-calls", "3", "--output",
+                       tmp_path / "out")
+    assert code == 2 and "--max-tool-calls 3 applies to multi-turn rollouts with tools; add --tool SPEC or " \
+        "--environment SPEC, or drop --max-tool-calls." in err
+    plain = build_tiny_model(tmp_path / "plain")  # its tokenizer without a chat template: align's fallback
+    (plain / "chat_template.jinja").unlink()
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for command in ("pairs", "grpo"):
+        code, _, err = cli(command, "--model", plain, *common, "--tool", "calculator", "--output", tmp_path / "out")
+        assert code == 2 and f"--tool / --environment: the tokenizer of {plain}: its chat template does not render " \
+            "tools (the prompt is the same with and without them)" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pipeline_pairs_stage_takes_tools_like_grpo(cli, tiny_model, tmp_path):
+    path = tmp_path / "p.yaml"
+    stages = ("stages:\n  - {name: sft, kind: sft, data: " + str(DATA / "tool_traces.jsonl") + ", max_steps: 2}\n"
+              "  - {name: pairs, kind: pairs, data: " + str(DATA / "tool_prompts.jsonl") + ", reward: [accuracy], "
+              "tool: [TOOL], max_tool_calls: 2}\n  - {name: dpo, kind: dpo, data: pairs}\n")
+    path.write_text(f"model: {tiny_model}\noutput: {tmp_path / 'out'}\n" + stages.replace("TOOL", "calculator"))
+    code, out, err = cli("run", path, "--dry-run")
+    assert code == 0, err
+    path.write_text(f"model: {tiny_model}\noutput: {tmp_path / 'out'}\n" + stages.replace("TOOL", "calculater"))
+    code, _, err = cli("run", path, "--dry-run")
+    assert code == 2 and "Unknown tool 'calculater'. Did you mean 'calculator'?" in err, err
