@@ -403,6 +403,12 @@ def cases(T, S, R, W, mounted=False):
         ("grpo-staleness-without-async", ["grpo", "--from", S, "--data", "arith-prompts", "--reward", "accuracy",
                                           "--max-staleness", "3", "-o", O("d")],
          "--max-staleness 3 bounds --async sampling"),
+        ("pairs-tool-typo", ["pairs", "--from", S, "--data", "arith-prompts", "--reward", "accuracy", "--tool",
+                             "calculater", "-o", O("f")],
+         "Unknown tool 'calculater'. Did you mean 'calculator'?"),
+        ("pairs-tool-calls-without-tool", ["pairs", "--from", S, "--data", "arith-prompts", "--reward", "accuracy",
+                                           "--max-tool-calls", "2", "-o", O("f")],
+         "--max-tool-calls 2 applies to multi-turn rollouts with tools; add --tool SPEC or --environment SPEC"),
     ]
 
 
