@@ -241,18 +241,16 @@ def as_dataset(rows: list | None):
     except (TypeError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError: one argument, several types
         raise AlignError(f"The rows' tool calls do not fit one datasets table ({e}), {fix}") from None
     for i, (row, back) in enumerate(zip(encoded, dataset, strict=True)):
-        if _without_none(back) != _without_none(row):
+        if _tool_calls(back) != _tool_calls(row):
             raise AlignError(f"Row {i + 1}: its tool calls do not pass through a datasets table unchanged (rows whose "
                              f"tool calls take different argument names get each other's names as nulls), {fix}")
     return dataset
 
 
-def _without_none(value):
-    if isinstance(value, dict):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_none(v) for v in value]
-    return value
+def _tool_calls(row: dict) -> list:
+    """Every tool call of a row's conversations, as the chat template renders it (name and arguments)."""
+    return [call["function"] for key in ("prompt", "chosen", "rejected", "completion") for m in row.get(key) or []
+            if isinstance(m, dict) for call in m.get("tool_calls") or []]
 
 
 def open_run(cfg, problems: Problems) -> Run | None:

@@ -494,3 +494,25 @@ def test_a_pipeline_pairs_stage_takes_tools_like_grpo(cli, tiny_model, tmp_path)
     path.write_text(f"model: {tiny_model}\noutput: {tmp_path / 'out'}\n" + stages.replace("TOOL", "calculater"))
     code, _, err = cli("run", path, "--dry-run")
     assert code == 2 and "Unknown tool 'calculater'. Did you mean 'calculator'?" in err, err
+
+
+def test_tool_pairs_reach_trl_with_their_tools_and_calls_unchanged_or_are_refused():
+    """as_dataset: the `tools` column goes in as JSON (TRL's trainers parse it back per row); rows whose tool calls
+    take different argument names would come out of Arrow with each other's names as nulls, so they are refused."""
+    from align.errors import AlignError
+    from align.stages.common import as_dataset
+
+    def row(name: str, arguments: dict) -> dict:
+        call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        chosen = [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "1"},
+                  {"role": "assistant", "content": "1"}]
+        return {"prompt": [{"role": "user", "content": "q"}], "chosen": chosen,
+                "rejected": [{"role": "assistant", "content": "2"}], "tools": [{"type": "function", "function": {
+                    "name": name, "parameters": {"type": "object", "properties": {k: {"type": "string"} for k in arguments}}}}]}
+
+    same = [row("calculator", {"expression": "1"}), row("calculator", {"expression": "2 - 1"})]
+    dataset = as_dataset(same)
+    assert [json.loads(t) for t in dataset["tools"]] == [r["tools"] for r in same]
+    assert dataset[1]["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"expression": "2 - 1"}
+    with pytest.raises(AlignError, match="Row 1: its tool calls do not pass through a datasets table unchanged"):
+        as_dataset([row("calculator", {"expression": "1"}), row("increment", {"by": "1"})])
