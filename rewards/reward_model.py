@@ -22,12 +22,13 @@ def as_messages(value: str | Conversation, role: str) -> Conversation:
 
 
 def render(tokenizer, example: dict[str, Any]) -> str:
-    """The text a reward model reads: a `text` as is, or the chat-template rendering of prompt + completion
-    (tokenized without added special tokens, by training and scoring alike)."""
+    """The text a reward model reads: a `text` as is, or the chat-template rendering of prompt + completion, with
+    the example's `tools` when it has them, as TRL's RewardTrainer renders tool-calling pairs (tokenized without
+    added special tokens, by training and scoring alike)."""
     if "text" in example:
         return example["text"]
     conversation = as_messages(example["prompt"], "user") + as_messages(example["completion"], "assistant")
-    return tokenizer.apply_chat_template(conversation, tokenize=False)
+    return tokenizer.apply_chat_template(conversation, tools=example.get("tools") or None, tokenize=False)
 
 
 def heads(manifest: dict[str, Any]) -> list[str]:
@@ -96,9 +97,13 @@ class RewardModelScorer:
         pooled = hidden[torch.arange(len(ids), device=ids.device), last]
         return head(pooled.to(head.weight.dtype))
 
-    def score(self, prompts: list[str | Conversation], completions: list[str | Conversation]) -> list[float]:
-        """The reward head's output for each (prompt, completion) (the named head, else the only one)."""
-        texts = [render(self.tokenizer, {"prompt": p, "completion": c}) for p, c in zip(prompts, completions, strict=True)]
+    def score(self, prompts: list[str | Conversation], completions: list[str | Conversation],
+              tools: list[list[dict] | None] | None = None) -> list[float]:
+        """The reward head's output for each (prompt, completion) (the named head, else the only one); `tools`: each
+        pair's tool schemas, when its conversations call tools."""
+        tools = tools or [None] * len(prompts)
+        texts = [render(self.tokenizer, {"prompt": p, "completion": c, "tools": t})
+                 for p, c, t in zip(prompts, completions, tools, strict=True)]
         return [row[self.head] for row in self.score_texts(texts)]
 
     def score_texts(self, texts: list[str]) -> list[list[float]]:

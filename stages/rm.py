@@ -193,8 +193,9 @@ def score_main(cfg: ScoreConfig) -> str:
             raise AlignError(f"{cfg.run} has {len(scorer.heads)} heads ({', '.join(scorer.heads)}): preference "
                              "accuracy needs one score. Score labelled or prompt/completion rows instead.")
         pairs = normalize_preferences(records, cfg.columns)
-        chosen = scorer.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
-        rejected = scorer.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+        prompts, tools = [p["prompt"] for p in pairs], [p.get("tools") for p in pairs]
+        chosen = scorer.score(prompts, [p["chosen"] for p in pairs], tools)
+        rejected = scorer.score(prompts, [p["rejected"] for p in pairs], tools)
         rows = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
         summary = f"accuracy {sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(rows):.3f} on {len(rows)} pairs"
     else:

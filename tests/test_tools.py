@@ -516,3 +516,18 @@ def test_tool_pairs_reach_trl_with_their_tools_and_calls_unchanged_or_are_refuse
     assert dataset[1]["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"expression": "2 - 1"}
     with pytest.raises(AlignError, match="Row 1: its tool calls do not pass through a datasets table unchanged"):
         as_dataset([row("calculator", {"expression": "1"}), row("increment", {"by": "1"})])
+
+
+def test_a_reward_model_reads_tool_pairs_with_their_tools_as_trl_trained_it():
+    from align.rewards.reward_model import render
+    from align.rewards.tools import ToolSet
+    from align.tiny import build_tokenizer
+
+    tok, tools = build_tokenizer(split_digits=True), ToolSet.resolve(["calculator"], None).schemas()
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2 * 3"}}}
+    example = {"prompt": [{"role": "user", "content": "What is 2 * 3?"}], "tools": tools,
+               "completion": [{"role": "assistant", "content": "", "tool_calls": [call]},
+                              {"role": "tool", "name": "calculator", "content": "6"}, {"role": "assistant", "content": "6"}]}
+    assert render(tok, example) == tok.apply_chat_template(example["prompt"] + example["completion"], tools=tools,
+                                                           tokenize=False)
+    assert render(tok, example).startswith("<|im_start|>system\n# Tools\ncalculator(expression: string)")
