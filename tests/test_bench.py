@@ -45,6 +45,7 @@ def test_every_bench_script_has_a_smoke_test():
     assert scripts == sorted([*SCRIPTS, *TESTED_ELSEWHERE])
 
 
+@pytest.mark.slow  # each a process of its own; `pytest -m slow` (CI) runs them
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bench_smoke(script):
     name = script.rsplit(".", 1)[0]

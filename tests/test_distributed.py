@@ -77,7 +77,10 @@ def start(tiny_model, sft_run):
     return lambda stage: ["--model", tiny_model] if stage == "sft" else ["--from", str(sft_run)]
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
+QUICK = ("sft", "grpo", "ppo")  # the other stages' 2-process runs are in the slow suite (`pytest -m slow`, CI)
+
+
+@pytest.mark.parametrize("stage", [s if s in QUICK else pytest.param(s, marks=pytest.mark.slow) for s in STAGES])
 def test_two_processes_match_one_with_the_same_global_batch(cli, start, tmp_path, stage):
     _, batch, keys = STAGES[stage]
     code, _, err = cli(*command(stage, start(stage), tmp_path / "one", batch, 1))

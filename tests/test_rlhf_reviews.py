@@ -40,6 +40,7 @@ def pipeline(tiny_model, tmp_path_factory):
     return out, {row["stage"]: row for row in result["table"]}
 
 
+@pytest.mark.slow  # a learning check: sft -> pairs -> rm -> ppo on the reviews task
 def test_ppo_on_the_reward_model_alone_raises_held_out_gold(pipeline):
     out, rows = pipeline
     assert rows["rm"]["preference_accuracy"] >= 0.75  # judging is easy here: it tells positive reviews from the rest

@@ -280,6 +280,7 @@ def test_rewards_check_scores_multi_turn_rollouts(cli, tool_policy):
     assert code == 2 and "--tool / --environment make the completions multi-turn rollouts, which need --from RUN" in err
 
 
+@pytest.mark.slow  # a vLLM engine start (the single-turn hf = vllm check is tests/test_vllm.py's)
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_hf_and_vllm_give_the_same_conversation_greedily(tool_policy, tmp_path):
     """Both rollout backends run the same loop: greedy rollouts with the calculator, one per backend (vLLM serving
@@ -298,6 +299,7 @@ def test_hf_and_vllm_give_the_same_conversation_greedily(tool_policy, tmp_path):
     assert [e["completion"] for e in hf["examples"]] == [e["completion"] for e in vllm["examples"]]
 
 
+@pytest.mark.slow  # a learning check: full sft on 3000 traces
 def test_the_calculator_makes_the_difference_after_a_short_sft(cli, tmp_path):
     """The tools demo (recipes/tools.yaml) in CI size: full sft of a random tiny model on 3000 calculator traces of
     the demo's task ("What is 4898 * 85?", 6-digit products) for 420 steps of 2 packed rows, then greedy held-out

@@ -60,7 +60,7 @@ def test_ppo_with_the_vllm_backend(sft_run, tmp_path):
 
 @pytest.mark.parametrize("mode, message", [
     ("frozen", "the rollout engine serves the adapter of step 0, not the current one"),
-    ("lying", "log-probs differing by"),
+    pytest.param("lying", "log-probs differing by", marks=pytest.mark.slow),  # a second engine start: slow suite
 ])
 def test_sync_check_stops_a_run_whose_sampler_serves_a_stale_adapter(sft_run, tmp_path, mode, message):
     out = tmp_path / mode
@@ -94,6 +94,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a server and two runs against it (the server path with 2 processes: test_vllm_distributed.py)
 def test_grpo_and_ppo_against_a_separately_started_vllm_server(sft_run, tmp_path):
     import os
     import time

@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 from helpers import HANG_S, _paused, max_adapter_difference
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
+              pytest.mark.slow]  # 2-3 engine starts per test: `pytest -m slow` (CI) runs them
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 STAGES = {  # stage -> (arguments, logged keys compared)
