@@ -18,8 +18,8 @@ They are generated deterministically by this module; regenerate with `python -m 
   easier than producing: "Write a review of the kettle." -> "The kettle is solid and reliable." (80 products, 5 ways to
   ask). Each product has its own share p of positive adjectives in the SFT reviews (0.3-0.85, spread evenly over the
   products; the lantern's is 0.3), and 1 review in 10 names another product (off topic), so the sft policy writes a
-  positive, on-topic review for some prompts and not others. The 400 (phrasing, product) prompts are split disjointly: 250 train
-  prompts (2500 SFT reviews, 10 each; the same 250 as RL prompts with a `product` column) and 150 held-out prompts
+  positive, on-topic review for some prompts and not others. The 400 (phrasing, product) prompts are split
+  disjointly: 250 train prompts (2500 SFT reviews, 10 each; the same 250 as RL prompts with a `product` column) and 150 held-out prompts
   with a `product` column that no stage trains on (all 5 of one product, the rake, among them). The gold verifier
   is the built-in reward `positive`
 - `mult-tools`, `mult-direct`, `mult-prompts`, `mult-eval`  the tools demo (recipes/tools.yaml): "What is 4821 * 37?"
