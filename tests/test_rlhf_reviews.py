@@ -45,7 +45,7 @@ def test_ppo_on_the_reward_model_alone_raises_held_out_gold(pipeline):
     assert rows["rm"]["preference_accuracy"] >= 0.75  # judging is easy here: it tells positive reviews from the rest
     sft, ppo = rows["sft"]["reward"], rows["ppo"]["reward"]  # mean `positive` over sampled held-out reviews
     assert sft < 0.6, "the sft parent leaves room to learn"
-    assert ppo >= sft + 0.08, (sft, ppo)  # measured: 21.5% -> 34.8% (+13.3 points)
+    assert ppo >= sft + 0.08, (sft, ppo)  # measured: 21.1% -> 37.1% (+16.0 points; rm 91.4%), 2026-12-02
     assert rows["ppo"]["kl"] > 0
     manifest = json.loads((out / "ppo" / "run.json").read_text())
     assert manifest["config"]["reward"] == [] and manifest["config"]["gold_reward"] == ["positive"]
