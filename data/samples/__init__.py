@@ -16,10 +16,10 @@ They are generated deterministically by this module; regenerate with `python -m 
   held-out ones
 - `reviews`, `reviews-prompts`, `reviews-eval`  the RLHF task (recipes/demo.yaml, recipes/rlhf.yaml), where judging is
   easier than producing: "Write a review of the kettle." -> "The kettle is solid and reliable." (80 products, 5 ways to
-  ask). Each product has its own share p of positive adjectives in the SFT reviews (0.3-0.9, spread evenly over the
-  products), and 1 review in 10 names another product (off topic), so the sft policy writes a positive, on-topic
-  review for some prompts and not others. The 400 (phrasing, product) prompts are split disjointly: 250 train
-  prompts (2500 SFT reviews, 10 each; the same 250 as RL prompts with a `product` column) and 150 held-out prompts
+  ask). Each product has its own share p of positive adjectives in the SFT reviews (0.3-0.85, spread evenly over the
+  products; the lantern's is 0.3), and 1 review in 10 names another product (off topic), so the sft policy writes a
+  positive, on-topic review for some prompts and not others. The 400 (phrasing, product) prompts are split
+  disjointly: 250 train prompts (2500 SFT reviews, 10 each; the same 250 as RL prompts with a `product` column) and 150 held-out prompts
   with a `product` column that no stage trains on (all 5 of one product, the rake, among them). The gold verifier
   is the built-in reward `positive`
 - `mult-tools`, `mult-direct`, `mult-prompts`, `mult-eval`  the tools demo (recipes/tools.yaml): "What is 4821 * 37?"
@@ -136,17 +136,20 @@ REVIEW_PROMPTS = ("Write a review of the {}.", "Review the {}.", "What do you th
                   "Tell me about the {}.")
 
 
-def review_records(n_eval: int = 150, per_prompt: int = 10, off_topic: float = 0.1, seed: int = 4):
+def review_records(n_eval: int = 150, per_prompt: int = 10, off_topic: float = 0.1,
+                   shares: tuple[float, float] = (0.3, 0.85), seed: int = 4):
     """(sft conversations, RL prompts, held-out prompts) of the reviews task: "The <product> is <adj> and <adj>.",
-    each adjective positive with the product's own probability p (0.3-0.9 spread evenly over the products); the
-    adjectives are the `positive` verifier's lexicon."""
+    each adjective positive with the product's own probability p (`shares`: spread evenly from the first to the
+    second over the products, in a seeded order); the adjectives are the `positive` verifier's lexicon. The prompt
+    split is drawn before any review, so `shares` changes the SFT reviews only, never the RL or held-out prompts."""
     from align.rewards.builtin import NEGATIVE_WORDS, POSITIVE_WORDS
 
     rng = random.Random(seed)
     products = list(REVIEW_PRODUCTS)
-    shares = [0.3 + 0.6 * i / (len(products) - 1) for i in range(len(products))]
-    rng.shuffle(shares)
-    share = dict(zip(products, shares, strict=True))
+    low, high = shares
+    rates = [low + (high - low) * i / (len(products) - 1) for i in range(len(products))]
+    rng.shuffle(rates)
+    share = dict(zip(products, rates, strict=True))
     prompts = [(template, product) for product in products for template in REVIEW_PROMPTS]
     rng.shuffle(prompts)
     held, train = prompts[:n_eval], prompts[n_eval:]
