@@ -36,6 +36,9 @@ from align.models import load_base_model
 from align.native_adapters import state_dict as native_state_dict
 
 KINDS = list(ADAPTERS)
+# quick suite: lora, qlora and prompt (most refusals); every other kind's row runs in `pytest -m slow` (CI)
+QUICK_KINDS = ("lora", "qlora", "prompt")
+KIND_PARAMS = [k if k in QUICK_KINDS else pytest.param(k, marks=pytest.mark.slow) for k in KINDS]
 STAGES = ["rm", "rm-pointwise", "dpo-continue", "dpo-merge", "kto", "orpo", "simpo", "grpo", "ppo", "distill"]
 COMMON = ["--max-steps", "2", "--batch-size", "4", "--logging-steps", "1", "--max-length", "96", "--no-tensorboard"]
 # refused combinations and a word their message must contain (besides the kind's name)
@@ -121,7 +124,7 @@ def _record(kind: str, stage: str, outcome: str, detail: str = "", run: Path | N
     OUTCOMES[f"{kind}|{stage}"] = {"kind": kind, "stage": stage, "outcome": outcome, "detail": detail}
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_PARAMS)
 def test_sft(kind, matrix, tiny_model, cli, tmp_path):
     run = parent(kind, matrix, tiny_model)
     manifest = json.loads((run / "run.json").read_text())
@@ -186,7 +189,7 @@ def _stage_command(stage: str, kind: str, run: Path, out: Path, matrix, tiny_mod
 
 
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_PARAMS)
 def test_stage(kind, stage, matrix, tiny_model, cli):
     run = parent(kind, matrix, tiny_model) if not stage.startswith("rm") else None
     out = matrix["root"] / f"{stage}-{kind}"

@@ -77,7 +77,7 @@ def start(tiny_model, sft_run):
     return lambda stage: ["--model", tiny_model] if stage == "sft" else ["--from", str(sft_run)]
 
 
-QUICK = ("sft", "grpo", "ppo")  # the other stages' 2-process runs are in the slow suite (`pytest -m slow`, CI)
+QUICK = ("sft",)  # the other stages' 2-process runs are in the slow suite (`pytest -m slow`, CI)
 
 
 @pytest.mark.parametrize("stage", [s if s in QUICK else pytest.param(s, marks=pytest.mark.slow) for s in STAGES])
@@ -96,6 +96,7 @@ def test_two_processes_match_one_with_the_same_global_batch(cli, start, tmp_path
     assert_same_curves(one, two)
 
 
+@pytest.mark.slow  # 2 processes: `pytest -m slow` (CI)
 def test_accelerate_launch_runs_align_as_a_module(start, tmp_path):
     """`accelerate launch [its options] -m align sft ...` (on CPU accelerate's torchrun launcher is --multi_gpu)."""
     out = tmp_path / "run"
@@ -140,6 +141,7 @@ MULTI_CPU = "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnu
             "mixed_precision: 'no'\nuse_cpu: true\n"
 
 
+@pytest.mark.slow  # 2 processes: `pytest -m slow` (CI)
 def test_a_users_multi_cpu_accelerate_config_runs_its_processes(start, tmp_path):
     """A MULTI_CPU config file (what `accelerate config` writes on a CPU machine) through --accelerate-config: its 2
     processes run (accelerate's own launcher would start one on a machine without GPUs; align uses torchrun)."""
@@ -154,7 +156,8 @@ def test_a_users_multi_cpu_accelerate_config_runs_its_processes(start, tmp_path)
     assert_finished_once(out, 2)
 
 
-@pytest.mark.parametrize("launch", [["--num_processes", "2"], ["--config_file", "CONFIG"]], ids=["flag", "config"])
+@pytest.mark.parametrize("launch", [["--num_processes", "2"],
+                                    pytest.param(["--config_file", "CONFIG"], marks=pytest.mark.slow)], ids=["flag", "config"])
 def test_accelerate_launch_asked_for_two_processes_never_trains_one_silently(tiny_model, tmp_path, launch):
     """Without --multi_gpu, accelerate's launcher starts ONE process on a CPU machine whatever it was asked: align
     refuses (exit 2 in the worker) saying why and how, instead of training one process as if that were asked."""

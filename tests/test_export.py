@@ -122,6 +122,7 @@ def test_export_never_writes_into_the_run(children, cli):
     assert sorted(p.name for p in run.iterdir()) == before
 
 
+@pytest.mark.slow  # another engine start: `pytest -m slow` (CI)
 def test_vllm_serves_the_export_with_aligns_greedy_output(children, tmp_path, cli):
     pytest.importorskip("vllm")
     out = tmp_path / "merged"

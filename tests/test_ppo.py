@@ -213,6 +213,7 @@ def test_killed_run_resumes_exactly_where_it_stopped(resume_args, straight_ppo, 
     _resume_and_compare(resume_args, run, straight_ppo)
 
 
+@pytest.mark.slow  # the signal path of every stage is test_resume.py's; ppo's kill -9 resume stays quick
 def test_sigterm_saves_the_current_step_and_resume_loses_nothing(resume_args, straight_ppo, tmp_path):
     run = tmp_path / "stopped"
     code, err = signal_after_step([*resume_args, "--output", str(run)], run, 1, signal.SIGTERM)

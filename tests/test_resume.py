@@ -73,7 +73,8 @@ def resume_and_compare(command, stage: str, run, straight_run) -> None:
     assert max_adapter_difference(run, straight_run) <= 1e-5
 
 
-@pytest.mark.parametrize("stage", ["rm", "dpo", "grpo", "distill", "kto", "orpo", "simpo"])
+@pytest.mark.parametrize("stage", ["dpo", "grpo", *(pytest.param(s, marks=pytest.mark.slow)  # slow suite (CI)
+                                                     for s in ["rm", "distill", "kto", "orpo", "simpo"])])
 def test_killed_stage_resumes_exactly(command, straight, tmp_path, stage):
     run = tmp_path / stage
     kill_at_checkpoint(command(stage, run), run, 3, lost=2)  # two steps past it are lost

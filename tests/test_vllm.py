@@ -37,6 +37,7 @@ def test_grpo_with_the_vllm_backend(sft_run, tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow  # another engine start: `pytest -m slow` (CI)
 def test_ppo_with_the_vllm_backend(sft_run, tmp_path):
     out = tmp_path / "ppo-vllm"
     proc = subprocess.run(
@@ -59,7 +60,8 @@ def test_ppo_with_the_vllm_backend(sft_run, tmp_path):
 
 
 @pytest.mark.parametrize("mode, message", [
-    ("frozen", "the rollout engine serves the adapter of step 0, not the current one"),
+    pytest.param("frozen", "the rollout engine serves the adapter of step 0, not the current one",
+                 marks=pytest.mark.slow),
     pytest.param("lying", "log-probs differing by", marks=pytest.mark.slow),  # a second engine start: slow suite
 ])
 def test_sync_check_stops_a_run_whose_sampler_serves_a_stale_adapter(sft_run, tmp_path, mode, message):
@@ -77,6 +79,7 @@ def test_sync_check_stops_a_run_whose_sampler_serves_a_stale_adapter(sft_run, tm
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow  # another engine start: `pytest -m slow` (CI)
 def test_vllm_logprobs_agree_with_the_trainer(sft_run, tmp_path):
     proc = subprocess.run([sys.executable, str(HERE / "vllm_logprobs.py"), str(sft_run), str(tmp_path)],
                           capture_output=True, text=True, timeout=HANG_S)
