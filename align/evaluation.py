@@ -306,9 +306,7 @@ def evaluate_pairs(model, tokenizer, manifest, pairs: list[dict[str, Any]], cfg:
         from align.rewards.reward_model import RewardModelScorer
 
         scorer = RewardModelScorer(cfg.target, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
-        prompts, tools = [p["prompt"] for p in pairs], [p.get("tools") for p in pairs]
-        chosen = scorer.score(prompts, [p["chosen"] for p in pairs], tools)
-        rejected = scorer.score(prompts, [p["rejected"] for p in pairs], tools)
+        chosen, rejected = scorer.score_pairs(pairs)
     else:
         pad = tokenizer.pad_token_id
 

@@ -56,8 +56,8 @@ def normalize_feedback(row: dict[str, Any], system_prompt: str | None = None) ->
 
 def unpair(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Preference pairs (align.data.preference's form) as unpaired rows: chosen -> true, rejected -> false, in order."""
-    return [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen",
-             **({"tools": p["tools"]} if "tools" in p else {})} for p in pairs for key in ("chosen", "rejected")]
+    return [with_tools({"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}, p)
+            for p in pairs for key in ("chosen", "rejected")]
 
 
 def normalize_unpaired(records: Records, columns=(), system_prompt: str | None = None) -> list[dict[str, Any]]:

@@ -106,6 +106,12 @@ class RewardModelScorer:
                  for p, c, t in zip(prompts, completions, tools, strict=True)]
         return [row[self.head] for row in self.score_texts(texts)]
 
+    def score_pairs(self, pairs: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+        """(chosen scores, rejected scores) of preference pairs, each rendered with its own tools (if any)."""
+        prompts, tools = [p["prompt"] for p in pairs], [p.get("tools") for p in pairs]
+        return (self.score(prompts, [p["chosen"] for p in pairs], tools),
+                self.score(prompts, [p["rejected"] for p in pairs], tools))
+
     def score_texts(self, texts: list[str]) -> list[list[float]]:
         """Every head's output for each rendered text (see `render`)."""
         import torch

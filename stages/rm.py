@@ -193,9 +193,7 @@ def score_main(cfg: ScoreConfig) -> str:
             raise AlignError(f"{cfg.run} has {len(scorer.heads)} heads ({', '.join(scorer.heads)}): preference "
                              "accuracy needs one score. Score labelled or prompt/completion rows instead.")
         pairs = normalize_preferences(records, cfg.columns)
-        prompts, tools = [p["prompt"] for p in pairs], [p.get("tools") for p in pairs]
-        chosen = scorer.score(prompts, [p["chosen"] for p in pairs], tools)
-        rejected = scorer.score(prompts, [p["rejected"] for p in pairs], tools)
+        chosen, rejected = scorer.score_pairs(pairs)
         rows = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
         summary = f"accuracy {sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(rows):.3f} on {len(rows)} pairs"
     else:
