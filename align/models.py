@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -169,12 +170,44 @@ def load_base_model(
         kwargs["quantization_config"] = quantization_config(SEQ_CLS_HEADS if task == "seq-cls" else None)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if has_cuda() else "cpu"  # this process's GPU
     if task == "seq-cls":
-        model = _load(AutoModelForSequenceClassification.from_pretrained, name, "model", num_labels=num_labels, **kwargs)
+        with _held_load_report() as held:
+            model, info = _load(AutoModelForSequenceClassification.from_pretrained, name, "model",
+                                num_labels=num_labels, output_loading_info=True, **kwargs)
+        if not _only_new_head(info):  # the head is new by design; anything else missing or left over is worth a look
+            for record in held:
+                logging.getLogger(record.name).handle(record)
     else:
         model = _load(AutoModelForCausalLM.from_pretrained, name, "model", **kwargs)
     if quantize_4bit:
         keep_4bit_kernel_fixed(model)
     return model
+
+
+@contextlib.contextmanager
+def _held_load_report():
+    """Holds back transformers' LOAD REPORT warning (it lists the new head of a reward model as MISSING and advises
+    training it, which is what the rm stage does); yields the held records."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    source = logging.getLogger("transformers.modeling_utils")
+    source.addFilter(hold)
+    try:
+        yield held
+    finally:
+        source.removeFilter(hold)
+
+
+def _only_new_head(info: dict[str, Any]) -> bool:
+    """Did loading a base as a sequence classifier leave only the head new (and a causal LM's lm_head unused)?"""
+    return (not info.get("mismatched_keys") and not info.get("error_msgs")
+            and all(k.split(".")[0] in SEQ_CLS_HEADS for k in info.get("missing_keys", ()))
+            and all(k.split(".")[0] == "lm_head" for k in info.get("unexpected_keys", ())))
 
 
 def check_causal(name: str, trust_remote_code: bool = False) -> None:

@@ -179,3 +179,20 @@ def test_pairs_per_prompt_pairs_the_best_with_distinct_lower_completions():
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["margin"]) for p in pairs] == [
         ("1", "7", 1.0), ("1", "3", 0.5)]
     assert len(make_pairs(rows, texts, scores, 4)) == 1  # the default: one (best, worst) pair per prompt
+
+
+def test_a_reward_models_new_head_is_not_reported_as_a_loading_problem(tiny_model, tmp_path, caplog):
+    """transformers reports a sequence-classification head missing from a causal-LM checkpoint and advises training
+    it; that is what the rm stage does, so the report is held back — but not when something else is off."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    load_base_model(tiny_model, task="seq-cls")
+    assert "LOAD REPORT" not in caplog.text
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_model, odd)
+    weights = load_file(odd / "model.safetensors")
+    save_file({**weights, "stray.weight": torch.zeros(2)}, odd / "model.safetensors", metadata={"format": "pt"})
+    load_base_model(str(odd), task="seq-cls")
+    assert "LOAD REPORT" in caplog.text and "stray.weight" in caplog.text

@@ -32,7 +32,7 @@ def pipeline(tiny_model, tmp_path_factory):
             {"name": "pairs", "kind": "pairs", "data": "reviews-prompts", "max_prompts": 96, **sampling},
             {"name": "heldout-pairs", "kind": "pairs", "data": "reviews-eval", "max_prompts": 48, **sampling},
             {"name": "rm", "kind": "rm", "from": "sft", "data": "pairs", "eval_data": "heldout-pairs", "lr": 3e-3,
-             "batch_size": 16, "max_steps": 60, **fast},
+             "batch_size": 16, "max_steps": 120, **fast},
             {"name": "ppo", "kind": "ppo", "from": "sft", "data": "reviews-prompts", "reward_model": "rm",
              "lr": 3e-4, "batch_size": 32, "max_completion_length": 16, "kl_coef": 0.05, "max_steps": 12,
              "backend": "hf", **fast},
@@ -46,7 +46,7 @@ def test_ppo_on_the_reward_model_alone_raises_held_out_gold(pipeline):
     assert rows["rm"]["preference_accuracy"] >= 0.75  # judging is easy here: it tells positive reviews from the rest
     sft, ppo = rows["sft"]["reward"], rows["ppo"]["reward"]  # mean `positive` over sampled held-out reviews
     assert sft < 0.6, "the sft parent leaves room to learn"
-    assert ppo >= sft + 0.08, (sft, ppo)  # measured: 21.1% -> 37.1% (+16.0 points; rm 91.4%), 2026-12-02
+    assert ppo >= sft + 0.08, (sft, ppo)  # measured: 26.6% -> 43.4% (+16.8 points; rm 82.9%), 2026-12-02
     assert rows["ppo"]["kl"] > 0
     manifest = json.loads((out / "ppo" / "run.json").read_text())
     assert manifest["config"]["reward"] == [] and manifest["config"]["gold_reward"] == ["positive"]
@@ -67,8 +67,8 @@ def test_reviews_data_is_the_generator_output_and_held_out_prompts_are_kept_apar
     assert unseen == {"rake"}  # all other held-out prompts ask in a new phrasing about a product seen in training
 
 
-def test_review_shares_change_the_sft_reviews_only():
-    """The products' shares of positive adjectives (review_records(shares=...)) set how positive the SFT reviews are;
+def test_review_bands_change_the_sft_reviews_only():
+    """The products' shares of positive adjectives (review_records(bands=...)) set how positive the SFT reviews are;
     the RL and held-out prompts stay the same, so a retuned task never trains on what it is measured on."""
     from align.data.samples import review_records
     from align.rewards.builtin import positive
@@ -79,7 +79,7 @@ def test_review_shares_change_the_sft_reviews_only():
         products = [p.rstrip(".?").split()[-1] for p in prompts]
         return sum(positive()(prompts, reviews, product=products)) / len(sft)
 
-    low_sft, low_prompts, low_held = review_records(shares=(0.1, 0.3))
-    high_sft, high_prompts, high_held = review_records(shares=(0.7, 0.9))
+    low_sft, low_prompts, low_held = review_records(bands=((1.0, 0.1, 0.3),))
+    high_sft, high_prompts, high_held = review_records(bands=((1.0, 0.7, 0.9),))
     assert (low_prompts, low_held) == (high_prompts, high_held)
     assert positive_share(low_sft) < 0.1 < 0.5 < positive_share(high_sft)

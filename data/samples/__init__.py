@@ -16,9 +16,10 @@ They are generated deterministically by this module; regenerate with `python -m 
   held-out ones
 - `reviews`, `reviews-prompts`, `reviews-eval`  the RLHF task (recipes/demo.yaml, recipes/rlhf.yaml), where judging is
   easier than producing: "Write a review of the kettle." -> "The kettle is solid and reliable." (80 products, 5 ways to
-  ask). Each product has its own share p of positive adjectives in the SFT reviews (0.3-0.85, spread evenly over the
-  products; the lantern's is 0.3), and 1 review in 10 names another product (off topic), so the sft policy writes a
-  positive, on-topic review for some prompts and not others. The 400 (phrasing, product) prompts are split
+  ask). Each product has its own share p of positive adjectives in the SFT reviews: 32 products mostly negative
+  (p 0.15-0.35; the lantern's is 0.15), 48 mostly positive (0.7-0.9), none near 1/2 (`REVIEW_BANDS`); 1 review in 10
+  names another product (off topic). So the sft policy writes a positive, on-topic review for some prompts and not
+  others, and which ones does not hang on the seed. The 400 (phrasing, product) prompts are split
   disjointly: 250 train prompts (2500 SFT reviews, 10 each; the same 250 as RL prompts with a `product` column) and 150 held-out prompts
   with a `product` column that no stage trains on (all 5 of one product, the rake, among them). The gold verifier
   is the built-in reward `positive`
@@ -132,22 +133,29 @@ REVIEW_PRODUCTS = (
     "bottle thermos candle mirror rug curtain towel soap shampoo razor brush comb teacup saucepan scooter stapler "
     "notebook"
 ).split()
+# 2 in 5 products mostly negative, 3 in 5 mostly positive, none near 1/2: the sft policy's greedy review follows each
+# product's majority whatever the seed, and RL has the negative products to turn (README "The demo, measured")
+REVIEW_BANDS = ((0.4, 0.15, 0.35), (0.6, 0.7, 0.9))
 REVIEW_PROMPTS = ("Write a review of the {}.", "Review the {}.", "What do you think of the {}?", "How is the {}?",
                   "Tell me about the {}.")
 
 
 def review_records(n_eval: int = 150, per_prompt: int = 10, off_topic: float = 0.1,
-                   shares: tuple[float, float] = (0.3, 0.85), seed: int = 4):
+                   bands: tuple[tuple[float, float, float], ...] = REVIEW_BANDS, seed: int = 4):
     """(sft conversations, RL prompts, held-out prompts) of the reviews task: "The <product> is <adj> and <adj>.",
-    each adjective positive with the product's own probability p (`shares`: spread evenly from the first to the
-    second over the products, in a seeded order); the adjectives are the `positive` verifier's lexicon. The prompt
-    split is drawn before any review, so `shares` changes the SFT reviews only, never the RL or held-out prompts."""
+    each adjective positive with the product's own probability p. `bands`: (fraction of the products, lowest p,
+    highest p) — each band's products get shares spread evenly over its range, assigned in a seeded order; the
+    adjectives are the `positive` verifier's lexicon. The prompt split is drawn before any review, so `bands` changes
+    the SFT reviews only, never the RL or held-out prompts."""
     from align.rewards.builtin import NEGATIVE_WORDS, POSITIVE_WORDS
 
     rng = random.Random(seed)
     products = list(REVIEW_PRODUCTS)
-    low, high = shares
-    rates = [low + (high - low) * i / (len(products) - 1) for i in range(len(products))]
+    counts = [round(fraction * len(products)) for fraction, _, _ in bands]
+    if sum(counts) != len(products):
+        raise ValueError(f"review bands cover {sum(counts)} of the {len(products)} products; their fractions must sum to 1")
+    rates = [low + (high - low) * i / max(n - 1, 1) for n, (_, low, high) in zip(counts, bands, strict=True)
+             for i in range(n)]
     rng.shuffle(rates)
     share = dict(zip(products, rates, strict=True))
     prompts = [(template, product) for product in products for template in REVIEW_PROMPTS]
