@@ -11,6 +11,7 @@ Accepted sources (tried in this order):
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import os
@@ -224,6 +225,10 @@ def hub_offline() -> bool:
 
 def _load_hub(spec: str, split: Split) -> Records:
     hint = f"Bundled samples: {', '.join([*BUNDLED, *GENERATED])}."
+    near = difflib.get_close_matches(spec, [*BUNDLED, *GENERATED], n=1, cutoff=0.8)
+    if near and "/" not in spec:  # a typo of a bundled name, not a hub id (`org/name`): say so before any download
+        raise AlignError(f"Dataset '{spec}' is not a local file or directory, nor a bundled sample. Did you mean "
+                         f"'{near[0]}'? {hint}")
     if hub_offline():
         raise AlignError(f"Dataset '{spec}' is not a local file or directory, and the hub is offline "
                          f"(HF_HUB_OFFLINE is set). Pass a local file. {hint}")

@@ -108,6 +108,8 @@ def cases(T, S, R, W, mounted=False):
          '--data is required'),
         ("sft-missing-data", ["sft", "--model", T, "--data", "missing.jsonl", "-o", O("a")],
          'Dataset not found: missing.jsonl'),
+        ("sft-data-typo", ["sft", "--model", T, "--data", "reveiws", "-o", O("a")],
+         "Dataset 'reveiws' is not a local file or directory, nor a bundled sample. Did you mean 'reviews'?"),
         ("sft-malformed", ["sft", "--model", T, "--data", f"{D}/malformed.jsonl", "-o", O("a")],
          'malformed.jsonl:3: malformed JSON'),
         ("sft-empty", ["sft", "--model", T, "--data", f"{D}/empty.jsonl", "-o", O("a")],
