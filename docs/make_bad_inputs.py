@@ -20,7 +20,8 @@ PAGE = ROOT / "docs" / "BAD_INPUTS.md"
 HEAD = """# Bad inputs: what a user's mistake gets
 
 Every row is a case of `tests/test_bad_inputs.py`, run on {date}: the command (paths shortened: MODEL = a local
-model directory, SFT_RUN / RM_RUN = finished runs), its exit code, and the last line of the message it printed.
+model directory, SFT_RUN / RM_RUN = finished runs, WORK = the test's working directory), its exit code, and the last
+line of the message it printed.
 Each case is also asserted to print no traceback, to print its error once, and to write nothing. Regenerate with
 `python docs/make_bad_inputs.py`.
 

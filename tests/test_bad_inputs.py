@@ -439,7 +439,7 @@ def _short(arg: str, ws: dict) -> str:
     for key, label in (("R", "RM_RUN"), ("S", "SFT_RUN"), ("T", "MODEL")):
         arg = arg.replace(ws[key], label)
     root = str(HERE.parent) + "/"
-    return arg.replace(str(ws["W"]) + "/", "").replace(root, "")
+    return arg.replace(str(ws["W"]) + "/", "").replace(str(ws["W"]), "WORK").replace(root, "")
 
 
 def teardown_module() -> None:
