@@ -19,7 +19,7 @@ They are generated deterministically by this module; regenerate with `python -m 
   ask). Each product has its own share p of positive adjectives in the SFT reviews: 32 products mostly negative
   (p 0.15-0.35; the lantern's is 0.15), 48 mostly positive (0.7-0.9), none near 1/2 (`REVIEW_BANDS`); 1 review in 10
   names another product (off topic). So the sft policy writes a positive, on-topic review for some prompts and not
-  others, and which ones does not hang on the seed. The 400 (phrasing, product) prompts are split
+  others, and how many varies little with the seed. The 400 (phrasing, product) prompts are split
   disjointly: 250 train prompts (2500 SFT reviews, 10 each; the same 250 as RL prompts with a `product` column) and 150 held-out prompts
   with a `product` column that no stage trains on (all 5 of one product, the rake, among them). The gold verifier
   is the built-in reward `positive`
@@ -133,8 +133,8 @@ REVIEW_PRODUCTS = (
     "bottle thermos candle mirror rug curtain towel soap shampoo razor brush comb teacup saucepan scooter stapler "
     "notebook"
 ).split()
-# 2 in 5 products mostly negative, 3 in 5 mostly positive, none near 1/2: the sft policy's greedy review follows each
-# product's majority whatever the seed, and RL has the negative products to turn (README "The demo, measured")
+# 2 in 5 products mostly negative, 3 in 5 mostly positive, none near 1/2: how many greedy reviews of the sft policy are
+# positive varies little with the seed, and RL has the negative products to turn (README "The demo, measured")
 REVIEW_BANDS = ((0.4, 0.15, 0.35), (0.6, 0.7, 0.9))
 REVIEW_PROMPTS = ("Write a review of the {}.", "Review the {}.", "What do you think of the {}?", "How is the {}?",
                   "Tell me about the {}.")
