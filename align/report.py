@@ -503,8 +503,7 @@ def pipeline_report(pipeline_dir: Path, out: Path) -> Path:
         ("Pipeline", _md_table(["field", "value"], [[k, data.get(k)] for k in ("pipeline", "status", "model",
                                                                                "output", "seed")])),
     ]
-    # one figure: held-out accuracy per stage
-    images = _stage_bars(rows, out)
+    images = _stage_bars(rows, out, [str(r) for r in evaluation.get("reward") or []])
     write_pages(out, f"pipeline {pipeline_dir.name}", sections, images)
     (out / "table.txt").write_text(format_table(rows) + "\n")
     return out
@@ -515,24 +514,34 @@ def _kept(stage: dict[str, Any]) -> str:
     return f"step {best['step']} ({best['metric']} = {best['value']:.4g})" if best else "last step"
 
 
-def _stage_bars(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+def _stage_bars(rows: list[dict[str, Any]], out: Path, rewards: list[str]) -> list[Path]:
+    """One figure: each policy's held-out metric, base → each stage (task accuracy when the eval data has answers,
+    else the mean of the eval block's rewards, as in the table), each bar labelled with the stage it started from."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = [r for r in rows if r.get("accuracy") is not None]
+    metric = "accuracy" if any(r.get("accuracy") is not None for r in rows) else "reward"
+    scored = [r for r in rows if r.get(metric) is not None]
     if not scored:
         return []
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.bar([r["stage"] for r in scored], [100 * r["accuracy"] for r in scored], color="#4a7ab5")
-    for i, r in enumerate(scored):
-        ax.text(i, 100 * r["accuracy"] + 1, f"{100 * r['accuracy']:.1f}%", ha="center", fontsize=8)
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("held-out accuracy: base → each stage", fontsize=10)
-    ax.set_ylim(0, 105)
+    scale, unit = (100, "%") if metric == "accuracy" else (1, "")
+    values = [scale * r[metric] for r in scored]
+    label = "held-out accuracy (%)" if metric == "accuracy" else f"held-out mean reward ({', '.join(rewards) or '-'})"
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(scored)), 3.8))
+    ax.bar(range(len(scored)), values, color="#4a7ab5")
+    ax.set_xticks(range(len(scored)), [r["stage"] if r["from"] in ("-", None) else f"{r['stage']}\n← {r['from']}"
+                                       for r in scored], fontsize=8)
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:.1f}{unit}" if unit else f"{v:.3g}", (i, v), xytext=(0, 2), textcoords="offset points",
+                    ha="center", fontsize=8)
+    ax.set_ylabel(label)
+    ax.set_title(f"{label}: base → each stage", fontsize=10)
+    if metric == "accuracy":
+        ax.set_ylim(0, 105)
     fig.tight_layout()
-    path = out / "held_out_accuracy.png"
+    path = out / ("held_out_accuracy.png" if metric == "accuracy" else "held_out_reward.png")
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return [path]

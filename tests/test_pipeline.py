@@ -217,6 +217,20 @@ def test_eval_cli_errors(cli, finished, tmp_path):
 
 
 # -- report --------------------------------------------------------------------------------------------------
+def test_the_pipeline_chart_shows_the_tables_metric(tmp_path):
+    """The pipeline page's chart plots what the table reports for policies: accuracy when the eval data has answers,
+    else the mean eval reward (the reviews demo) — never nothing."""
+    from align.report import _stage_bars
+
+    rows = [{"stage": "base", "from": "-", "reward": 0.0}, {"stage": "sft", "from": "base", "reward": 0.6},
+            {"stage": "rm", "from": "sft", "preference_accuracy": 0.9}, {"stage": "ppo", "from": "sft", "reward": 0.9}]
+    (reward,) = _stage_bars(rows, tmp_path, ["positive"])
+    assert reward.name == "held_out_reward.png" and reward.read_bytes()[:4] == b"\x89PNG"
+    rows = [{**r, "accuracy": r.get("reward")} for r in rows if "reward" in r]
+    assert [p.name for p in _stage_bars(rows, tmp_path, [])] == ["held_out_accuracy.png"]
+    assert _stage_bars([{"stage": "rm", "from": "sft", "preference_accuracy": 0.9}], tmp_path, []) == []
+
+
 def test_report_writes_pngs_and_a_summary_naming_every_stage(finished, cli):
     spec, _ = finished
     out = Path(spec["output"])
