@@ -165,7 +165,10 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
     if not isinstance(evaluation, dict):
         problems.add(f"{where}: 'eval' must be a mapping (data, max_samples, ...).")
         evaluation = {}
+    reported = len(problems.items)
     eval_metrics = eval_problems(evaluation, raw.get("model"), where, problems)
+    # a broken eval block is reported once: its stages' default gold does not guess at accuracy and fail again
+    gold_metrics = set() if len(problems.items) > reported else eval_metrics
     output = Path(str(raw.get("output") or "."))
     if raw.get("output"):
         from align.io import output_path_problem
@@ -241,7 +244,7 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Stage
             options["reward"] = [r[0] for r in resolved]
             refs.update(r[1] for r in resolved if r[1])
         if "gold_reward" in fields and "gold_reward" not in options and _uses_reward_model(options, refs, names):
-            options["gold_reward"] = default_gold(evaluation, options.get("reward") or [], eval_metrics)
+            options["gold_reward"] = default_gold(evaluation, options.get("reward") or [], gold_metrics)
         for ref in refs - {parent}:
             if ref not in seen:
                 problems.add(f"{label}: '{ref}' refers to a stage that comes later; reorder the stages.")

@@ -127,8 +127,8 @@ def gate_problems(gate: Any, kind: str, evaluation: dict[str, Any], metrics: set
 
 def offline_hub_id(spec: str | None) -> bool:
     """A dataset spec that names a hub dataset while the hub is offline (it cannot be validated now)."""
-    from align.data.loading import hub_offline, looks_like_path
+    from align.data.loading import hub_offline, looks_like_path, near_bundled
     from align.data.samples import is_bundled
 
     return bool(spec) and hub_offline() and not Path(spec).exists() and not looks_like_path(spec) \
-        and not is_bundled(spec)
+        and not is_bundled(spec) and not near_bundled(spec)

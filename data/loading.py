@@ -223,12 +223,17 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
 
 
+def near_bundled(spec: str) -> str | None:
+    """The bundled sample `spec` is a typo of (`reveiws` -> `reviews`), if any; a hub id (`org/name`) is none."""
+    near = difflib.get_close_matches(spec, [*BUNDLED, *GENERATED], n=1, cutoff=0.8)
+    return near[0] if near and "/" not in spec else None
+
+
 def _load_hub(spec: str, split: Split) -> Records:
     hint = f"Bundled samples: {', '.join([*BUNDLED, *GENERATED])}."
-    near = difflib.get_close_matches(spec, [*BUNDLED, *GENERATED], n=1, cutoff=0.8)
-    if near and "/" not in spec:  # a typo of a bundled name, not a hub id (`org/name`): say so before any download
+    if near := near_bundled(spec):  # say so before any download (or the offline refusal)
         raise AlignError(f"Dataset '{spec}' is not a local file or directory, nor a bundled sample. Did you mean "
-                         f"'{near[0]}'? {hint}")
+                         f"'{near}'? {hint}")
     if hub_offline():
         raise AlignError(f"Dataset '{spec}' is not a local file or directory, and the hub is offline "
                          f"(HF_HUB_OFFLINE is set). Pass a local file. {hint}")

@@ -66,6 +66,23 @@ def test_validation_reports_every_problem_by_stage(tiny_model, tmp_path):
     assert not (tmp_path / "o").exists(), "validation writes nothing"
 
 
+def test_mistyped_sample_names_are_reported_once_even_offline(tiny_model, tmp_path):
+    """A mistyped bundled name is caught at validation even with HF_HUB_OFFLINE set (the tests' default) — it is not
+    taken for a hub id that cannot be checked now — and only once: the rm-trained stage's default gold (the eval
+    block's metrics) does not guess at accuracy and fail on a missing answer column too."""
+    spec = {"model": tiny_model, "output": str(tmp_path / "o"), "eval": {"data": "reviews-evl", "reward": ["positive"]},
+            "stages": [{"name": "rm", "kind": "rm", "data": "arith-pref"},
+                       {"name": "ppo", "kind": "ppo", "data": "reviews-prompts", "reward_model": "rm"}]}
+    with pytest.raises(AlignError) as err:
+        resolve(spec, "p.yaml")
+    problems = err.value.problems
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("p.yaml: eval: data: Dataset 'reviews-evl' is not a local file or directory, nor a "
+                                  "bundled sample. Did you mean 'reviews-eval'?")
+    assert problems[1].startswith("p.yaml: stage 'rm': Dataset 'arith-pref' is not a local file or directory, nor a "
+                                  "bundled sample. Did you mean 'arith-prefs'?")
+
+
 def test_stage_names_resolve_to_runs(tiny_model, tmp_path):
     out = tmp_path / "out"
     spec = {"model": tiny_model, "output": str(out), "seed": 5, "defaults": {"adapter": "dora", "lr": 1e-3}, "stages": [
