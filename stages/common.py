@@ -8,6 +8,7 @@ manifest) happens here, once.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -292,12 +293,26 @@ RESUME_MAY_CHANGE = {"max_steps", "epochs", "logging_steps", "eval_steps", "save
 
 
 def config_changes(previous: dict[str, Any], cfg) -> dict[str, tuple[Any, Any]]:
-    """{option: (recorded value, value in `cfg`)} for every option whose value differs from a run's recorded config."""
+    """{option: (recorded value, value in `cfg`)} for every option whose value differs from a run's recorded config
+    (a path spelled another way — relative or absolute, `./x` or `x` — that names the same file is no change)."""
     import json
 
     current = json.loads(json.dumps(cfg.to_dict(), default=str))
     return {k: (previous.get(k), current.get(k)) for k in sorted(set(previous) | set(current))
-            if previous.get(k) != current.get(k)}
+            if not _same_value(previous.get(k), current.get(k))}
+
+
+def _same_value(old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(_same_value(a, b) for a, b in zip(old, new, strict=True))
+    if isinstance(old, str) and isinstance(new, str) and old and new:
+        try:
+            return os.path.samefile(old, new)
+        except (OSError, ValueError):  # not both existing paths
+            return False
+    return False
 
 
 def start_run(run: Run, cfg) -> Path | None:

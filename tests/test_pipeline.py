@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -292,6 +293,21 @@ def test_shipped_recipes_pass_a_dry_run(recipe, monkeypatch, tmp_path):
                 stage["model"] = spec["model"]
     result = align.run(spec, dry_run=True)
     assert [s["action"] for s in result["plan"]] == ["run"] * len(spec["stages"])
+
+
+def test_the_same_paths_spelled_another_way_are_no_change(tiny_model, tmp_path, monkeypatch):
+    """A finished pipeline run again with its model and output given relative to another working directory (the
+    same directories) skips every stage: a path is compared by what it names, not by how it is spelled."""
+    spec = {"model": tiny_model, "output": str(tmp_path / "out"), "stages": [
+        {"name": "sft", "kind": "sft", "data": "arith", "max_steps": 1, "tensorboard": False},
+        {"name": "dpo", "kind": "dpo", "data": "arith-prefs", "max_steps": 1, "tensorboard": False}]}
+    align.run(spec)
+    monkeypatch.chdir(tmp_path)
+    again = {**spec, "model": os.path.relpath(tiny_model), "output": "./out"}
+    assert [s["action"] for s in align.run(again, dry_run=True)["plan"]] == ["skip", "skip"]
+    changed = {**again, "stages": [{**spec["stages"][0], "lr": 0.123}, spec["stages"][1]]}
+    with pytest.raises(AlignError, match="lr"):  # a real change is still one
+        align.run(changed, dry_run=True)
 
 
 def test_a_stage_directory_with_foreign_files_is_refused(tiny_model, tmp_path):
